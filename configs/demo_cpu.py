@@ -1,0 +1,21 @@
+"""Small backbone and small images: trains in minutes on 2 CPU cores.
+
+For the demo and tests on the synthetic landmarks. The number of classes is
+read from the training data (loss.num_classes = 0).
+"""
+
+from dplg_tf.config import base_config
+
+
+def get_config():
+    config = base_config()
+    config.model.backbone = "small"
+    config.model.local_dim = 128
+    config.loss.num_classes = 0
+    config.data.image_size = 128
+    config.train.batch_size = 32
+    config.train.epochs = 10
+    config.train.learning_rate = 0.01
+    config.train.warmup_steps = 20
+    config.eval.max_image_side = 256
+    return config

@@ -1,0 +1,110 @@
+"""The configuration tree shared by configs/, the model, training and export.
+
+`base_config()` holds the paper's recipe (section 3.4); the files in configs/
+change a few fields of it. `validate(config)` checks a tree and raises one
+clear sentence on the first wrong value; `build_dplg` calls it.
+"""
+
+import math
+
+import ml_collections
+
+HEADS = ("dplg", "no_rfb", "no_fusion", "gem", "dolg")
+PAPER_SCALES = (1 / (2 * math.sqrt(2)), 0.5, 1 / math.sqrt(2), 1.0, math.sqrt(2))
+
+
+def base_config():
+    """The paper's recipe: ResNet50, DPLG head, GLDv2-clean, 512x512, D=512."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.backbone = "resnet50"            # resnet50 | resnet101 | small
+    c.model.backbone_weights = None          # None | "imagenet" | path to a .h5 file
+    c.model.head = "dplg"                    # one of HEADS
+    c.model.descriptor_dim = 512             # D of the final FC
+    c.model.local_dim = 1024                 # D4: width of V'g, X'4, Q, K and V
+    c.model.gem_p = 3.0
+    c.model.gem_trainable = False
+    c.model.rfb_branch_filters = 0           # 0 means local_dim // 4
+    c.model.rfb_batchnorm = True
+    c.model.min_image_size = 64              # smaller images are refused
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.num_classes = 81313               # GLDv2-clean; 0 = read from the data
+    c.loss.arcface_margin = 0.15
+    c.loss.arcface_scale = 30.0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_pattern = ""
+    c.data.validation_pattern = ""
+    c.data.image_size = 512                  # square training crops
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 64                  # global batch, over all replicas
+    c.train.epochs = 100
+    c.train.max_steps = 0                    # 0 = derived from epochs and the data
+    c.train.optimizer = "sgd"
+    c.train.momentum = 0.9
+    c.train.learning_rate = 0.03
+    c.train.lr_schedule = "cosine"
+    c.train.warmup_steps = 0
+    c.train.weight_decay = 1e-4
+    c.train.clip_norm = 10.0
+    c.train.mixed_precision = ""             # "" | mixed_float16 | mixed_bfloat16
+    c.train.jit_compile = False
+    c.train.frozen_batchnorm = False
+    c.train.seed = 0
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.scales = list(PAPER_SCALES)
+    c.eval.max_image_side = 1024
+    return c
+
+
+def _fail(message):
+    raise ValueError(message)
+
+
+def validate(config):
+    """Raise ValueError naming the first wrong field of `config`; return it."""
+    m = config.model if "model" in config else config
+    from dplg_tf.backbones import BACKBONES  # local: keeps this module light
+
+    if m.backbone not in BACKBONES:
+        _fail(f"config.model.backbone={m.backbone!r} is unknown; "
+              f"use one of {', '.join(BACKBONES)}.")
+    if m.head not in HEADS:
+        _fail(f"config.model.head={m.head!r} is unknown; use one of {', '.join(HEADS)}.")
+    for field in ("descriptor_dim", "local_dim"):
+        value = m[field]
+        if not isinstance(value, int) or value <= 0:
+            _fail(f"config.model.{field} must be a positive integer, got {value!r}.")
+    if not m.gem_p > 0:
+        _fail(f"config.model.gem_p must be > 0, got {m.gem_p!r}.")
+    if m.rfb_branch_filters < 0:
+        _fail(f"config.model.rfb_branch_filters must be >= 0, got {m.rfb_branch_filters!r}.")
+    if m.min_image_size < 32:
+        _fail(f"config.model.min_image_size must be >= 32 (one X5 cell), "
+              f"got {m.min_image_size!r}.")
+    if "loss" in config:
+        loss = config.loss
+        if loss.num_classes < 0:
+            _fail(f"config.loss.num_classes must be >= 0, got {loss.num_classes!r}.")
+        if not 0 <= loss.arcface_margin < math.pi / 2:
+            _fail(f"config.loss.arcface_margin must lie in [0, pi/2), "
+                  f"got {loss.arcface_margin!r}.")
+        if not loss.arcface_scale > 0:
+            _fail(f"config.loss.arcface_scale must be > 0, got {loss.arcface_scale!r}.")
+    if "train" in config:
+        t = config.train
+        if t.batch_size <= 0:
+            _fail(f"config.train.batch_size must be > 0, got {t.batch_size!r}.")
+        if not t.learning_rate > 0:
+            _fail(f"config.train.learning_rate must be > 0, got {t.learning_rate!r}.")
+        if t.mixed_precision not in ("", "mixed_float16", "mixed_bfloat16"):
+            _fail(f"config.train.mixed_precision={t.mixed_precision!r} is unknown; "
+                  "use '', 'mixed_float16' or 'mixed_bfloat16'.")
+    if "data" in config and config.data.image_size < m.min_image_size:
+        _fail(f"config.data.image_size={config.data.image_size} is below "
+              f"config.model.min_image_size={m.min_image_size}.")
+    return config
