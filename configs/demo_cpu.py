@@ -13,6 +13,8 @@ def get_config():
     config.model.local_dim = 128
     config.loss.num_classes = 0
     config.data.image_size = 128
+    config.data.crop_area_range = (0.3, 1.0)
+    config.data.shuffle_buffer = 1000
     config.train.batch_size = 32
     config.train.epochs = 10
     config.train.learning_rate = 0.01

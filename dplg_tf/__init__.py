@@ -1,11 +1,23 @@
-"""dplg_tf: DPLG (Hu & Bors, ICIP 2022) in Keras 3 / TensorFlow."""
+"""dplg_tf: DPLG (Hu & Bors, ICIP 2022) in Keras 3 / TensorFlow.
+
+Submodules load on first use (`dplg_tf.model`, `dplg_tf.layers`, ...), so
+tools that need no TensorFlow (data generation, the client) start fast.
+"""
+
+import importlib
+import os as _os
 
 __version__ = "0.1.0"
-
-import os as _os
 
 # TensorFlow's C++ start-up chatter hides our own output; users can override.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from dplg_tf import config, layers, model  # noqa: E402,F401
-from dplg_tf.model import build_dplg, build_training_model  # noqa: E402,F401
+_SUBMODULES = ("backbones", "config", "costs", "data", "layers", "model")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"dplg_tf.{name}")
+    if name in ("build_dplg", "build_training_model"):
+        return getattr(importlib.import_module("dplg_tf.model"), name)
+    raise AttributeError(f"module 'dplg_tf' has no attribute {name!r}")

@@ -38,6 +38,13 @@ def base_config():
     c.data.train_pattern = ""
     c.data.validation_pattern = ""
     c.data.image_size = 512                  # square training crops
+    c.data.random_resized_crop = True        # else the whole image, resized
+    c.data.crop_area_range = (0.05, 1.0)     # share of the image a crop covers
+    c.data.aspect_ratio_range = (3 / 4, 4 / 3)
+    c.data.random_flip = True
+    c.data.colour_jitter = 0.0               # 0 = off; 1 = +-40% brightness etc.
+    c.data.shuffle_buffer = 10000
+    c.data.num_parallel_reads = 8
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 64                  # global batch, over all replicas
@@ -104,6 +111,12 @@ def validate(config):
         if t.mixed_precision not in ("", "mixed_float16", "mixed_bfloat16"):
             _fail(f"config.train.mixed_precision={t.mixed_precision!r} is unknown; "
                   "use '', 'mixed_float16' or 'mixed_bfloat16'.")
+    if "data" in config:
+        d = config.data
+        lo, hi = d.crop_area_range
+        if not 0 < lo <= hi <= 1:
+            _fail(f"config.data.crop_area_range must satisfy 0 < low <= high <= 1, "
+                  f"got {tuple(d.crop_area_range)}.")
     if "data" in config and config.data.image_size < m.min_image_size:
         _fail(f"config.data.image_size={config.data.image_size} is below "
               f"config.model.min_image_size={m.min_image_size}.")

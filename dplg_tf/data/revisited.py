@@ -1,0 +1,233 @@
+"""Revisited Oxford / Paris (Radenovic et al., CVPR 2018) and the synthetic set.
+
+`load_dataset(data_root, name)` reads `<data_root>/<name>/gnd_<name>.pkl`
+with a restricted unpickler (the files come from the internet: only
+built-in containers, numbers, strings and NumPy arrays are accepted) and
+returns a `RevisitedDataset` with image paths, query crops by `bbx` (PIL's
+crop, as the reference code does) and the Easy / Medium / Hard lists.
+
+`python -m dplg_tf.data.revisited download --data_root DIR --dataset
+roxford5k` fetches a data set from the revisitop project's servers, checks
+sizes and resumes interrupted downloads. It needs a network; tests never
+run it.
+"""
+
+import io
+import os
+import pickle
+import sys
+import tarfile
+import urllib.request
+
+import numpy as np
+from PIL import Image
+
+DATASETS = ("roxford5k", "rparis6k", "synthetic")
+PROTOCOLS = ("easy", "medium", "hard")
+
+_GND_URL = "http://cmp.felk.cvut.cz/revisitop/data/datasets/{name}/gnd_{name}.pkl"
+_IMAGE_URLS = {
+    "roxford5k": ["https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz"],
+    "rparis6k": ["https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_1-v1.tgz",
+                 "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_2-v1.tgz"],
+}
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A ground-truth file holds something other than plain data."""
+
+
+# (module, name) pairs a NumPy array or scalar needs to be rebuilt.
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "complex"),
+    ("builtins", "bytearray"), ("_codecs", "encode"),
+    ("__builtin__", "set"),
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles built-in containers, numbers, strings and NumPy arrays only."""
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise UnsafePickleError(
+            f"refusing to load {module}.{name}: ground-truth files may hold only "
+            "built-in containers, numbers, strings and NumPy arrays")
+
+
+def safe_load_pickle(path):
+    """The object in `path`, loaded with RestrictedUnpickler."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except UnsafePickleError as e:
+        raise UnsafePickleError(f"{path}: {e}; the file is not a plain ground-truth "
+                                "pickle, so it was not loaded.") from None
+
+
+def protocol_lists(gnd_entry, protocol):
+    """(ok, junk) index arrays of one query under Easy / Medium / Hard.
+
+    Easy: ok = easy, junk = junk + hard. Medium: ok = easy + hard,
+    junk = junk. Hard: ok = hard, junk = junk + easy.
+    """
+    easy = np.asarray(gnd_entry.get("easy", []), dtype=np.int64)
+    hard = np.asarray(gnd_entry.get("hard", []), dtype=np.int64)
+    junk = np.asarray(gnd_entry.get("junk", []), dtype=np.int64)
+    if protocol == "easy":
+        return easy, np.concatenate([junk, hard])
+    if protocol == "medium":
+        return np.concatenate([easy, hard]), junk
+    if protocol == "hard":
+        return hard, np.concatenate([junk, easy])
+    raise ValueError(f"Unknown protocol {protocol!r}; use one of {PROTOCOLS}.")
+
+
+class RevisitedDataset:
+    """A data set in the Revisited layout: `jpg/` and `gnd_<name>.pkl`."""
+
+    def __init__(self, root, name, cfg):
+        for key in ("imlist", "qimlist", "gnd"):
+            if key not in cfg:
+                raise ValueError(f"gnd_{name}.pkl lacks the {key!r} entry; is it a "
+                                 "Revisited Oxford/Paris ground-truth file?")
+        if len(cfg["gnd"]) != len(cfg["qimlist"]):
+            raise ValueError(f"gnd_{name}.pkl has {len(cfg['gnd'])} ground-truth entries "
+                             f"for {len(cfg['qimlist'])} queries.")
+        self.root, self.name = root, name
+        self.imlist, self.qimlist, self.gnd = list(cfg["imlist"]), list(cfg["qimlist"]), cfg["gnd"]
+        self.image_dir = os.path.join(root, "jpg")
+
+    def __repr__(self):
+        return (f"RevisitedDataset({self.name!r}, {len(self.imlist)} database images, "
+                f"{len(self.qimlist)} queries)")
+
+    def image_path(self, i):
+        return os.path.join(self.image_dir, self.imlist[i] + ".jpg")
+
+    def query_path(self, i):
+        return os.path.join(self.image_dir, self.qimlist[i] + ".jpg")
+
+    def bbx(self, i):
+        return tuple(float(v) for v in self.gnd[i]["bbx"])
+
+    def load_query(self, i):
+        """The query image cropped to its box (RGB PIL image)."""
+        with Image.open(self.query_path(i)) as img:
+            return img.convert("RGB").crop(self.bbx(i))
+
+    def positives(self, protocol):
+        """[(ok, junk)] per query for protocol easy | medium | hard."""
+        return [protocol_lists(g, protocol) for g in self.gnd]
+
+    def ground_truth(self, protocol):
+        """Per query {'ok': [...], 'junk': [...]}, the form compute_map takes."""
+        return [{"ok": ok, "junk": junk} for ok, junk in self.positives(protocol)]
+
+
+def load_dataset(data_root, name):
+    """The data set `name` under `data_root/<name>/`."""
+    if name not in DATASETS:
+        raise ValueError(f"Unknown data set {name!r}; use one of {', '.join(DATASETS)}.")
+    root = os.path.join(data_root, name)
+    path = os.path.join(root, f"gnd_{name}.pkl")
+    if not os.path.isfile(path):
+        hint = ("generate it with dplg-synthetic" if name == "synthetic" else
+                f"fetch it with: python -m dplg_tf.data.revisited download "
+                f"--data_root {data_root} --dataset {name}")
+        raise FileNotFoundError(f"{path} does not exist; {hint}.")
+    return RevisitedDataset(root, name, safe_load_pickle(path))
+
+
+# ---------------------------------------------------------------- download
+
+def download(url, path, chunk=1 << 20, log=print):
+    """Fetch `url` to `path`, resuming a partial `path.part`, checking the size."""
+    if os.path.isfile(path):
+        log(f"have {path}")
+        return path
+    part = path + ".part"
+    have = os.path.getsize(part) if os.path.isfile(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        if have and response.status != 206:
+            have = 0  # the server ignored the range: start again
+        length = response.headers.get("Content-Length")
+        expected = have + int(length) if length is not None else None
+        with open(part, "ab" if have else "wb") as f:
+            while True:
+                block = response.read(chunk)
+                if not block:
+                    break
+                f.write(block)
+    size = os.path.getsize(part)
+    if expected is not None and size != expected:
+        raise IOError(f"{url}: got {size} bytes of {expected}; run the command again to resume.")
+    os.replace(part, path)
+    log(f"fetched {path} ({size} bytes)")
+    return path
+
+
+def download_dataset(data_root, name, log=print):
+    """Ground truth and images of roxford5k or rparis6k under data_root/name/."""
+    if name not in _IMAGE_URLS:
+        raise ValueError(f"Only roxford5k and rparis6k can be downloaded, not {name!r}.")
+    root = os.path.join(data_root, name)
+    jpg = os.path.join(root, "jpg")
+    os.makedirs(jpg, exist_ok=True)
+    download(_GND_URL.format(name=name), os.path.join(root, f"gnd_{name}.pkl"), log=log)
+    for url in _IMAGE_URLS[name]:
+        archive = download(url, os.path.join(root, os.path.basename(url)), log=log)
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                if member.isfile() and member.name.lower().endswith(".jpg"):
+                    target = os.path.join(jpg, os.path.basename(member.name))
+                    if not os.path.isfile(target):
+                        with tar.extractfile(member) as src, open(target, "wb") as dst:
+                            dst.write(src.read())
+    dataset = load_dataset(data_root, name)
+    missing = [p for p in map(dataset.image_path, range(len(dataset.imlist)))
+               if not os.path.isfile(p)]
+    if missing:
+        raise IOError(f"{len(missing)} database images are missing after the download, "
+                      f"e.g. {missing[0]}.")
+    log(f"{dataset} ready in {root}")
+    return dataset
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dplg_tf.data.revisited")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("download", help="fetch roxford5k or rparis6k (needs a network)")
+    d.add_argument("--data_root", required=True)
+    d.add_argument("--dataset", required=True, choices=["roxford5k", "rparis6k"])
+    s = sub.add_parser("show", help="summarise a data set on disk")
+    s.add_argument("--data_root", required=True)
+    s.add_argument("--dataset", required=True, choices=list(DATASETS))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "download":
+            download_dataset(args.data_root, args.dataset)
+        else:
+            ds = load_dataset(args.data_root, args.dataset)
+            print(ds)
+            for protocol in PROTOCOLS:
+                counts = [len(ok) for ok, _ in ds.positives(protocol)]
+                print(f"{protocol}: {sum(c > 0 for c in counts)} queries with positives, "
+                      f"{np.mean(counts):.1f} positives per query")
+    except (ValueError, OSError, pickle.UnpicklingError) as e:
+        print(f"revisited: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

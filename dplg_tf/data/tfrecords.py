@@ -1,0 +1,421 @@
+"""dplg-build-tfrecords: image folders or GLDv2 to TFRecord shards.
+
+Sources: a folder tree with one sub-folder per class (`--image_dir`), or
+Google Landmarks v2 (`--gldv2_csv` = train.csv `id,url,landmark_id` or
+train_clean.csv `landmark_id,images`, with `--gldv2_image_dir` laid out as
+`a/b/c/<id>.jpg`).
+
+Output in `--output_dir`, readable by the DELG reference pipeline too:
+- `train-00000-of-000NN`, `validation-00000-of-000MM`: tf.train.Example
+  records with the schema of DESIGN.md (JPEG bytes, id, label 0..C-1, size);
+- `relabeling.csv` (`new_label,old_label`, labels in sorted order);
+- `dataset_info.json`: classes and record counts, read by the input pipeline;
+- `build_report.json` and `bad_files.txt`: every skipped file and why.
+
+Per class, after a shuffle seeded by --seed, max(1, floor(fraction * n))
+images go to validation. Each shard is written under a temporary name and
+renamed when complete; a rerun skips complete shards, so an interrupted
+build resumes where it stopped. Shards are written in parallel threads
+(image decoding releases the GIL).
+"""
+
+import concurrent.futures
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+STATE_DIR = ".build"  # per-shard results, kept out of the shard glob
+MAX_PIXELS = 100_000_000  # larger images are reported, not decoded
+
+
+class BuildError(ValueError):
+    """A problem with the builder's input or output folder."""
+
+
+# ------------------------------------------------------------------ listing
+
+def list_image_dir(image_dir):
+    """[(path, image_id, class_name)] from a folder with one sub-folder per class."""
+    if not os.path.isdir(image_dir):
+        raise BuildError(f"--image_dir {image_dir!r} is not a folder.")
+    items, ignored = [], 0
+    classes = sorted(d for d in os.listdir(image_dir)
+                     if os.path.isdir(os.path.join(image_dir, d)) and not d.startswith("."))
+    if not classes:
+        raise BuildError(f"--image_dir {image_dir!r} has no class sub-folders.")
+    for cls in classes:
+        folder = os.path.join(image_dir, cls)
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if name.startswith(".") or not os.path.isfile(path):
+                continue
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                ignored += 1
+                continue
+            items.append((path, f"{cls}/{os.path.splitext(name)[0]}", cls))
+    return items, ignored
+
+
+def list_gldv2(csv_path, image_dir):
+    """[(path, image_id, landmark_id)] from GLDv2 train.csv or train_clean.csv."""
+    if not os.path.isfile(csv_path):
+        raise BuildError(f"--gldv2_csv {csv_path!r} does not exist.")
+    items = []
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = set(reader.fieldnames or ())
+        if {"id", "landmark_id"} <= fields:
+            pairs = ((row["id"], row["landmark_id"]) for row in reader)
+        elif {"landmark_id", "images"} <= fields:
+            pairs = ((image_id, row["landmark_id"]) for row in reader
+                     for image_id in row["images"].split())
+        else:
+            raise BuildError(
+                f"{csv_path!r} has columns {sorted(fields)}; expected GLDv2 train.csv "
+                "(id,url,landmark_id) or train_clean.csv (landmark_id,images).")
+        for image_id, landmark in pairs:
+            path = os.path.join(image_dir, image_id[0], image_id[1], image_id[2],
+                                image_id + ".jpg")
+            items.append((path, image_id, int(landmark)))
+    if not items:
+        raise BuildError(f"{csv_path!r} lists no images.")
+    return items
+
+
+# ------------------------------------------------------------- split, shards
+
+def relabel(items):
+    """Labels 0..C-1 in sorted order of the original ones: {old: new}."""
+    return {old: new for new, old in enumerate(sorted({cls for _, _, cls in items}))}
+
+
+def split(items, labels, fraction, seed):
+    """Per class, a seeded shuffle, then max(1, floor(fraction * n)) to validation."""
+    by_class = {}
+    for item in items:
+        by_class.setdefault(labels[item[2]], []).append(item)
+    train, validation = [], []
+    for label in sorted(by_class):
+        members = by_class[label]
+        order = np.random.default_rng([seed, label]).permutation(len(members))
+        n_val = max(1, math.floor(fraction * len(members))) if fraction > 0 else 0
+        validation += [members[i] for i in order[:n_val]]
+        train += [members[i] for i in order[n_val:]]
+    return train, validation
+
+
+def shard_plan(items, num_shards, seed, prefix):
+    """{shard file name: items}, classes mixed by a seeded shuffle."""
+    order = np.random.default_rng([seed, len(items)]).permutation(len(items))
+    shuffled = [items[i] for i in order]
+    return {f"{prefix}-{s:05d}-of-{num_shards:05d}": shuffled[s::num_shards]
+            for s in range(num_shards)}
+
+
+# --------------------------------------------------------------- one image
+
+def _reencode(img, max_size):
+    if img.mode != "RGB":
+        if img.mode in ("RGBA", "LA", "P", "PA") or "transparency" in img.info:
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        img = img.convert("RGB")
+    if max_size and max(img.size) > max_size:
+        scale = max_size / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95)
+    return buf.getvalue(), img.size
+
+
+def load_image(path, max_size=0):
+    """(jpeg_bytes, width, height) of a good image; raises ValueError why not.
+
+    A baseline RGB JPEG within max_size keeps its bytes; anything else
+    (PNG, grayscale, CMYK, alpha, too large) is decoded and re-encoded.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ValueError("missing") from None
+    except OSError as e:
+        raise ValueError(f"unreadable: {e.strerror or e}") from None
+    if not data:
+        raise ValueError("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > MAX_PIXELS:
+            raise ValueError(f"too large: {img.width}x{img.height} pixels")
+        img.load()  # a full decode: truncated and corrupt files fail here
+    except ValueError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ValueError("not an image") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
+        raise ValueError(f"corrupt image: {e}") from None
+    if img.format == "JPEG" and img.mode == "RGB" and not (max_size and max(img.size) > max_size):
+        return data, img.width, img.height
+    jpeg, (w, h) = _reencode(img, max_size)
+    return jpeg, w, h
+
+
+def make_example(jpeg, image_id, label, width, height):
+    import tensorflow as tf
+
+    def b(v):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+
+    def i(v):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
+
+    return tf.train.Example(features=tf.train.Features(feature={
+        "image/encoded": b(jpeg), "image/id": b(str(image_id).encode()),
+        "image/class/label": i(label), "image/height": i(height), "image/width": i(width),
+        "image/channels": i(3), "image/format": b(b"JPEG"), "image/colorspace": b(b"RGB"),
+    }))
+
+
+# ---------------------------------------------------------------- the build
+
+def _fingerprint(plans, labels, max_size):
+    h = hashlib.sha256()
+    h.update(json.dumps(max_size).encode())
+    for name in sorted(plans):
+        h.update(name.encode())
+        for path, image_id, cls in plans[name]:
+            h.update(f"{path}\0{image_id}\0{labels[cls]}\n".encode())
+    return h.hexdigest()
+
+
+def _write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_shard(output_dir, name, items, labels, max_size, progress):
+    """Write one shard atomically; returns its result dict."""
+    import tensorflow as tf
+
+    final = os.path.join(output_dir, name)
+    tmp = os.path.join(output_dir, STATE_DIR, name + ".tmp")
+    records, bad = 0, []
+    with tf.io.TFRecordWriter(tmp) as writer:
+        for path, image_id, cls in items:
+            try:
+                jpeg, w, h = load_image(path, max_size)
+            except ValueError as e:
+                bad.append([path, str(e)])
+            else:
+                writer.write(make_example(jpeg, image_id, labels[cls], w, h).SerializeToString())
+                records += 1
+            progress()
+    result = {"shard": name, "records": records, "bad": bad}
+    _write_atomic(os.path.join(output_dir, STATE_DIR, name + ".json"), json.dumps(result))
+    os.replace(tmp, final)
+    return result
+
+
+def _done_result(output_dir, name):
+    state = os.path.join(output_dir, STATE_DIR, name + ".json")
+    if os.path.isfile(os.path.join(output_dir, name)) and os.path.isfile(state):
+        with open(state) as f:
+            return json.load(f)
+    return None
+
+
+def build(output_dir, items, num_shards=8, num_validation_shards=0, validation_fraction=0.2,
+          seed=0, max_image_size=0, num_workers=4, overwrite=False, progress=True,
+          ignored=0, log=print):
+    """Build the shards of `items` [(path, image_id, class)]; returns the summary."""
+    if num_shards < 1:
+        raise BuildError(f"--num_shards must be >= 1, got {num_shards}.")
+    if not 0 <= validation_fraction < 1:
+        raise BuildError(f"--validation_fraction must lie in [0, 1), got {validation_fraction}.")
+    start = time.perf_counter()
+    items, missing = present(items)
+    if not items:
+        raise BuildError("None of the listed images exists or is non-empty; "
+                         "check --image_dir / --gldv2_image_dir.")
+    labels = relabel(items)
+    train, validation = split(items, labels, validation_fraction, seed)
+    num_validation_shards = num_validation_shards or max(
+        1, round(num_shards * validation_fraction))
+    plans = shard_plan(train, num_shards, seed, "train")
+    if validation:
+        plans.update(shard_plan(validation, num_validation_shards, seed, "validation"))
+    os.makedirs(os.path.join(output_dir, STATE_DIR), exist_ok=True)
+    fingerprint = _fingerprint(plans, labels, max_image_size)
+    plan_path = os.path.join(output_dir, STATE_DIR, "plan.json")
+    if os.path.isfile(plan_path) and not overwrite:
+        with open(plan_path) as f:
+            if json.load(f).get("fingerprint") != fingerprint:
+                raise BuildError(
+                    f"{output_dir!r} holds shards of a different build (other images, "
+                    "shard counts, seed or size); use a new --output_dir or --overwrite.")
+    if overwrite:
+        for name in os.listdir(output_dir):
+            if name.startswith(("train-", "validation-")):
+                os.remove(os.path.join(output_dir, name))
+        for name in os.listdir(os.path.join(output_dir, STATE_DIR)):
+            os.remove(os.path.join(output_dir, STATE_DIR, name))
+    _write_atomic(plan_path, json.dumps({"fingerprint": fingerprint}))
+
+    results, todo = {}, []
+    for name, shard_items in plans.items():
+        done = _done_result(output_dir, name)
+        if done is not None:
+            results[name] = done
+        else:
+            todo.append((name, shard_items))
+    total = sum(len(i) for _, i in todo)
+    if results:
+        log(f"resuming: {len(results)} of {len(plans)} shards are complete, "
+            f"{len(todo)} to write ({total} images)")
+    from dplg_tf.progress import Progress
+
+    bar = Progress(total, "images", enabled=progress)
+    lock = threading.Lock()
+
+    def tick():
+        with lock:
+            bar.update(1)
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+        futures = [pool.submit(_write_shard, output_dir, name, shard_items, labels,
+                               max_image_size, tick) for name, shard_items in todo]
+        for future in concurrent.futures.as_completed(futures):
+            r = future.result()
+            results[r["shard"]] = r
+    bar.close()
+    return _finish(output_dir, plans, results, labels, len(items) + len(missing), missing,
+                   ignored, start, len(todo), total)
+
+
+def present(items):
+    """(items whose file exists and is non-empty, [[path, reason]] of the others).
+
+    A stat per file, so that a missing or empty file never takes a place in
+    the validation split; other bad files are found when shards are written.
+    """
+    kept, missing = [], []
+    for item in items:
+        try:
+            size = os.stat(item[0]).st_size
+        except FileNotFoundError:
+            missing.append([item[0], "missing"])
+            continue
+        except OSError as e:
+            missing.append([item[0], f"unreadable: {e.strerror or e}"])
+            continue
+        if size == 0:
+            missing.append([item[0], "empty file"])
+        else:
+            kept.append(item)
+    return kept, missing
+
+
+def _finish(output_dir, plans, results, labels, listed, missing, ignored, start, written,
+            total):
+    with open(os.path.join(output_dir, "relabeling.csv.tmp"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["new_label", "old_label"])
+        for old, new in sorted(labels.items(), key=lambda kv: kv[1]):
+            w.writerow([new, old])
+    os.replace(os.path.join(output_dir, "relabeling.csv.tmp"),
+               os.path.join(output_dir, "relabeling.csv"))
+    bad = sorted([b for r in results.values() for b in r["bad"]] + missing,
+                 key=lambda b: b[0])
+    splits = {}
+    for prefix in ("train", "validation"):
+        names = sorted(n for n in plans if n.startswith(prefix + "-"))
+        if names:
+            splits[prefix] = {
+                "num_records": sum(results[n]["records"] for n in names),
+                "num_shards": len(names),
+                "pattern": f"{prefix}-*-of-{len(names):05d}"}
+    seconds = time.perf_counter() - start
+    info = {"num_classes": len(labels), "splits": splits,
+            "schema": "DELG-compatible tf.train.Example (see DESIGN.md)"}
+    _write_atomic(os.path.join(output_dir, "dataset_info.json"), json.dumps(info, indent=1))
+    report = {"listed_images": listed, "ignored_non_image_files": ignored,
+              "bad_files": len(bad), "bad": [{"path": p, "reason": r} for p, r in bad],
+              **{f"{k}_records": v["num_records"] for k, v in splits.items()}}
+    _write_atomic(os.path.join(output_dir, "build_report.json"), json.dumps(report, indent=1))
+    _write_atomic(os.path.join(output_dir, "bad_files.txt"),
+                  "".join(f"{p}\t{r}\n" for p, r in bad))
+    return {"num_classes": len(labels),
+            **{f"{k}_records": v["num_records"] for k, v in splits.items()},
+            "bad_files": len(bad), "shards_written": written,
+            "shards_total": len(plans), "images_processed": total,
+            "seconds": round(seconds, 2),
+            "images_per_second": round(total / seconds, 1) if seconds > 0 else 0.0}
+
+
+# -------------------------------------------------------------------- CLI
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("image_dir", None, "Folder with one sub-folder of images per class.")
+    flags.DEFINE_string("gldv2_csv", None, "GLDv2 train.csv or train_clean.csv.")
+    flags.DEFINE_string("gldv2_image_dir", None, "GLDv2 images, laid out as a/b/c/<id>.jpg.")
+    flags.DEFINE_string("output_dir", None, "Where the shards go.", required=True)
+    flags.DEFINE_integer("num_shards", 8, "Training shards.")
+    flags.DEFINE_integer("num_validation_shards", 0,
+                         "Validation shards (0: num_shards * validation_fraction, at least 1).")
+    flags.DEFINE_float("validation_fraction", 0.2, "Share of each class for validation.")
+    flags.DEFINE_integer("seed", 0, "Seed of the split and the shard order.")
+    flags.DEFINE_integer("max_image_size", 0,
+                         "Re-encode images whose longest side is larger (0: keep sizes).")
+    flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Shards written at once.")
+    flags.DEFINE_bool("overwrite", False, "Discard the shards of an earlier, different build.")
+
+
+def main(argv):
+    from absl import flags
+
+    f = flags.FLAGS
+    if bool(f.image_dir) == bool(f.gldv2_csv):
+        raise BuildError("Give either --image_dir or --gldv2_csv (with --gldv2_image_dir).")
+    ignored = 0
+    if f.image_dir:
+        items, ignored = list_image_dir(f.image_dir)
+    else:
+        if not f.gldv2_image_dir:
+            raise BuildError("--gldv2_csv needs --gldv2_image_dir.")
+        items = list_gldv2(f.gldv2_csv, f.gldv2_image_dir)
+    print(f"{len(items)} images in {len(relabel(items))} classes", file=sys.stderr)
+    summary = build(f.output_dir, items, f.num_shards, f.num_validation_shards,
+                    f.validation_fraction, f.seed, f.max_image_size, f.num_workers,
+                    f.overwrite, ignored=ignored,
+                    log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(summary))
+    if summary["bad_files"]:
+        print(f"{summary['bad_files']} files skipped: see "
+              f"{os.path.join(f.output_dir, 'bad_files.txt')}", file=sys.stderr)
+
+
+def run():
+    from dplg_tf import cli
+
+    _define_flags()
+    cli.run(main, "dplg-build-tfrecords")
+
+
+if __name__ == "__main__":
+    run()
