@@ -19,5 +19,9 @@ def get_config():
     config.train.epochs = 10
     config.train.learning_rate = 0.01
     config.train.warmup_steps = 20
+    config.train.checkpoint_every = 100
+    config.train.log_every = 10
+    config.train.eval_every = 0
+    config.train.eval_batches = 10
     config.eval.max_image_side = 256
     return config

@@ -61,6 +61,15 @@ def base_config():
     c.train.jit_compile = False
     c.train.frozen_batchnorm = False
     c.train.seed = 0
+    c.train.checkpoint_every = 1000          # steps; and always at the end
+    c.train.keep_checkpoints = 3
+    c.train.log_every = 50
+    c.train.eval_every = 5000                # 0 = only at the end
+    c.train.eval_batches = 50
+    c.train.summary_images = 4               # attention maps in TensorBoard
+    c.train.debug_nan_step = -1              # fault injection: NaN loss at this step (1-based)
+
+    c.profile_steps = ""                     # "first,last": profiler trace window
 
     c.eval = ml_collections.ConfigDict()
     c.eval.scales = list(PAPER_SCALES)

@@ -132,3 +132,12 @@ def build_training_model(config, num_classes=None):
     outputs["logits"] = arcface(out["descriptor"], labels)
     outputs["cosine_logits"] = arcface(out["descriptor"])
     return keras.Model([images, labels], outputs, name="dplg_training")
+
+
+def load_model(path):
+    """A `.keras` file written by dplg_tf (the trainer's model.keras, ...)."""
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Model file {path!r} does not exist.")
+    return keras.models.load_model(path)  # dplg_tf's layers are registered on import
