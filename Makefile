@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/dplg-demo
+	$(VENV)/bin/dplg-demo --workdir=demo_run
 
 test: $(STAMP)
 	$(PY) -m pytest

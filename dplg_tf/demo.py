@@ -1,12 +1,23 @@
-"""dplg-demo: build the model and describe a generated image.
+"""dplg-demo: the whole system on generated data, on 2 CPU cores.
 
-Until the full pipeline lands (data -> train -> export -> serve -> search),
-the demo builds the model of a config (the CPU demo config by default),
-renders a procedural "landmark" image, and prints its descriptor, the
-attention map over the image and what the model costs.
+generate synthetic landmarks -> build TFRecords -> train the demo_cpu config
+-> export the untrained and the trained model -> start dplg-serve -> index
+the database through gRPC -> evaluate both models (Revisited protocol) ->
+write pictures -> stop the server. Prints the mAP table of the untrained and
+the trained model side by side and where the pictures are. Every stage
+keeps its output in --workdir and is skipped when already complete, so an
+interrupted demo resumes.
+
+`dplg-demo --describe` only builds the model and describes a generated image.
 """
 
+import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -14,34 +25,23 @@ from absl import flags
 from ml_collections import config_flags
 
 from dplg_tf import cli
+from dplg_tf.data.synthetic import facade_image
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "demo_cpu.py")
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Model config file.")
-flags.DEFINE_integer("height", 192, "Height of the generated image.")
-flags.DEFINE_integer("width", 256, "Width of the generated image.")
-flags.DEFINE_integer("seed", 0, "Seed of the generated image.")
-flags.DEFINE_string("output", "", "Optional .npz file for the image, descriptor and attention.")
+config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Model and training config file.")
+flags.DEFINE_string("workdir", "demo_run", "Where the demo keeps data, runs and results.")
+flags.DEFINE_integer("train_steps", 900, "Training steps of the demo model.")
+flags.DEFINE_integer("num_landmarks", 60, "Training landmarks of the synthetic set.")
+flags.DEFINE_integer("views_per_landmark", 20, "Training views per landmark.")
+flags.DEFINE_integer("figures", 3, "Queries to draw pictures for.")
+flags.DEFINE_bool("describe", False, "Only build the model and describe a generated image.")
+flags.DEFINE_integer("height", 192, "Height of the generated image (--describe).")
+flags.DEFINE_integer("width", 256, "Width of the generated image (--describe).")
+flags.DEFINE_integer("seed", 0, "Seed of the generated image (--describe).")
+flags.DEFINE_string("output", "", "With --describe: an .npz for image, descriptor, attention.")
 FLAGS = flags.FLAGS
 
 _SHADES = " .:-=+*#%@"
-
-
-def generated_image(height, width, seed=0):
-    """A textured facade (windows on a wall) over a noisy sky, uint8 RGB."""
-    rng = np.random.default_rng(seed)
-    img = np.empty((height, width, 3), np.float32)
-    sky = np.linspace(200, 120, height)[:, None, None] * np.array([0.7, 0.85, 1.0])
-    img[:] = sky + rng.normal(0, 6, (height, width, 3))
-    top, left = height // 4, width // 5
-    bottom, right = height - height // 8, width - width // 5
-    wall = np.array(rng.uniform(90, 200, 3))
-    img[top:bottom, left:right] = wall
-    step_y, step_x = max(4, (bottom - top) // 6), max(4, (right - left) // 7)
-    for y in range(top + step_y // 3, bottom - step_y // 2, step_y):
-        for x in range(left + step_x // 3, right - step_x // 2, step_x):
-            img[y:y + step_y // 2, x:x + step_x // 2] = wall * 0.35
-    img[top - height // 10:top, left:right] = wall * 0.6  # roof line
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def ascii_map(attention):
@@ -51,20 +51,18 @@ def ascii_map(attention):
     return "\n".join("".join(_SHADES[int(v * (len(_SHADES) - 1))] for v in row) for row in a)
 
 
-def main(argv):
-    del argv
+def describe(config):
     import keras
 
     from dplg_tf import costs
     from dplg_tf.model import build_dplg
 
-    config = FLAGS.config
     m = config.model
     print(f"dplg_tf demo: backbone={m.backbone} head={m.head} "
           f"descriptor_dim={m.descriptor_dim} (keras {keras.__version__}, "
           f"backend {keras.backend.backend()})")
     model = build_dplg(config)
-    image = generated_image(FLAGS.height, FLAGS.width, FLAGS.seed)
+    image = facade_image(FLAGS.height, FLAGS.width, FLAGS.seed)
     start = time.perf_counter()
     out = model(image[None].astype(np.float32))
     seconds = time.perf_counter() - start
@@ -82,6 +80,168 @@ def main(argv):
     if FLAGS.output:
         np.savez(FLAGS.output, image=image, descriptor=descriptor, attention=attention)
         print(f"wrote {FLAGS.output}")
+
+
+# ------------------------------------------------------------ the pipeline
+
+def _stage(name):
+    print(f"\n== {name}", flush=True)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(base, log_path):
+    port = _free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "dplg_tf.serving.server",
+                             f"--model_base_path={base}", f"--port={port}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    from dplg_tf.serving.client import Client, ClientError
+
+    client = Client(f"127.0.0.1:{port}", timeout=30, retries=0)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"dplg-serve exited early; see {log_path}")
+        try:
+            client.status()
+            return proc, f"127.0.0.1:{port}"
+        except ClientError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"dplg-serve did not answer within 180 s; see {log_path}")
+
+
+def pipeline(config, workdir):
+    from dplg_tf import evaluate, export, index
+    from dplg_tf.data import synthetic, tfrecords
+    from dplg_tf.model import build_dplg
+    from dplg_tf.progress import Progress
+
+    start = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    data = os.path.join(workdir, "data")
+    _stage("1/8 synthetic landmarks")
+    if not os.path.isfile(os.path.join(data, "synthetic.json")):
+        print(json.dumps(synthetic.generate(
+            data, num_landmarks=FLAGS.num_landmarks, views_per_landmark=FLAGS.views_per_landmark,
+            num_eval_landmarks=12, queries_per_landmark=2, db_per_landmark=12,
+            num_distractors=120, width=192, height=144, seed=0)))
+    else:
+        print(f"have {data}")
+
+    _stage("2/8 TFRecord shards")
+    shards = os.path.join(workdir, "shards")
+    items, ignored = tfrecords.list_image_dir(os.path.join(data, "train"))
+    print(json.dumps(tfrecords.build(shards, items, num_shards=4, ignored=ignored)))
+
+    _stage(f"3/8 training {config.model.backbone}+{config.model.head}, "
+           f"{FLAGS.train_steps} steps")
+    run = os.path.join(workdir, "run")
+    config.data.train_pattern = os.path.join(shards, "train-*")
+    config.data.validation_pattern = os.path.join(shards, "validation-*")
+    config.train.max_steps = FLAGS.train_steps
+    config.train.checkpoint_every = 100
+    config.train.log_every = 50
+    result_path = os.path.join(run, "result.json")
+    if not os.path.isfile(result_path):
+        cmd = [sys.executable, "-m", "dplg_tf.train", f"--workdir={run}", "--cpu_devices=2",
+               f"--config={_config_file(config, workdir)}"]
+        subprocess.run(cmd, check=True)
+    with open(result_path) as f:
+        trained = json.load(f)
+    print(f"loss {trained['first_loss']:.3f} -> {trained['last_loss']:.3f}, "
+          f"validation accuracy {trained['validation_accuracy']:.3f}")
+
+    _stage("4/8 export (untrained and trained)")
+    models = os.path.join(workdir, "models")
+    untrained_base, trained_base = os.path.join(models, "untrained"), os.path.join(models, "dplg")
+    if not os.path.isdir(untrained_base):
+        import keras
+
+        keras.utils.set_random_seed(config.train.seed)
+        export.export(build_dplg(config), untrained_base, version=1)
+    if not os.path.isdir(trained_base):
+        export.export(export.load_for_export(workdir=run), trained_base, version=1)
+    print(f"{untrained_base}/1 and {trained_base}/1")
+
+    _stage("5/8 dplg-serve on the trained model")
+    server, address = _start_server(trained_base, os.path.join(workdir, "serve.log"))
+    print(f"serving on {address} (log {os.path.join(workdir, 'serve.log')})")
+    try:
+        _stage("6/8 index the database through gRPC")
+        from dplg_tf.data.revisited import load_dataset
+
+        dataset = load_dataset(data, "synthetic")
+        describer = index.Describer(server=address)
+        paths = [dataset.image_path(i) for i in range(len(dataset.imlist))]
+        bar = Progress(len(paths), "images")
+        idx = index.DescriptorIndex(config.model.descriptor_dim, "exact", describer.probe())
+        idx.add(describer.describe_files(paths, progress=bar), paths)
+        bar.close()
+        idx.save(os.path.join(workdir, "index"))
+        q = dataset.load_query(0)
+        hits = idx.search(describer.describe_bytes([_png(q)]), 3)[1][0]
+        print(f"{len(idx)} images indexed; query {dataset.qimlist[0]} -> "
+              + ", ".join(os.path.basename(idx.names[i]) for i in hits))
+
+        _stage("7/8 evaluate (Revisited protocol, 5 scales) and draw")
+        results = {}
+        results["untrained"] = evaluate.run_eval(
+            "synthetic", data, model=untrained_base,
+            output_dir=os.path.join(workdir, "eval_untrained"))[0]
+        results["trained"] = evaluate.run_eval(
+            "synthetic", data, server=address, figures=FLAGS.figures,
+            output_dir=os.path.join(workdir, "eval_trained"))[0]
+    finally:
+        _stage("8/8 stop the server")
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+        print(f"dplg-serve exited with {server.returncode}")
+
+    table = evaluate.markdown_table(results)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    print("\nmAP and mP@k (%) on the synthetic evaluation set, untrained vs trained:\n")
+    print(table)
+    print(f"\npictures: {os.path.join(workdir, 'eval_trained', 'figures')}")
+    print(f"demo finished in {time.perf_counter() - start:.0f} s")
+    return results
+
+
+def _png(array):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(array)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _config_file(config, workdir):
+    """A config file for dplg-train holding this exact config (with every override)."""
+    json_path = os.path.abspath(os.path.join(workdir, "config.json"))
+    with open(json_path, "w") as f:
+        f.write(config.to_json(indent=1))
+    path = os.path.join(workdir, "demo_config.py")
+    with open(path, "w") as f:
+        f.write("import json\n\nimport ml_collections\n\n\ndef get_config():\n"
+                f"    with open({json_path!r}) as f:\n"
+                "        return ml_collections.ConfigDict(json.load(f))\n")
+    return path
+
+
+def main(argv):
+    del argv
+    if FLAGS.describe:
+        describe(FLAGS.config)
+        return
+    pipeline(FLAGS.config, FLAGS.workdir)
 
 
 def run():

@@ -1,0 +1,308 @@
+"""dplg-export: the descriptor model as a SavedModel for TensorFlow Serving.
+
+    dplg-export --workdir=runs/demo --export_dir=models/dplg         # trained
+    dplg-export --model=model.keras --export_dir=models/dplg
+    dplg-export --config=configs/demo_cpu.py --allow_random_init --export_dir=...
+
+writes BASE/<version>/ (the next integer unless --version), first under a
+hidden temporary name and then renamed, so a server polling BASE never sees
+half a model. Signatures (DESIGN.md):
+
+- serving_default: image_bytes string [N] (JPEG, PNG, GIF, BMP) ->
+  global_descriptor float32 [N, D], each image described at the paper's scales;
+- multiscale: image uint8 [H, W, 3], scales float32 [S] -> global_descriptor
+  [D], scale_descriptors [S, D], attention [H4, W4] at the scale nearest 1.
+
+Preprocessing is in the graph: an image is first limited to a longest side of
+`max_image_side` (1024), each scaled copy is at least `min_scaled_side` px a
+side (the model's minimum), per-scale descriptors are L2-normalised,
+averaged and L2-normalised again. Bad input fails with InvalidArgument and
+a message (TF Serving answers INVALID_ARGUMENT): undecodable bytes, formats
+other than JPEG/PNG/GIF/BMP, images over `max_pixels` (read from the header,
+before decoding), images under `min_image_side`. Grayscale and 16-bit images
+are converted, alpha is dropped, animated GIFs give their first frame.
+"""
+
+import os
+import shutil
+import sys
+
+from absl import flags
+
+from dplg_tf import cli
+
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MIN_IMAGE_SIDE = 16
+
+
+# -------------------------------------------------------- graph functions
+
+def _be_uint(data, offset, length):
+    """Big-endian unsigned integer of `length` bytes at `offset` of a scalar string."""
+    import tensorflow as tf
+
+    raw = tf.io.decode_raw(tf.strings.substr(data, offset, length), tf.uint8)
+    value = tf.constant(0, tf.int64)
+    for i in range(length):
+        value = value * 256 + tf.cast(raw[i], tf.int64)
+    return value
+
+
+def _le_uint(data, offset, length):
+    import tensorflow as tf
+
+    raw = tf.io.decode_raw(tf.strings.substr(data, offset, length), tf.uint8)
+    value = tf.constant(0, tf.int64)
+    for i in reversed(range(length)):
+        value = value * 256 + tf.cast(raw[i], tf.int64)
+    return value
+
+
+def header_size(data):
+    """(height, width) int64 read from the header of a JPEG, PNG, GIF or BMP.
+
+    Fails with InvalidArgument for other or too short data, without decoding.
+    """
+    import tensorflow as tf
+
+    magic = tf.strings.substr(data, 0, 8)
+    n = tf.strings.length(data)
+    is_jpeg = tf.strings.substr(magic, 0, 3) == b"\xff\xd8\xff"
+    is_png = tf.logical_and(magic == b"\x89PNG\r\n\x1a\n", n >= 24)
+    is_gif = tf.logical_and(tf.strings.substr(magic, 0, 4) == b"GIF8", n >= 10)
+    is_bmp = tf.logical_and(tf.strings.substr(magic, 0, 2) == b"BM", n >= 26)
+    known = tf.reduce_any(tf.stack([is_jpeg, is_png, is_gif, is_bmp]))
+    check = tf.debugging.Assert(known, [
+        "image_bytes is not a JPEG, PNG, GIF or BMP image (or is truncated)"])
+    with tf.control_dependencies([check]):
+
+        def jpeg():
+            shape = tf.cast(tf.io.extract_jpeg_shape(data), tf.int64)
+            return shape[0], shape[1]
+
+        def png():
+            return _be_uint(data, 20, 4), _be_uint(data, 16, 4)
+
+        def gif():
+            return _le_uint(data, 8, 2), _le_uint(data, 6, 2)
+
+        def bmp():
+            height = _le_uint(data, 22, 4)  # negative (two's complement) when top-down
+            height = tf.where(height >= 2 ** 31, 2 ** 32 - height, height)
+            return height, _le_uint(data, 18, 4)
+
+        return tf.case([(is_jpeg, jpeg), (is_png, png), (is_gif, gif)], default=bmp,
+                       exclusive=False)
+
+
+def decode(data, max_pixels):
+    """Bytes -> uint8 [H, W, 3], refusing images over `max_pixels` before decoding."""
+    import tensorflow as tf
+
+    height, width = header_size(data)
+    pixels = height * width
+    check = tf.debugging.Assert(pixels <= max_pixels, [
+        "image is too large:", height, "x", width, "pixels; the limit is", max_pixels])
+    with tf.control_dependencies([check]):
+        image = tf.io.decode_image(data, channels=3, dtype=tf.uint16, expand_animations=False)
+    # 16-bit and 8-bit sources alike: uint16 -> uint8 by the top byte
+    image = tf.cast(tf.bitwise.right_shift(image, 8), tf.uint8)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def limit_side(image, max_side):
+    """Downscale so the longest side is at most `max_side` (never upscale)."""
+    import tensorflow as tf
+
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = tf.minimum(1.0, max_side / tf.reduce_max(shape))
+    new = tf.cast(tf.round(shape * scale), tf.int32)
+    resized = tf.image.resize(tf.cast(image, tf.float32), new, antialias=True)
+    return tf.cond(scale < 1.0, lambda: resized, lambda: tf.cast(image, tf.float32))
+
+
+class DescriptorExtractor:
+    """The traced functions around a Keras descriptor model."""
+
+    def __init__(self, model, scales, max_image_side=1024, min_scaled_side=64,
+                 max_pixels=DEFAULT_MAX_PIXELS, min_image_side=DEFAULT_MIN_IMAGE_SIDE):
+        self.model = model
+        self.scales = [float(s) for s in scales]
+        self.max_image_side = float(max_image_side)
+        self.min_scaled_side = int(min_scaled_side)
+        self.max_pixels = int(max_pixels)
+        self.min_image_side = int(min_image_side)
+        self.dim = int(model.output["descriptor"].shape[-1])
+
+    def multiscale(self, image, scales):
+        """uint8 [H, W, 3], float32 [S] -> dict of descriptor, per-scale, attention."""
+        import tensorflow as tf
+
+        image = tf.convert_to_tensor(image)
+        tf.debugging.assert_equal(tf.shape(image)[-1], 3, message="image must be [H, W, 3]")
+        shape = tf.shape(image)
+        small = tf.debugging.Assert(tf.reduce_min(shape[:2]) >= self.min_image_side, [
+            "image is too small:", shape[0], "x", shape[1], "pixels; the minimum side is",
+            self.min_image_side])
+        n = tf.size(scales)
+        valid = tf.debugging.Assert(tf.logical_and(
+            n > 0, tf.reduce_all(tf.logical_and(scales > 0.0, scales <= 4.0))), [
+            "scales must be a non-empty list of values in (0, 4], got", scales])
+        with tf.control_dependencies([small, valid]):
+            base = limit_side(image, self.max_image_side)
+        size = tf.cast(tf.shape(base)[:2], tf.float32)
+        nearest = tf.argmin(tf.abs(scales - 1.0), output_type=tf.int32)
+
+        def body(i, descriptors, attention):
+            new = tf.maximum(tf.cast(tf.round(size * scales[i]), tf.int32),
+                             self.min_scaled_side)
+            scaled = tf.image.resize(base, new, antialias=True)
+            out = self.model(scaled[None], training=False)
+            d = tf.math.l2_normalize(tf.cast(out["descriptor"][0], tf.float32))
+            a = tf.cast(out["attention"][0], tf.float32)
+            attention = tf.cond(i == nearest, lambda: a, lambda: attention)
+            return i + 1, descriptors.write(i, d), attention
+
+        _, descriptors, attention = tf.while_loop(
+            lambda i, *_: i < n, body,
+            (tf.constant(0), tf.TensorArray(tf.float32, size=n, element_shape=[self.dim]),
+             tf.zeros([0, 0], tf.float32)),
+            shape_invariants=(tf.TensorShape([]), tf.TensorShape(None),
+                              tf.TensorShape([None, None])))
+        per_scale = descriptors.stack()
+        fused = tf.math.l2_normalize(tf.reduce_mean(per_scale, axis=0))
+        return {"global_descriptor": fused, "scale_descriptors": per_scale,
+                "attention": attention}
+
+    def describe_bytes(self, image_bytes):
+        """string [N] -> {"global_descriptor": float32 [N, D]} at the configured scales."""
+        import tensorflow as tf
+
+        scales = tf.constant(self.scales, tf.float32)
+
+        def one(data):
+            return self.multiscale(decode(data, self.max_pixels), scales)["global_descriptor"]
+
+        descriptors = tf.map_fn(one, image_bytes,
+                                fn_output_signature=tf.TensorSpec([self.dim], tf.float32))
+        return {"global_descriptor": tf.reshape(descriptors, [-1, self.dim])}
+
+
+# ------------------------------------------------------------------ export
+
+def next_version(base):
+    versions = [int(d) for d in os.listdir(base) if d.isdigit()] if os.path.isdir(base) else []
+    return max(versions, default=0) + 1
+
+
+def export(model, export_dir, version=None, scales=None, max_image_side=1024,
+           min_scaled_side=64, max_pixels=DEFAULT_MAX_PIXELS):
+    """Write `model` as BASE/<version>/ with both signatures; returns the path."""
+    import tensorflow as tf
+    from keras.export import ExportArchive
+
+    from dplg_tf.config import PAPER_SCALES
+
+    os.makedirs(export_dir, exist_ok=True)
+    version = version or next_version(export_dir)
+    final = os.path.join(export_dir, str(version))
+    if os.path.exists(final):
+        raise FileExistsError(f"{final} exists; choose another --version or leave it out "
+                              "to take the next one.")
+    extractor = DescriptorExtractor(model, scales or PAPER_SCALES, max_image_side,
+                                    min_scaled_side, max_pixels)
+    archive = ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default", extractor.describe_bytes,
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    archive.add_endpoint(
+        "multiscale", extractor.multiscale,
+        input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image"),
+                         tf.TensorSpec([None], tf.float32, name="scales")])
+    tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        archive.write_out(tmp, verbose=False)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_for_export(workdir=None, model_path=None, config=None, allow_random_init=False):
+    """The Keras descriptor model from a work dir, a .keras file or a config."""
+    from dplg_tf.model import build_dplg, load_model
+
+    if model_path:
+        return load_model(model_path)
+    if workdir:
+        path = os.path.join(workdir, "model.keras")
+        if os.path.isfile(path):
+            return load_model(path)
+        return _from_checkpoint(workdir, config)
+    if config is not None:
+        if not allow_random_init:
+            raise ValueError("Exporting from a config alone gives random weights; pass "
+                             "--allow_random_init if that is what you want (tests, demos).")
+        return build_dplg(config)
+    raise ValueError("Give --workdir, --model or --config (with --allow_random_init).")
+
+
+def _from_checkpoint(workdir, config):
+    """The descriptor model of the latest checkpoint of an unfinished run."""
+    import json
+
+    import ml_collections
+    import tensorflow as tf
+
+    from dplg_tf.model import build_training_model
+
+    latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    if not latest:
+        raise FileNotFoundError(f"{workdir} has neither model.keras nor a checkpoint; "
+                                "is it a dplg-train work dir?")
+    if config is None:
+        with open(os.path.join(workdir, "config.json")) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+    reader = tf.train.load_checkpoint(latest)
+    proxies = [k for k in reader.get_variable_to_shape_map() if "proxies" in k]
+    num_classes = reader.get_variable_to_shape_map()[proxies[0]][-1] if proxies else 1
+    model = build_training_model(config, num_classes=num_classes)
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    return model.get_layer("dplg")
+
+
+def _define_flags():
+    from ml_collections import config_flags
+
+    flags.DEFINE_string("workdir", None, "A dplg-train work dir (model.keras or checkpoints).")
+    flags.DEFINE_string("model", None, "A .keras descriptor model.")
+    config_flags.DEFINE_config_file("config", None, "Config file, with --allow_random_init.")
+    flags.DEFINE_bool("allow_random_init", False, "Export an untrained model (tests, demos).")
+    flags.DEFINE_string("export_dir", None, "Model base path: BASE/<version>/.", required=True)
+    flags.DEFINE_integer("version", None, "Version number (default: the next one).")
+    flags.DEFINE_list("scales", None, "Scales of serving_default (default: the paper's 5).")
+    flags.DEFINE_integer("max_image_side", 1024, "Longest side before the scales.")
+    flags.DEFINE_integer("max_pixels", DEFAULT_MAX_PIXELS, "Larger images are refused.")
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    model = load_for_export(f.workdir, f.model, f.config, f.allow_random_init)
+    scales = [float(s) for s in f.scales] if f.scales else None
+    min_side = f.config.model.min_image_size if f.config is not None else 64
+    path = export(model, f.export_dir, f.version, scales, f.max_image_side, min_side,
+                  f.max_pixels)
+    print(path)
+
+
+def run():
+    _define_flags()
+    cli.run(main, "dplg-export")
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,474 @@
+"""dplg-serve: a gRPC server that speaks TensorFlow Serving's API.
+
+    dplg-serve --model_base_path=models/dplg --model_name=dplg --port=8500
+
+- tensorflow.serving.PredictionService: Predict and GetModelMetadata (the
+  other methods answer UNIMPLEMENTED); tensorflow.serving.ModelService:
+  GetModelStatus; grpc.health.v1.Health.
+- Serves the newest integer version under the base path, polls for newer
+  ones and switches once the new one is loaded and warmed up; requests in
+  flight finish on the version they started on.
+- Batches concurrent serving_default requests (batching_parameters.txt, as
+  TF Serving reads it); a full queue answers RESOURCE_EXHAUSTED.
+- Bad input answers INVALID_ARGUMENT with the reason; an unknown model,
+  version or signature NOT_FOUND. Binds 127.0.0.1 unless --host says
+  otherwise. SIGTERM (or SIGINT) stops taking requests, lets those in flight
+  finish, and exits.
+"""
+
+import io
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+from absl import flags
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from dplg_tf import cli
+from dplg_tf.serving import batching
+
+log = logging.getLogger("dplg_tf.serving")
+
+BATCHED_SIGNATURE = "serving_default"
+SERVICE_NAMES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
+
+
+class ServingError(Exception):
+    """An error with its gRPC status code."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+def _apis():
+    from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
+                                         model_service_pb2_grpc, predict_pb2,
+                                         prediction_service_pb2_grpc)
+    return (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
+            predict_pb2, prediction_service_pb2_grpc)
+
+
+def tf_error_message(error):
+    """The useful line of a TensorFlow op error (an Assert's text, or the first line)."""
+    text = str(getattr(error, "message", error))
+    match = re.search(r"assertion failed: (.*)", text)
+    if match:
+        parts = re.findall(r"\[([^\]]*)\]", match.group(1))
+        return " ".join(p.strip().strip("'\"") for p in parts) or match.group(1)
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Graph execution error", "[[", "{{", "Detected at")):
+            return line
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ----------------------------------------------------------------- models
+
+class LoadedVersion:
+    """One loaded SavedModel version with its signatures and batcher."""
+
+    def __init__(self, name, version, path, batching_params=None, warm_up=True):
+        import tensorflow as tf
+        from tensorflow.core.protobuf import saved_model_pb2
+
+        self.name, self.version, self.path = name, version, path
+        self.saved_model = tf.saved_model.load(path)
+        self.signatures = dict(self.saved_model.signatures)
+        proto = saved_model_pb2.SavedModel()
+        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+            proto.ParseFromString(f.read())
+        self.signature_defs = dict(proto.meta_graphs[0].signature_def)
+        self.inputs = {name: fn.structured_input_signature[1]
+                       for name, fn in self.signatures.items()}
+        self.batcher = None
+        if batching_params is not None and BATCHED_SIGNATURE in self.signatures:
+            self.batcher = batching.Batcher(self._run_batched, **batching_params)
+        if warm_up:
+            self._warm_up()
+
+    def _run_batched(self, images):
+        import tensorflow as tf
+
+        out = self.signatures[BATCHED_SIGNATURE](image_bytes=tf.constant(images, tf.string))
+        return out["global_descriptor"].numpy()
+
+    def _warm_up(self):
+        """One request through serving_default, so the first client is not slow."""
+        if BATCHED_SIGNATURE not in self.signatures:
+            return
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (96, 96), (128, 96, 64)).save(buf, "JPEG")
+        self._run_batched([buf.getvalue()])
+
+    def close(self):
+        if self.batcher is not None:
+            self.batcher.close()
+
+
+class ModelManager:
+    """Serves the newest version under `base_path`, polling for new ones."""
+
+    def __init__(self, name, base_path, batching_params=None, poll_seconds=1.0,
+                 warm_up=True):
+        self.name, self.base_path = name, base_path
+        self.batching_params = batching_params
+        self.poll_seconds = poll_seconds
+        self.warm_up = warm_up
+        self._current = None
+        self._failed = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def versions_on_disk(self):
+        if not os.path.isdir(self.base_path):
+            return []
+        return sorted(int(d) for d in os.listdir(self.base_path)
+                      if d.isdigit() and os.path.isfile(
+                          os.path.join(self.base_path, d, "saved_model.pb")))
+
+    def poll_once(self):
+        """Load the newest version if it is newer than the one served."""
+        versions = [v for v in self.versions_on_disk() if v not in self._failed]
+        if not versions:
+            return False
+        newest = versions[-1]
+        current = self._current
+        if current is not None and current.version >= newest:
+            return False
+        path = os.path.join(self.base_path, str(newest))
+        log.info("loading %s version %d from %s", self.name, newest, path)
+        start = time.perf_counter()
+        try:
+            loaded = LoadedVersion(self.name, newest, path, self.batching_params, self.warm_up)
+        except Exception as e:  # noqa: BLE001 - a broken version must not stop serving
+            log.error("version %d failed to load and is skipped: %s", newest, e)
+            self._failed.add(newest)
+            return False
+        with self._lock:
+            old, self._current = self._current, loaded
+        log.info("serving %s version %d (loaded in %.1f s)", self.name, newest,
+                 time.perf_counter() - start)
+        if old is not None:
+            threading.Thread(target=old.close, daemon=True).start()  # drains its queue
+        return True
+
+    def start(self):
+        self.poll_once()
+
+        def loop():
+            while not self._stop.wait(self.poll_seconds):
+                try:
+                    self.poll_once()
+                except Exception as e:  # noqa: BLE001
+                    log.error("polling %s failed: %s", self.base_path, e)
+
+        self._thread = threading.Thread(target=loop, name="version-poll", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        if self._current is not None:
+            self._current.close()
+
+    @property
+    def current(self):
+        return self._current
+
+    def get(self, model_spec):
+        """The loaded version a request's ModelSpec asks for, or ServingError."""
+        if model_spec.name != self.name:
+            raise ServingError(grpc.StatusCode.NOT_FOUND,
+                               f"model {model_spec.name!r} is not served here "
+                               f"(this server serves {self.name!r})")
+        current = self._current
+        if current is None:
+            raise ServingError(grpc.StatusCode.UNAVAILABLE,
+                               f"model {self.name!r} has no loaded version yet")
+        if model_spec.HasField("version") and model_spec.version.value != current.version:
+            raise ServingError(grpc.StatusCode.NOT_FOUND,
+                               f"version {model_spec.version.value} of {self.name!r} is not "
+                               f"loaded (serving version {current.version})")
+        if model_spec.version_label:
+            raise ServingError(grpc.StatusCode.NOT_FOUND,
+                               f"version label {model_spec.version_label!r} is not defined")
+        return current
+
+
+# --------------------------------------------------------------- requests
+
+_DTYPES = {"string": np.object_, "uint8": np.uint8, "float32": np.float32}
+
+
+def _check_inputs(signature_name, specs, arrays):
+    """INVALID_ARGUMENT unless `arrays` match the signature's input specs."""
+    missing = sorted(set(specs) - set(arrays))
+    extra = sorted(set(arrays) - set(specs))
+    if missing or extra:
+        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"signature {signature_name!r} takes inputs {sorted(specs)}; "
+                           f"missing {missing}, unexpected {extra}")
+    for name, spec in specs.items():
+        array = arrays[name]
+        want = spec.dtype.name
+        got = "string" if array.dtype.kind in "OSU" else array.dtype.name
+        if got != want:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"input {name!r} must be {want}, got {got}")
+        if spec.shape.rank is not None and array.ndim != spec.shape.rank:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"input {name!r} must have rank {spec.shape.rank} "
+                               f"(shape {spec.shape}), got shape {list(array.shape)}")
+        for i, dim in enumerate(spec.shape):
+            if dim is not None and array.shape[i] != dim:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"input {name!r} must have shape {spec.shape}, "
+                                   f"got {list(array.shape)}")
+
+
+class PredictionServicer:
+    """tensorflow.serving.PredictionService and ModelService over a ModelManager."""
+
+    def __init__(self, manager):
+        self.manager = manager
+
+    def _predict(self, request):
+        import tensorflow as tf
+
+        (_, _, _, predict_pb2, _) = _apis()
+        model = self.manager.get(request.model_spec)
+        name = request.model_spec.signature_name or "serving_default"
+        if name not in model.signatures:
+            raise ServingError(grpc.StatusCode.NOT_FOUND,
+                               f"signature {name!r} not found; the model has "
+                               f"{sorted(model.signatures)}")
+        try:
+            arrays = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+        except Exception as e:  # noqa: BLE001
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"could not read the input tensors: {e}") from None
+        _check_inputs(name, model.inputs[name], arrays)
+        outputs = model.signature_defs[name].outputs
+        wanted = list(request.output_filter) or list(outputs)
+        unknown = [o for o in wanted if o not in outputs]
+        if unknown:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"output_filter names unknown outputs {unknown}; "
+                               f"the signature has {sorted(outputs)}")
+        try:
+            if name == BATCHED_SIGNATURE and model.batcher is not None:
+                images = list(arrays["image_bytes"].ravel())
+                result = {"global_descriptor": np.asarray(model.batcher(images)).reshape(
+                    len(images), -1)}
+            else:
+                out = model.signatures[name](**{k: tf.constant(v) for k, v in arrays.items()})
+                result = {k: v.numpy() for k, v in out.items()}
+        except batching.BatcherClosed:
+            raise
+        except batching.QueueFull as e:
+            raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, tf_error_message(e)) from None
+        except tf.errors.ResourceExhaustedError as e:
+            raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               tf_error_message(e)) from None
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = model.name
+        response.model_spec.version.value = model.version
+        response.model_spec.signature_name = name
+        for key in wanted:
+            response.outputs[key].CopyFrom(tf.make_tensor_proto(result[key]))
+        return response
+
+    def Predict(self, request, context):
+        try:
+            for _ in range(3):
+                try:
+                    return self._predict(request)
+                except batching.BatcherClosed:
+                    continue  # the version was switched under us: take the new one
+            raise ServingError(grpc.StatusCode.UNAVAILABLE, "the model is being replaced")
+        except ServingError as e:
+            context.abort(e.code, str(e))
+        except Exception as e:  # noqa: BLE001 - never take the server down
+            log.exception("Predict failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e}")
+
+    def GetModelMetadata(self, request, context):
+        (get_model_metadata_pb2, _, _, _, _) = _apis()
+        try:
+            model = self.manager.get(request.model_spec)
+            fields = list(request.metadata_field)
+            if fields != ["signature_def"]:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "metadata_field must be exactly ['signature_def'], "
+                                   f"got {fields}")
+            sig_map = get_model_metadata_pb2.SignatureDefMap()
+            for name, sig in model.signature_defs.items():
+                sig_map.signature_def[name].CopyFrom(sig)
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            response.model_spec.name = model.name
+            response.model_spec.version.value = model.version
+            response.metadata["signature_def"].Pack(sig_map)
+            return response
+        except ServingError as e:
+            context.abort(e.code, str(e))
+
+    def GetModelStatus(self, request, context):
+        (_, get_model_status_pb2, _, _, _) = _apis()
+        try:
+            model = self.manager.get(request.model_spec)
+        except ServingError as e:
+            context.abort(e.code, str(e))
+        response = get_model_status_pb2.GetModelStatusResponse()
+        status = response.model_version_status.add()
+        status.version = model.version
+        status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        status.status.error_code = 0
+        return response
+
+
+# ----------------------------------------------------------------- server
+
+class Server:
+    """The gRPC server: services, health, version polling, graceful stop."""
+
+    def __init__(self, model_base_path, model_name="dplg", host="127.0.0.1", port=8500,
+                 batching_params=None, poll_seconds=1.0, max_message_mb=64, workers=32,
+                 warm_up=True):
+        (_, _, model_service_pb2_grpc, _, prediction_service_pb2_grpc) = _apis()
+        self.manager = ModelManager(model_name, model_base_path, batching_params,
+                                    poll_seconds, warm_up)
+        limit = max_message_mb * 1024 * 1024
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers),
+            options=[("grpc.max_receive_message_length", limit),
+                     ("grpc.max_send_message_length", limit),
+                     ("grpc.so_reuseport", 0)])
+        prediction, models = _services(PredictionServicer(self.manager))
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(prediction,
+                                                                            self.server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(models, self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}; is the port in use?")
+        self.address = f"{host}:{self.port}"
+        self._set_health(False)
+
+    def _set_health(self, serving):
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in ("",) + SERVICE_NAMES:
+            self.health.set(service, status)
+
+    def start(self):
+        self.server.start()
+        self.manager.start()
+
+        def watch():  # health follows whether a version is loaded
+            while self.manager.current is None and not self.manager._stop.is_set():
+                time.sleep(0.1)
+            if not self.manager._stop.is_set():
+                self._set_health(True)
+
+        threading.Thread(target=watch, daemon=True).start()
+        return self
+
+    def stop(self, grace=30.0):
+        """Refuse new requests, finish those in flight (up to `grace` s), stop."""
+        self._set_health(False)
+        done = self.server.stop(grace)
+        done.wait(grace + 1)
+        self.manager.stop()
+
+    def wait(self):
+        self.server.wait_for_termination()
+
+
+def _services(impl):
+    """The generated servicer classes, forwarding to `impl`."""
+    (_, _, model_service_pb2_grpc, _, prediction_service_pb2_grpc) = _apis()
+
+    class Prediction(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request, context):
+            return impl.Predict(request, context)
+
+        def GetModelMetadata(self, request, context):
+            return impl.GetModelMetadata(request, context)
+
+    class Models(model_service_pb2_grpc.ModelServiceServicer):
+        def GetModelStatus(self, request, context):
+            return impl.GetModelStatus(request, context)
+
+    return Prediction(), Models()
+
+
+# -------------------------------------------------------------------- CLI
+
+def _define_flags():
+    flags.DEFINE_string("model_base_path", None, "Folder of integer version folders.",
+                        required=True)
+    flags.DEFINE_string("model_name", "dplg", "Name clients ask for.")
+    flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0 for all).")
+    flags.DEFINE_integer("port", 8500, "gRPC port (0: any free port, printed).")
+    flags.DEFINE_bool("enable_batching", True, "Batch concurrent serving_default requests.")
+    flags.DEFINE_string("batching_parameters_file", None,
+                        "TF Serving batching_parameters.txt (default: built-in values).")
+    flags.DEFINE_float("file_system_poll_wait_seconds", 1.0, "How often to look for versions.")
+    flags.DEFINE_integer("max_message_mb", 64, "Largest request or response, in MiB.")
+    flags.DEFINE_integer("grpc_workers", 32, "Threads serving gRPC calls.")
+    flags.DEFINE_float("grace_seconds", 30.0, "On SIGTERM, time for requests in flight.")
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    params = None
+    if f.enable_batching:
+        params = dict(batching.DEFAULTS)
+        if f.batching_parameters_file:
+            with open(f.batching_parameters_file) as fh:
+                params = batching.parse_batching_parameters(fh.read())
+    if not os.path.isdir(f.model_base_path):
+        raise FileNotFoundError(f"--model_base_path {f.model_base_path!r} is not a folder; "
+                                "export a model there with dplg-export.")
+    server = Server(f.model_base_path, f.model_name, f.host, f.port, params,
+                    f.file_system_poll_wait_seconds, f.max_message_mb, f.grpc_workers).start()
+    print(f"dplg-serve: listening on {server.address} for model {f.model_name!r} "
+          f"from {f.model_base_path}", flush=True)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        del frame
+        log.info("signal %d: draining requests in flight and stopping", signum)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stopping.wait(0.5):
+        pass
+    server.stop(f.grace_seconds)
+    print("dplg-serve: stopped", flush=True)
+
+
+def run():
+    _define_flags()
+    cli.run(main, "dplg-serve")
+
+
+if __name__ == "__main__":
+    sys.exit(run())
