@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 # TensorFlow's C++ start-up chatter hides our own output; users can override.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-_SUBMODULES = ("backbones", "config", "costs", "data", "layers", "model")
+_SUBMODULES = ("backbones", "config", "costs", "data", "evaluate", "export", "index",
+               "layers", "model", "pictures", "serving", "train")
 
 
 def __getattr__(name):

@@ -1,15 +1,18 @@
 """The demo command as a user runs it."""
 
+import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 
-def test_demo_describes_a_generated_image(tmp_path):
+def test_describe_a_generated_image(tmp_path):
     out = tmp_path / "demo.npz"
     proc = subprocess.run(
-        [sys.executable, "-m", "dplg_tf.demo", f"--output={out}", "--height=160", "--width=224"],
+        [sys.executable, "-m", "dplg_tf.demo", "--describe", f"--output={out}",
+         "--height=160", "--width=224"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "L2 norm 1.000000" in proc.stdout
@@ -22,7 +25,7 @@ def test_demo_describes_a_generated_image(tmp_path):
 
 def test_demo_rejects_a_bad_config_value_in_one_sentence():
     proc = subprocess.run(
-        [sys.executable, "-m", "dplg_tf.demo", "--config.model.head=transformer"],
+        [sys.executable, "-m", "dplg_tf.demo", "--describe", "--config.model.head=transformer"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "dplg-demo: error: config.model.head='transformer' is unknown" in proc.stderr
@@ -32,4 +35,23 @@ def test_demo_rejects_a_bad_config_value_in_one_sentence():
 def test_helpfull_lists_the_flags():
     proc = subprocess.run([sys.executable, "-m", "dplg_tf.demo", "--helpfull"],
                           capture_output=True, text=True, timeout=300)
-    assert "--config" in proc.stdout and "--output" in proc.stdout
+    assert "--config" in proc.stdout and "--train_steps" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_whole_demo_at_a_small_scale(tmp_path):
+    workdir = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dplg_tf.demo", f"--workdir={workdir}", "--train_steps=12",
+         "--num_landmarks=5", "--views_per_landmark=8", "--figures=1",
+         "--config.train.batch_size=8", "--config.data.image_size=64"],
+        capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in range(1, 9):
+        assert f"== {stage}/8" in proc.stdout
+    assert "| untrained | Medium |" in proc.stdout and "| trained | Hard |" in proc.stdout
+    assert "dplg-serve exited with 0" in proc.stdout
+    figures = os.listdir(workdir / "eval_trained" / "figures")
+    assert {"ranked_000.png", "attention_000.png"} <= set(figures)
+    assert (workdir / "index" / "index.faiss").is_file()
+    assert (workdir / "results.md").is_file()
