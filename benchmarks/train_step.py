@@ -81,11 +81,12 @@ def main():
 {table}
 
 fp32, TensorFlow backend, one replica, the trainer's step on an in-memory batch
-({args.warmup} warm-up steps, then {args.steps} timed). On this CPU the RFB's
-dilated 3x3 convolutions are the slow part: TF's CPU kernel runs a dilation-5
-3x3 conv (256 channels, 14x14, forward + backward) about 2.3x slower than the
-same conv undilated, so the heads with an RFB fall further behind `gem` here
-than their multiply-adds (README) say. Command:
+({args.warmup} warm-up steps, then {args.steps} timed). The heads with an RFB
+fall further behind `gem` here than their multiply-adds (README) say; in a
+separate micro-benchmark (forward + backward, batch 8, 14x14 maps, TF on this
+CPU) the RFB's 5x5 conv (1024->256 channels) took 196 ms and a dilation-5 3x3
+conv (256->256, after a 1x1) 235 ms against 101 ms undilated: TF's CPU
+dilated convolution is slow. Command:
 `python benchmarks/train_step.py --steps {args.steps} --batch {args.batch}`.
 """)
 

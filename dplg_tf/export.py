@@ -266,10 +266,10 @@ def _from_checkpoint(workdir, config):
     if config is None:
         with open(os.path.join(workdir, "config.json")) as f:
             config = ml_collections.ConfigDict(json.load(f))
-    reader = tf.train.load_checkpoint(latest)
-    proxies = [k for k in reader.get_variable_to_shape_map() if "proxies" in k]
-    num_classes = reader.get_variable_to_shape_map()[proxies[0]][-1] if proxies else 1
-    model = build_training_model(config, num_classes=num_classes)
+    if not config.loss.num_classes:
+        raise ValueError(f"{workdir}/config.json does not say how many classes the run "
+                         "had; export from its model.keras instead.")
+    model = build_training_model(config)
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
     return model.get_layer("dplg")
 

@@ -11,7 +11,7 @@ and `meta.json` (dimension, kind, and the model's "probe": its descriptor of
 a fixed generated image). Searching with another model (whose probe differs)
 or another dimension is refused with a clear error.
 
-Kinds: `exact` (inner product, brute force), `hnsw` (graph, no training) and
+Kinds: `exact` (inner product, brute force with BLAS), `hnsw` (graph, no training) and
 `ivfpq` (inverted lists with product quantisation, trained on the data, the
 candidates re-ranked exactly).
 """
@@ -118,7 +118,33 @@ class DescriptorIndex:
                               "descriptors; use the model the index was built with.")
         if self.index is None:
             raise IndexMismatch("The index is empty.")
-        return self.index.search(q, min(k, max(1, len(self))))
+        k = min(k, max(1, len(self)))
+        if self.kind == "exact":
+            return self._exact_search(q, k)
+        return self.index.search(q, k)
+
+    def _exact_search(self, q, k, chunk=131072):
+        """Brute force with BLAS over blocks of the stored vectors, top-k kept per
+        block and merged: several times faster here than IndexFlatIP.search."""
+        import concurrent.futures
+
+        import faiss
+
+        n = self.index.ntotal
+        db = faiss.rev_swig_ptr(self.index.get_xb(), n * self.dim).reshape(n, self.dim)
+
+        def block(start):
+            scores = q @ db[start:start + chunk].T
+            kk = min(k, scores.shape[1])
+            part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+            return np.take_along_axis(scores, part, 1), part + start
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+            parts = list(pool.map(block, range(0, n, chunk)))
+        scores = np.concatenate([p[0] for p in parts], axis=1)
+        ids = np.concatenate([p[1] for p in parts], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
     def check_probe(self, probe):
         """Refuse a model whose probe descriptor differs from the index's."""

@@ -128,6 +128,10 @@ class ReceptiveFieldBlock(keras.layers.Layer):
                                      activation, "gem_proj")
         self.fuse = _conv_bn_act(self.filters, 1, 1, self.use_batchnorm,
                                  activation, "fuse")
+        # Each sublayer is also a named attribute: tf.train.Checkpoint follows
+        # attributes, not layers held in (nested) lists, and would skip them.
+        for layer in [l for b in self.branches for l in b] + self.gem_proj + self.fuse:
+            setattr(self, layer.name, layer)
 
     def build(self, input_shape):
         if len(input_shape) != 4:

@@ -250,6 +250,7 @@ class Trainer:
             raise ValueError(
                 f"config.loss.num_classes={config.loss.num_classes} but the training data "
                 f"has {self.num_classes} classes; set it to {self.num_classes} or 0.")
+        config.loss.num_classes = self.num_classes  # recorded in workdir/config.json
         self.num_train = pipeline.num_records(d.train_pattern)
         self.global_batch = t.batch_size
         replicas = strategy.num_replicas_in_sync

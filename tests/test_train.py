@@ -124,6 +124,11 @@ def test_sigkill_then_restart_resumes_at_the_last_checkpoint(shards, tmp_path):
     latest = tf.train.latest_checkpoint(ckpt_dir)
     saved_step = int(latest.rsplit("-", 1)[1])
     assert not os.path.exists(os.path.join(workdir, "result.json"))
+    # the unfinished run can be exported from its checkpoint
+    from dplg_tf.export import load_for_export
+
+    model = load_for_export(workdir=workdir)
+    assert model(np.zeros((1, 64, 64, 3), "float32"))["descriptor"].shape == (1, 512)
     proc = _train(_flags(shards, workdir, **{"train.max_steps": saved_step + 8,
                                              "train.checkpoint_every": 4}))
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -30,6 +30,8 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from dplg_tf.files import write_atomic
+
 TEXTURE_SIZE = 256
 # Kinds of image, part of each image's seed.
 _TRAIN, _QUERY, _DB, _DISTRACTOR, _TEXTURE = range(5)
@@ -210,13 +212,6 @@ def _jpeg(img, quality=90):
     return buf.getvalue()
 
 
-def _write(path, data):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _task(args):
     """Render and write one image; returns (name, bbx)."""
     path, seed, kind, landmark, view, difficulty, width, height = args
@@ -225,7 +220,7 @@ def _task(args):
         img, bbx = clutter(rng, width, height), None
     else:
         img, bbx = render_view(landmark_texture(seed, landmark), rng, width, height, difficulty)
-    _write(path, _jpeg(img))
+    write_atomic(path, _jpeg(img))
     return path, bbx
 
 
@@ -321,13 +316,14 @@ def generate(out_dir, num_landmarks=20, views_per_landmark=30, num_eval_landmark
                 entry[diff].append(i)
         gnd.append(entry)
     cfg = {"imlist": plan["imlist"], "qimlist": plan["qimlist"], "gnd": gnd}
-    _write(os.path.join(out_dir, "synthetic", "gnd_synthetic.pkl"), pickle.dumps(cfg, protocol=4))
+    write_atomic(os.path.join(out_dir, "synthetic", "gnd_synthetic.pkl"),
+                 pickle.dumps(cfg, protocol=4))
     seconds = time.perf_counter() - start
     summary = dict(images=len(tasks), train_images=num_landmarks * views_per_landmark,
                    train_classes=num_landmarks, queries=len(plan["qimlist"]),
                    database=len(plan["imlist"]), seconds=round(seconds, 2),
                    images_per_second=round(len(tasks) / seconds, 1), seed=seed)
-    _write(os.path.join(out_dir, "synthetic.json"), json.dumps(summary, indent=1).encode())
+    write_atomic(os.path.join(out_dir, "synthetic.json"), json.dumps(summary, indent=1))
     return summary
 
 

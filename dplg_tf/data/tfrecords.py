@@ -33,6 +33,8 @@ import time
 import numpy as np
 from PIL import Image
 
+from dplg_tf.files import write_atomic
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 STATE_DIR = ".build"  # per-shard results, kept out of the shard glob
 MAX_PIXELS = 100_000_000  # larger images are reported, not decoded
@@ -200,13 +202,6 @@ def _fingerprint(plans, labels, max_size):
     return h.hexdigest()
 
 
-def _write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _write_shard(output_dir, name, items, labels, max_size, progress):
     """Write one shard atomically; returns its result dict."""
     import tensorflow as tf
@@ -225,7 +220,7 @@ def _write_shard(output_dir, name, items, labels, max_size, progress):
                 records += 1
             progress()
     result = {"shard": name, "records": records, "bad": bad}
-    _write_atomic(os.path.join(output_dir, STATE_DIR, name + ".json"), json.dumps(result))
+    write_atomic(os.path.join(output_dir, STATE_DIR, name + ".json"), json.dumps(result))
     os.replace(tmp, final)
     return result
 
@@ -273,7 +268,7 @@ def build(output_dir, items, num_shards=8, num_validation_shards=0, validation_f
                 os.remove(os.path.join(output_dir, name))
         for name in os.listdir(os.path.join(output_dir, STATE_DIR)):
             os.remove(os.path.join(output_dir, STATE_DIR, name))
-    _write_atomic(plan_path, json.dumps({"fingerprint": fingerprint}))
+    write_atomic(plan_path, json.dumps({"fingerprint": fingerprint}))
 
     results, todo = {}, []
     for name, shard_items in plans.items():
@@ -351,12 +346,12 @@ def _finish(output_dir, plans, results, labels, listed, missing, ignored, start,
     seconds = time.perf_counter() - start
     info = {"num_classes": len(labels), "splits": splits,
             "schema": "DELG-compatible tf.train.Example (see DESIGN.md)"}
-    _write_atomic(os.path.join(output_dir, "dataset_info.json"), json.dumps(info, indent=1))
+    write_atomic(os.path.join(output_dir, "dataset_info.json"), json.dumps(info, indent=1))
     report = {"listed_images": listed, "ignored_non_image_files": ignored,
               "bad_files": len(bad), "bad": [{"path": p, "reason": r} for p, r in bad],
               **{f"{k}_records": v["num_records"] for k, v in splits.items()}}
-    _write_atomic(os.path.join(output_dir, "build_report.json"), json.dumps(report, indent=1))
-    _write_atomic(os.path.join(output_dir, "bad_files.txt"),
+    write_atomic(os.path.join(output_dir, "build_report.json"), json.dumps(report, indent=1))
+    write_atomic(os.path.join(output_dir, "bad_files.txt"),
                   "".join(f"{p}\t{r}\n" for p, r in bad))
     return {"num_classes": len(labels),
             **{f"{k}_records": v["num_records"] for k, v in splits.items()},
