@@ -63,7 +63,6 @@ def main():
     parser.add_argument("--head", default="dplg")
     args = parser.parse_args()
 
-    import numpy as np
     import tensorflow as tf
     from PIL import Image
 

@@ -105,8 +105,8 @@ def cost_table(backbone="resnet50", size=512, heads=config_lib.HEADS, local_dim=
 
 
 def markdown(rows, backbone, size):
-    lines = [f"| head | head params (M) | head GMACs | total params (M) | total GMACs "
-             f"| vs gem (MACs) |",
+    lines = ["| head | head params (M) | head GMACs | total params (M) | total GMACs "
+             "| vs gem (MACs) |",
              "|---|---:|---:|---:|---:|---:|"]
     base = next((r for r in rows if r["head"] == "gem"), rows[0])
     base_total = base["backbone_gmacs"] + base["head_gmacs"]

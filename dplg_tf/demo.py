@@ -13,7 +13,6 @@ interrupted demo resumes.
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
