@@ -11,12 +11,9 @@ and `meta.json` (dimension, kind, and the model's "probe": its descriptor of
 a fixed generated image). Searching with another model (whose probe differs)
 or another dimension is refused with a clear error.
 
-Kinds: `exact` (inner product, brute force with BLAS), `hnsw` (graph, no
-training), `ivfpq` (inverted lists with product quantisation, trained on the
-data) and `pqfast` (a full scan of 4-bit product-quantised codes with SIMD,
-trained on the data: no inverted lists, so no neighbour is missed for being in
-another cell, which matters when descriptors are spread evenly). The
-quantised kinds re-rank their candidates (refine x k) with exact inner products.
+Kinds: `exact` (inner product, brute force with BLAS), `hnsw` (graph, no training) and
+`ivfpq` (inverted lists with product quantisation, trained on the data, the
+candidates re-ranked exactly).
 """
 
 import json
@@ -27,7 +24,7 @@ import numpy as np
 
 from dplg_tf import cli
 
-KINDS = ("exact", "hnsw", "ivfpq", "pqfast")
+KINDS = ("exact", "hnsw", "ivfpq")
 PROBE_TOLERANCE = 1e-3
 
 
@@ -79,21 +76,6 @@ class DescriptorIndex:
         else:
             self.index = None  # built when the training data is seen
 
-    def _build_quantised(self, sample):
-        if self.kind == "ivfpq":
-            self._build_ivfpq(sample)
-            return
-        import faiss
-
-        m = self.params["pq_m"]
-        if self.dim % m:
-            raise ValueError(f"pq_m={m} must divide the dimension {self.dim}.")
-        base = faiss.IndexPQFastScan(self.dim, m, 4, faiss.METRIC_INNER_PRODUCT)
-        base.train(sample)
-        refined = faiss.IndexRefineFlat(base)
-        refined.k_factor = self.params["refine"]
-        self.index = refined
-
     def _build_ivfpq(self, sample):
         import faiss
 
@@ -105,6 +87,7 @@ class DescriptorIndex:
         ivf.nprobe = min(self.params["nprobe"], nlist)
         refined = faiss.IndexRefineFlat(ivf)
         refined.k_factor = self.params["refine"]
+        self._parts = (quantizer, ivf)  # keep the wrapped indexes alive
         self.params["nlist"] = nlist
         self.index = refined
 

@@ -104,7 +104,7 @@ def test_exact_index_round_trip_matches_brute_force(tmp_path):
     assert [loaded.names[i] for i in ids[0][:3]] == [names[i] for i in brute[0][:3]]
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivfpq", "pqfast"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
 def test_approximate_indexes_find_near_duplicates(tmp_path, kind):
     db = _unit(3000, 64, 3)
     noisy = db[:20] + 0.05 * _unit(20, 64, 4)
