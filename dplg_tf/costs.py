@@ -77,9 +77,13 @@ def _scope(op_name, backbone_name):
     return "backbone" if inside else "head"
 
 
+def _backbone(model):
+    """The nested backbone model inside a descriptor model."""
+    return next(layer for layer in model.layers if hasattr(layer, "layers"))
+
+
 def _sub_params(model):
-    backbone = next(l for l in model.layers if hasattr(l, "layers"))
-    return sum(int(np.prod(w.shape)) for w in backbone.weights)
+    return sum(int(np.prod(w.shape)) for w in _backbone(model).weights)
 
 
 def cost_table(backbone="resnet50", size=512, heads=config_lib.HEADS, local_dim=None):
@@ -92,7 +96,7 @@ def cost_table(backbone="resnet50", size=512, heads=config_lib.HEADS, local_dim=
         if local_dim:
             c.model.local_dim = local_dim
         model = build_dplg(c)
-        bb_name = next(l.name for l in model.layers if hasattr(l, "layers"))
+        bb_name = _backbone(model).name
         macs = count_macs(model, size, size, scope_of=lambda n: _scope(n, bb_name))
         total_params = model.count_params()
         bb_params = _sub_params(model)

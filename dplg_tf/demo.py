@@ -27,17 +27,6 @@ from dplg_tf import cli
 from dplg_tf.data.synthetic import facade_image
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "demo_cpu.py")
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Model and training config file.")
-flags.DEFINE_string("workdir", "demo_run", "Where the demo keeps data, runs and results.")
-flags.DEFINE_integer("train_steps", 900, "Training steps of the demo model.")
-flags.DEFINE_integer("num_landmarks", 60, "Training landmarks of the synthetic set.")
-flags.DEFINE_integer("views_per_landmark", 20, "Training views per landmark.")
-flags.DEFINE_integer("figures", 3, "Queries to draw pictures for.")
-flags.DEFINE_bool("describe", False, "Only build the model and describe a generated image.")
-flags.DEFINE_integer("height", 192, "Height of the generated image (--describe).")
-flags.DEFINE_integer("width", 256, "Width of the generated image (--describe).")
-flags.DEFINE_integer("seed", 0, "Seed of the generated image (--describe).")
-flags.DEFINE_string("output", "", "With --describe: an .npz for image, descriptor, attention.")
 FLAGS = flags.FLAGS
 
 _SHADES = " .:-=+*#%@"
@@ -243,7 +232,22 @@ def main(argv):
     pipeline(FLAGS.config, FLAGS.workdir)
 
 
+def _define_flags():
+    config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Model and training config file.")
+    flags.DEFINE_string("workdir", "demo_run", "Where the demo keeps data, runs and results.")
+    flags.DEFINE_integer("train_steps", 900, "Training steps of the demo model.")
+    flags.DEFINE_integer("num_landmarks", 60, "Training landmarks of the synthetic set.")
+    flags.DEFINE_integer("views_per_landmark", 20, "Training views per landmark.")
+    flags.DEFINE_integer("figures", 3, "Queries to draw pictures for.")
+    flags.DEFINE_bool("describe", False, "Only build the model and describe a generated image.")
+    flags.DEFINE_integer("height", 192, "Height of the generated image (--describe).")
+    flags.DEFINE_integer("width", 256, "Width of the generated image (--describe).")
+    flags.DEFINE_integer("seed", 0, "Seed of the generated image (--describe).")
+    flags.DEFINE_string("output", "", "With --describe: an .npz for image, descriptor, attention.")
+
+
 def run():
+    _define_flags()
     cli.run(main, "dplg-demo")
 
 
