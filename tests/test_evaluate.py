@@ -104,7 +104,7 @@ def test_exact_index_round_trip_matches_brute_force(tmp_path):
     assert [loaded.names[i] for i in ids[0][:3]] == [names[i] for i in brute[0][:3]]
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["pq", "hnsw", "ivfpq"])
 def test_approximate_indexes_find_near_duplicates(tmp_path, kind):
     db = _unit(3000, 64, 3)
     noisy = db[:20] + 0.05 * _unit(20, 64, 4)
@@ -114,6 +114,34 @@ def test_approximate_indexes_find_near_duplicates(tmp_path, kind):
     loaded = index.DescriptorIndex.load(str(tmp_path / kind))
     _, ids = loaded.search(noisy, 5)
     assert np.mean(ids[:, 0] == np.arange(20)) >= 0.9
+
+
+def test_pq_index_ranks_near_ties_and_its_refine_knob_works(tmp_path):
+    # random vectors: the true top-20 are near-ties, so only a fine ranking finds them
+    db, q = _unit(8000, 64, 11), _unit(10, 64, 12)
+    truth = np.argsort(-(q @ db.T), axis=1)[:, :20]
+
+    def recall(idx):
+        ids = idx.search(q, 20)[1]
+        return np.mean([len(set(a) & set(b)) / 20 for a, b in zip(ids, truth)])
+
+    idx = index.DescriptorIndex(64, "pq", refine=10)
+    idx.add(db[:5000], [str(i) for i in range(5000)])
+    idx.add(db[5000:], [str(i) for i in range(5000, 8000)])  # incremental
+    assert recall(idx) >= 0.95
+    idx.tune(refine=1)  # no re-ranking beyond top-k: the 4-bit codes alone
+    assert recall(idx) < 0.8
+    idx.save(str(tmp_path / "pq"))
+    loaded = index.DescriptorIndex.load(str(tmp_path / "pq"))
+    assert loaded.params["refine"] == 1 and len(loaded) == 8000
+    assert recall(loaded) < 0.8
+    loaded.tune(refine=10)
+    scores, ids = loaded.search(q, 20)
+    assert recall(loaded) >= 0.95
+    # the scores of the re-ranked candidates are exact inner products
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ db.T, ids, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="refine must be at least 1"):
+        loaded.tune(refine=0)
 
 
 def test_index_refuses_another_model_or_dimension(tmp_path):
