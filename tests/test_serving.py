@@ -155,6 +155,26 @@ def test_multiscale_is_the_normalised_mean_of_the_scales(exported):
     np.testing.assert_allclose(per[0], direct, atol=1e-5)
 
 
+def test_frozen_and_variable_exports_agree(exported, tmp_path):
+    # the default export holds the weights as constants; --nofreeze as variables
+    _, path, model = exported
+    frozen = tf.saved_model.load(path)
+    assert len(frozen.signatures["serving_default"].variables) == 0
+    plain = tf.saved_model.load(export_lib.export(model, str(tmp_path / "m"), freeze=False))
+    assert len(plain.signatures["serving_default"].variables) == len(model.weights)
+    data = tf.constant([_jpeg(140, 100, seed=5), _jpeg(64, 300, seed=6)])
+    np.testing.assert_allclose(frozen.signatures["serving_default"](image_bytes=data)[
+        "global_descriptor"].numpy(), plain.signatures["serving_default"](image_bytes=data)[
+        "global_descriptor"].numpy(), atol=1e-5)
+    image = tf.constant(RNG.integers(0, 255, (80, 120, 3), dtype=np.uint8))
+    scales = tf.constant([0.7, 1.0])
+    a, b = (m.signatures["multiscale"](image=image, scales=scales) for m in (frozen, plain))
+    for key in ("global_descriptor", "scale_descriptors", "attention"):
+        np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="Scales must be a non-empty list"):
+        export_lib.export(model, str(tmp_path / "bad"), scales=[0.5, -1.0])
+
+
 def test_image_formats_work_or_fail_clearly(exported):
     sd = tf.saved_model.load(exported[1]).signatures["serving_default"]
     arr = RNG.integers(0, 255, (90, 120, 3), dtype=np.uint8)
