@@ -17,11 +17,11 @@ Preprocessing is in the graph: an image is first limited to a longest side of
 `max_image_side` (1024), each scaled copy is at least `min_scaled_side` px a
 side (the model's minimum), per-scale descriptors are L2-normalised,
 averaged and L2-normalised again. The model's weights are written into the
-graph as constants (`--freeze`, the default): TensorFlow then folds each
-BatchNorm into its convolution and oneDNN keeps the filters in its own
-layout between calls, which makes extraction about 1.2x faster on CPU than
-reading variables; serving_default also lays its fixed scales out in the graph
-rather than in a loop. Bad input fails with InvalidArgument and
+graph as constants (`--freeze`, the default), which lets TensorFlow's graph
+optimiser fold each BatchNorm's scale into its convolution's filter; with
+serving_default's fixed scales laid out in the graph rather than in a loop,
+extraction takes 1/1.2 of the time with variables on a 2-core CPU
+(benchmarks/RESULTS.md). Bad input fails with InvalidArgument and
 a message (TF Serving answers INVALID_ARGUMENT): undecodable bytes, formats
 other than JPEG/PNG/GIF/BMP, images over `max_pixels` (read from the header,
 before decoding), images under `min_image_side`. Grayscale and 16-bit images
