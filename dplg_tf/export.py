@@ -172,16 +172,12 @@ class DescriptorExtractor:
 
         image = tf.convert_to_tensor(image)
         tf.debugging.assert_equal(tf.shape(image)[-1], 3, message="image must be [H, W, 3]")
-        shape = tf.shape(image)
-        small = tf.debugging.Assert(tf.reduce_min(shape[:2]) >= self.min_image_side, [
-            "image is too small:", shape[0], "x", shape[1], "pixels; the minimum side is",
-            self.min_image_side])
         n = tf.size(scales)
         valid = tf.debugging.Assert(tf.logical_and(
             n > 0, tf.reduce_all(tf.logical_and(scales > 0.0, scales <= 4.0))), [
             "scales must be a non-empty list of values in (0, 4], got", scales])
-        with tf.control_dependencies([small, valid]):
-            base = limit_side(image, self.max_image_side)
+        with tf.control_dependencies([valid]):
+            base = self._base(image)
         nearest = tf.argmin(tf.abs(scales - 1.0), output_type=tf.int32)
 
         def body(i, descriptors, attention):
@@ -200,6 +196,17 @@ class DescriptorExtractor:
         return {"global_descriptor": fused, "scale_descriptors": per_scale,
                 "attention": attention}
 
+    def _base(self, image):
+        """The image as float32, limited to max_image_side; too small ones fail."""
+        import tensorflow as tf
+
+        shape = tf.shape(image)
+        small = tf.debugging.Assert(tf.reduce_min(shape[:2]) >= self.min_image_side, [
+            "image is too small:", shape[0], "x", shape[1], "pixels; the minimum side is",
+            self.min_image_side])
+        with tf.control_dependencies([small]):
+            return limit_side(image, self.max_image_side)
+
     def _describe_scaled(self, base, scale):
         """(L2-normalised descriptor [D], attention [H4, W4]) of `base` resized by `scale`."""
         import tensorflow as tf
@@ -216,12 +223,7 @@ class DescriptorExtractor:
         one after another in the graph (no loop); equal to multiscale()."""
         import tensorflow as tf
 
-        shape = tf.shape(image)
-        small = tf.debugging.Assert(tf.reduce_min(shape[:2]) >= self.min_image_side, [
-            "image is too small:", shape[0], "x", shape[1], "pixels; the minimum side is",
-            self.min_image_side])
-        with tf.control_dependencies([small]):
-            base = limit_side(image, self.max_image_side)
+        base = self._base(image)
         per_scale = [self._describe_scaled(base, scale)[0] for scale in self.scales]
         return tf.math.l2_normalize(tf.reduce_mean(tf.stack(per_scale), axis=0))
 
