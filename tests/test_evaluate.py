@@ -190,6 +190,36 @@ def test_index_and_search_commands_on_descriptor_files(tmp_path):
     assert bad.returncode == 2 and "built with another model" in bad.stderr
 
 
+def test_pq_index_through_the_commands(tmp_path):
+    import subprocess
+    import sys
+
+    db, q = _unit(400, 32, 13), _unit(4, 32, 14)
+    np.savez(tmp_path / "db.npz", descriptors=db)
+    np.savez(tmp_path / "small.npz", descriptors=db[:100])
+    np.savez(tmp_path / "q.npz", descriptors=q)
+    run = [sys.executable, "-m", "dplg_tf.index", "--kind=pq"]
+    small = subprocess.run(run + [f"--index_dir={tmp_path / 'small'}",
+                                  f"--descriptors={tmp_path / 'small.npz'}"],
+                           capture_output=True, text=True, timeout=120)
+    assert small.returncode == 2 and "at least 256 descriptors" in small.stderr
+    idx_dir = str(tmp_path / "idx")
+    proc = subprocess.run(run + [f"--index_dir={idx_dir}", f"--descriptors={tmp_path / 'db.npz'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "400 descriptors (pq, 32-d)" in proc.stdout, proc.stderr
+    search = [sys.executable, "-c", "from dplg_tf.index import run_search; run_search()",
+              f"--index_dir={idx_dir}", "--top_k=5", f"--descriptors={tmp_path / 'q.npz'}"]
+    out = tmp_path / "hits.json"
+    proc = subprocess.run(search + ["--refine=50", f"--output={out}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = [[int(h["name"]) for h in r["results"]] for r in json.loads(out.read_text())]
+    # re-ranking 250 candidates of 400 finds the exact top-5
+    assert found == np.argsort(-(q @ db.T), axis=1)[:, :5].tolist()
+    bad = subprocess.run(search + ["--refine=0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "refine must be at least 1" in bad.stderr
+
+
 # -------------------------------------------------------------- pictures
 
 def test_pictures_are_written(tmp_path):
