@@ -105,6 +105,25 @@ def test_saved_model_cli_shows_both_signatures(exported):
            "        shape: (-1, -1)" in ms
 
 
+def test_saved_model_cli_run_loads_it_in_a_session(exported, tmp_path):
+    # saved_model_cli run loads the SavedModel into a TF1 session, the way
+    # tensorflow_model_server's C++ loader does, not through tf.function
+    _, path, _ = exported
+    data = _jpeg(90, 120, seed=8)
+    np.save(tmp_path / "in.npy", np.array([data]))
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    out = subprocess.run([cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
+                          "serving_default", "--inputs", f"image_bytes={tmp_path / 'in.npy'}",
+                          "--outdir", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    served = np.load(tmp_path / "out" / "global_descriptor.npy")
+    local = tf.saved_model.load(path).signatures["serving_default"](
+        image_bytes=tf.constant([data]))["global_descriptor"].numpy()
+    assert served.shape == (1, 512)
+    np.testing.assert_allclose(served, local, atol=1e-6)
+
+
 FRESH = r"""
 import json, sys
 import numpy as np
