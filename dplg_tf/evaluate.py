@@ -107,15 +107,10 @@ class LocalExtractor:
     def __init__(self, path, scales):
         import tensorflow as tf
 
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "saved_model.pb")):
-            versions = sorted(int(d) for d in os.listdir(path) if d.isdigit())
-            if not versions:
-                raise FileNotFoundError(f"{path} holds no SavedModel version; run dplg-export.")
-            path = os.path.join(path, str(versions[-1]))
-        if not os.path.isfile(os.path.join(path, "saved_model.pb")):
-            raise FileNotFoundError(f"{path} is not a SavedModel folder.")
-        self.identity = os.path.abspath(path)
-        self._fn = tf.saved_model.load(path).signatures["multiscale"]
+        from dplg_tf.export import resolve_saved_model
+
+        self.identity = resolve_saved_model(path)
+        self._fn = tf.saved_model.load(self.identity).signatures["multiscale"]
         self._scales = tf.constant(scales, tf.float32)
         self._tf = tf
 

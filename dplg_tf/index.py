@@ -254,9 +254,9 @@ class Describer:
         else:
             import tensorflow as tf
 
-            from dplg_tf.evaluate import LocalExtractor
+            from dplg_tf.export import resolve_saved_model
 
-            path = LocalExtractor(model, [1.0]).identity
+            path = resolve_saved_model(model)
             self.fn = tf.saved_model.load(path).signatures["serving_default"]
             self.client = None
 

@@ -131,11 +131,9 @@ class ModelManager:
         self._thread = None
 
     def versions_on_disk(self):
-        if not os.path.isdir(self.base_path):
-            return []
-        return sorted(int(d) for d in os.listdir(self.base_path)
-                      if d.isdigit() and os.path.isfile(
-                          os.path.join(self.base_path, d, "saved_model.pb")))
+        from dplg_tf.export import saved_model_versions
+
+        return saved_model_versions(self.base_path)
 
     def poll_once(self):
         """Load the newest version if it is newer than the one served."""
