@@ -169,7 +169,10 @@ def pipeline(config, workdir):
         paths = [dataset.image_path(i) for i in range(len(dataset.imlist))]
         bar = Progress(len(paths), "images")
         idx = index.DescriptorIndex(config.model.descriptor_dim, "exact", describer.probe())
-        idx.add(describer.describe_files(paths, progress=bar), paths)
+        names, rows, errors = describer.describe_files(paths, progress=bar)
+        if errors:
+            raise RuntimeError(f"the demo's images could not all be described: {errors[:3]}")
+        idx.add(rows, names)
         bar.close()
         idx.save(os.path.join(workdir, "index"))
         q = dataset.load_query(0)

@@ -111,6 +111,7 @@ class LocalExtractor:
 
         self.identity = resolve_saved_model(path)
         self._fn = tf.saved_model.load(self.identity).signatures["multiscale"]
+        self.scales = list(scales)
         self._scales = tf.constant(scales, tf.float32)
         self._tf = tf
 
@@ -135,23 +136,33 @@ class ServerExtractor:
 
 
 def _load_rgb(path, bbx=None):
-    from PIL import Image
+    from dplg_tf import images
 
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if bbx is not None:
-            img = img.crop(bbx)
-        return np.asarray(img, np.uint8)
+    return images.load(path, bbx=bbx)
+
+
+def cache_key(extractor, name, jobs):
+    """What the cached descriptors depend on: the model (its identity and its
+    descriptor of the probe image), the scales and the images."""
+    import hashlib
+
+    from dplg_tf import images
+
+    probe = np.asarray(extractor(images.probe_image())["global_descriptor"], np.float32)
+    h = hashlib.sha1()
+    h.update(f"{extractor.identity}|{list(extractor.scales)}|{name}|{len(jobs)}".encode())
+    h.update(np.round(probe, 4).tobytes())
+    h.update(repr(jobs).encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:16]
 
 
 def extract(extractor, jobs, cache_dir, name, chunk=32, progress=True, workers=4):
     """Descriptors of `jobs` [(path, bbx or None)], cached in resumable chunks."""
     import concurrent.futures
-    import hashlib
 
     from dplg_tf.progress import Progress
 
-    key = hashlib.sha1(f"{extractor.identity}|{name}|{len(jobs)}".encode()).hexdigest()[:12]
+    key = cache_key(extractor, name, jobs)
     folder = os.path.join(cache_dir, f"{name}-{key}")
     os.makedirs(folder, exist_ok=True)
     parts = []
@@ -233,8 +244,8 @@ def run_eval(dataset_name, data_root, model=None, server=None, model_name="dplg"
 def _define_flags():
     from absl import flags
 
-    flags.DEFINE_enum("dataset", None, ["roxford5k", "rparis6k", "synthetic"], "Data set.",
-                      required=True)
+    flags.DEFINE_string("dataset", None, "Data set: roxford5k, rparis6k, synthetic or any "
+                        "folder <data_root>/NAME in the Revisited layout.", required=True)
     flags.DEFINE_string("data_root", None, "Folder holding <dataset>/jpg and the gnd file.",
                         required=True)
     flags.DEFINE_string("model", None, "SavedModel base path or version folder.")

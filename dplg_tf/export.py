@@ -23,9 +23,12 @@ serving_default's fixed scales laid out in the graph rather than in a loop,
 extraction takes 1/1.2 of the time with variables on a 2-core CPU
 (benchmarks/RESULTS.md). Bad input fails with InvalidArgument and
 a message (TF Serving answers INVALID_ARGUMENT): undecodable bytes, formats
-other than JPEG/PNG/GIF/BMP, images over `max_pixels` (read from the header,
-before decoding), images under `min_image_side`. Grayscale and 16-bit images
-are converted, alpha is dropped, animated GIFs give their first frame.
+other than JPEG/PNG/GIF/BMP, and anything over the limits of
+dplg_tf.images.Limits, checked before the work it bounds: images per
+request, scales per request and their range, pixels of the decoded frames
+(read from the headers, every frame of a GIF), the minimum side. Grayscale
+and 16-bit images are converted, alpha is dropped, animated GIFs give their
+first frame.
 """
 
 import os
@@ -36,96 +39,15 @@ from absl import flags
 
 from dplg_tf import cli
 
-DEFAULT_MAX_PIXELS = 40_000_000
-DEFAULT_MIN_IMAGE_SIDE = 16
+from dplg_tf import images
+from dplg_tf.images import DEFAULT_LIMITS
+
+# the limits the signatures check themselves (TF Serving runs them as they are)
+GRAPH_LIMITS = ("max_images_per_request", "max_scales", "max_scale", "max_pixels",
+                "min_image_side")
 
 
 # -------------------------------------------------------- graph functions
-
-def _be_uint(data, offset, length):
-    """Big-endian unsigned integer of `length` bytes at `offset` of a scalar string."""
-    import tensorflow as tf
-
-    raw = tf.io.decode_raw(tf.strings.substr(data, offset, length), tf.uint8)
-    value = tf.constant(0, tf.int64)
-    for i in range(length):
-        value = value * 256 + tf.cast(raw[i], tf.int64)
-    return value
-
-
-def _le_uint(data, offset, length):
-    import tensorflow as tf
-
-    raw = tf.io.decode_raw(tf.strings.substr(data, offset, length), tf.uint8)
-    value = tf.constant(0, tf.int64)
-    for i in reversed(range(length)):
-        value = value * 256 + tf.cast(raw[i], tf.int64)
-    return value
-
-
-def header_size(data):
-    """(height, width) int64 read from the header of a JPEG, PNG, GIF or BMP.
-
-    Fails with InvalidArgument for other or too short data, without decoding.
-    """
-    import tensorflow as tf
-
-    magic = tf.strings.substr(data, 0, 8)
-    n = tf.strings.length(data)
-    is_jpeg = tf.strings.substr(magic, 0, 3) == b"\xff\xd8\xff"
-    is_png = tf.logical_and(magic == b"\x89PNG\r\n\x1a\n", n >= 24)
-    is_gif = tf.logical_and(tf.strings.substr(magic, 0, 4) == b"GIF8", n >= 10)
-    is_bmp = tf.logical_and(tf.strings.substr(magic, 0, 2) == b"BM", n >= 26)
-    known = tf.reduce_any(tf.stack([is_jpeg, is_png, is_gif, is_bmp]))
-    check = tf.debugging.Assert(known, [
-        "image_bytes is not a JPEG, PNG, GIF or BMP image (or is truncated)"])
-    with tf.control_dependencies([check]):
-
-        def jpeg():
-            shape = tf.cast(tf.io.extract_jpeg_shape(data), tf.int64)
-            return shape[0], shape[1]
-
-        def png():
-            return _be_uint(data, 20, 4), _be_uint(data, 16, 4)
-
-        def gif():
-            return _le_uint(data, 8, 2), _le_uint(data, 6, 2)
-
-        def bmp():
-            height = _le_uint(data, 22, 4)  # negative (two's complement) when top-down
-            height = tf.where(height >= 2 ** 31, 2 ** 32 - height, height)
-            return height, _le_uint(data, 18, 4)
-
-        return tf.case([(is_jpeg, jpeg), (is_png, png), (is_gif, gif)], default=bmp,
-                       exclusive=False)
-
-
-def decode(data, max_pixels):
-    """Bytes -> uint8 [H, W, 3], refusing images over `max_pixels` before decoding."""
-    import tensorflow as tf
-
-    height, width = header_size(data)
-    pixels = height * width
-    check = tf.debugging.Assert(pixels <= max_pixels, [
-        "image is too large:", height, "x", width, "pixels; the limit is", max_pixels])
-    with tf.control_dependencies([check]):
-        image = tf.io.decode_image(data, channels=3, dtype=tf.uint16, expand_animations=False)
-    # 16-bit and 8-bit sources alike: uint16 -> uint8 by the top byte
-    image = tf.cast(tf.bitwise.right_shift(image, 8), tf.uint8)
-    image.set_shape([None, None, 3])
-    return image
-
-
-def limit_side(image, max_side):
-    """Downscale so the longest side is at most `max_side` (never upscale)."""
-    import tensorflow as tf
-
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = tf.minimum(1.0, max_side / tf.reduce_max(shape))
-    new = tf.cast(tf.round(shape * scale), tf.int32)
-    resized = tf.image.resize(tf.cast(image, tf.float32), new, antialias=True)
-    return tf.cond(scale < 1.0, lambda: resized, lambda: tf.cast(image, tf.float32))
-
 
 def frozen(model):
     """`model` as a function of images [1, H, W, 3] -> {descriptor, attention}, with
@@ -150,20 +72,16 @@ def frozen(model):
 
 
 class DescriptorExtractor:
-    """The traced functions around a Keras descriptor model."""
+    """The traced functions around a Keras descriptor model, bounded by `limits`
+    (dplg_tf.images.Limits: images per request, scales, pixels, minimum side)."""
 
     def __init__(self, model, scales, max_image_side=1024, min_scaled_side=64,
-                 max_pixels=DEFAULT_MAX_PIXELS, min_image_side=DEFAULT_MIN_IMAGE_SIDE,
-                 freeze=False):
+                 limits=DEFAULT_LIMITS, freeze=False):
         self.model = frozen(model) if freeze else model
-        self.scales = [float(s) for s in scales]
-        if not self.scales or min(self.scales) <= 0 or max(self.scales) > 4:
-            raise ValueError(f"Scales must be a non-empty list of values in (0, 4], got "
-                             f"{self.scales}.")
+        self.limits = limits
+        self.scales = limits.check_scales(scales)
         self.max_image_side = float(max_image_side)
         self.min_scaled_side = int(min_scaled_side)
-        self.max_pixels = int(max_pixels)
-        self.min_image_side = int(min_image_side)
         self.dim = int(model.output["descriptor"].shape[-1])
 
     def multiscale(self, image, scales):
@@ -171,12 +89,17 @@ class DescriptorExtractor:
         import tensorflow as tf
 
         image = tf.convert_to_tensor(image)
-        tf.debugging.assert_equal(tf.shape(image)[-1], 3, message="image must be [H, W, 3]")
         n = tf.size(scales)
-        valid = tf.debugging.Assert(tf.logical_and(
-            n > 0, tf.reduce_all(tf.logical_and(scales > 0.0, scales <= 4.0))), [
-            "scales must be a non-empty list of values in (0, 4], got", scales])
-        with tf.control_dependencies([valid]):
+        lim = self.limits
+        valid = tf.debugging.Assert(tf.logical_and(tf.logical_and(
+            n > 0, n <= lim.max_scales), tf.reduce_all(tf.logical_and(
+                scales > 0.0, scales <= lim.max_scale))), [
+            f"scales must be 1 to {lim.max_scales} values in (0, {lim.max_scale:g}]; got",
+            scales])
+        shape = tf.shape(image, out_type=tf.int64)
+        large = tf.debugging.Assert(shape[0] * shape[1] <= lim.max_pixels, [
+            "The image has", shape[0] * shape[1], "pixels; the limit is", lim.max_pixels])
+        with tf.control_dependencies([valid, large]):
             base = self._base(image)
         nearest = tf.argmin(tf.abs(scales - 1.0), output_type=tf.int32)
 
@@ -200,10 +123,12 @@ class DescriptorExtractor:
         """The image as float32, limited to max_image_side; too small ones fail."""
         import tensorflow as tf
 
+        from dplg_tf.graph_decode import limit_side
+
         shape = tf.shape(image)
-        small = tf.debugging.Assert(tf.reduce_min(shape[:2]) >= self.min_image_side, [
-            "image is too small:", shape[0], "x", shape[1], "pixels; the minimum side is",
-            self.min_image_side])
+        small = tf.debugging.Assert(tf.reduce_min(shape[:2]) >= self.limits.min_side, [
+            "The image is", shape[0], "x", shape[1], "pixels; the shorter side must be "
+            "at least", self.limits.min_side])
         with tf.control_dependencies([small]):
             return limit_side(image, self.max_image_side)
 
@@ -231,10 +156,20 @@ class DescriptorExtractor:
         """string [N] -> {"global_descriptor": float32 [N, D]} at the configured scales."""
         import tensorflow as tf
 
-        def one(data):
-            return self.describe_image(decode(data, self.max_pixels))
+        from dplg_tf.graph_decode import decode
 
-        descriptors = tf.map_fn(one, image_bytes,
+        lim = self.limits
+        count = tf.debugging.Assert(tf.size(image_bytes) <= lim.max_images, [
+            "A request may hold at most", lim.max_images, "images; it holds",
+            tf.size(image_bytes)])
+
+        def one(data):
+            return self.describe_image(decode(data, lim.max_pixels, lim.min_side))
+
+        with tf.control_dependencies([count]):
+            image_bytes = tf.identity(image_bytes)
+        # two images at a time at most: each decoded frame may be max_pixels large
+        descriptors = tf.map_fn(one, image_bytes, parallel_iterations=2,
                                 fn_output_signature=tf.TensorSpec([self.dim], tf.float32))
         return {"global_descriptor": tf.reshape(descriptors, [-1, self.dim])}
 
@@ -267,7 +202,7 @@ def next_version(base):
 
 
 def export(model, export_dir, version=None, scales=None, max_image_side=1024,
-           min_scaled_side=64, max_pixels=DEFAULT_MAX_PIXELS, freeze=True):
+           min_scaled_side=64, limits=DEFAULT_LIMITS, freeze=True):
     """Write `model` as BASE/<version>/ with both signatures; returns the path.
 
     With `freeze`, the weights are graph constants (faster; no variables in
@@ -283,7 +218,7 @@ def export(model, export_dir, version=None, scales=None, max_image_side=1024,
         raise FileExistsError(f"{final} exists; choose another --version or leave it out "
                               "to take the next one.")
     extractor = DescriptorExtractor(model, scales or PAPER_SCALES, max_image_side,
-                                    min_scaled_side, max_pixels, freeze=freeze)
+                                    min_scaled_side, limits, freeze=freeze)
     module = tf.Module()
     if not freeze:
         module.model = model  # its variables go into the SavedModel
@@ -359,7 +294,7 @@ def _define_flags():
     flags.DEFINE_integer("version", None, "Version number (default: the next one).")
     flags.DEFINE_list("scales", None, "Scales of serving_default (default: the paper's 5).")
     flags.DEFINE_integer("max_image_side", 1024, "Longest side before the scales.")
-    flags.DEFINE_integer("max_pixels", DEFAULT_MAX_PIXELS, "Larger images are refused.")
+    images.define_limit_flags(GRAPH_LIMITS)
     flags.DEFINE_bool("freeze", True, "Write the weights into the graph as constants "
                       "(faster on CPU); --nofreeze keeps them as variables.")
 
@@ -371,7 +306,7 @@ def main(argv):
     scales = [float(s) for s in f.scales] if f.scales else None
     min_side = f.config.model.min_image_size if f.config is not None else 64
     path = export(model, f.export_dir, f.version, scales, f.max_image_side, min_side,
-                  f.max_pixels, f.freeze)
+                  images.limits_from_flags(GRAPH_LIMITS), f.freeze)
     print(path)
 
 

@@ -22,11 +22,14 @@ with 8-bit product quantisation, candidates re-ranked exactly: scans only
 
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
 
 from dplg_tf import cli
+from dplg_tf.files import StateFolder
+from dplg_tf.images import probe_bytes, probe_image  # noqa: F401 (re-exported)
 
 KINDS = ("exact", "pq", "hnsw", "ivfpq")
 PROBE_TOLERANCE = 1e-3
@@ -34,23 +37,6 @@ PROBE_TOLERANCE = 1e-3
 
 class IndexMismatch(ValueError):
     """The index and the request do not fit together."""
-
-
-def probe_image():
-    """A fixed generated image whose descriptor identifies a model."""
-    from dplg_tf.data.synthetic import facade_image
-
-    return facade_image(160, 224, seed=12345)
-
-
-def probe_bytes():
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(probe_image()).save(buf, "PNG")  # lossless: same pixels everywhere
-    return buf.getvalue()
 
 
 def _normalise(x):
@@ -203,38 +189,69 @@ class DescriptorIndex:
                               "the probe image differs); rebuild the index or use that model.")
 
     def save(self, folder):
+        """Write the index as a new state of `folder`, committed as a whole
+        (dplg_tf.files.StateFolder): a kill at any moment leaves the previous
+        state loadable."""
         import faiss
 
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, "index.faiss.tmp")
-        faiss.write_index(self.index, tmp)
-        os.replace(tmp, os.path.join(folder, "index.faiss"))
-        with open(os.path.join(folder, "names.json"), "w") as f:
-            json.dump(self.names, f)
-        meta = {"dim": self.dim, "kind": self.kind, "count": len(self), "params": self.params,
-                "probe": None if self.probe is None else self.probe.tolist()}
-        with open(os.path.join(folder, "meta.json"), "w") as f:
-            json.dump(meta, f)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"--index_dir {folder} is a file, not a folder.")
+        states = StateFolder(folder)
+        tmp = states.new()
+        try:
+            faiss.write_index(self.index, os.path.join(tmp, "index.faiss"))
+            with open(os.path.join(tmp, "names.json"), "w") as f:
+                json.dump(self.names, f)
+            meta = {"dim": self.dim, "kind": self.kind, "count": len(self),
+                    "params": self.params,
+                    "probe": None if self.probe is None else self.probe.tolist()}
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f)
+            states.commit(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def exists(folder):
+        return os.path.isdir(folder) and (
+            os.path.isfile(os.path.join(folder, StateFolder.POINTER))
+            or os.path.isfile(os.path.join(folder, "meta.json")))
 
     @classmethod
     def load(cls, folder):
+        """The committed index of `folder` (or of an older flat folder)."""
+        if not os.path.isdir(folder):
+            what = "a file" if os.path.exists(folder) else "missing"
+            raise FileNotFoundError(f"--index_dir {folder} is {what}, not an index folder; "
+                                    "build one with dplg-index.")
+        state = StateFolder(folder).current() or folder
+        if not os.path.isfile(os.path.join(state, "meta.json")):
+            raise FileNotFoundError(f"{folder} is not an index folder (no committed "
+                                    "index); build one with dplg-index.")
+        try:
+            return cls._load_state(state)
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+            if isinstance(e, IndexMismatch):
+                raise
+            raise IndexMismatch(f"The index in {folder} is damaged ({type(e).__name__}); "
+                                "rebuild it with dplg-index.") from None
+
+    @classmethod
+    def _load_state(cls, state):
         import faiss
 
-        meta_path = os.path.join(folder, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{folder} is not an index folder (no meta.json); "
-                                    "build one with dplg-index.")
-        with open(meta_path) as f:
+        with open(os.path.join(state, "meta.json")) as f:
             meta = json.load(f)
         index = cls(meta["dim"], meta["kind"], meta["probe"], **meta["params"])
-        index.index = faiss.read_index(os.path.join(folder, "index.faiss"))
+        index.index = faiss.read_index(os.path.join(state, "index.faiss"))
         if meta["kind"] == "hnsw":
             index.index.hnsw.efSearch = meta["params"]["ef_search"]
-        with open(os.path.join(folder, "names.json")) as f:
+        with open(os.path.join(state, "names.json")) as f:
             index.names = json.load(f)
-        if index.index.ntotal != len(index.names):
-            raise IndexMismatch(f"{folder} is inconsistent: {index.index.ntotal} vectors, "
-                              f"{len(index.names)} names; rebuild it.")
+        if index.index.ntotal != len(index.names) or index.index.d != index.dim:
+            raise IndexMismatch(f"{state} is inconsistent: {index.index.ntotal} vectors, "
+                                f"{len(index.names)} names; rebuild it.")
         return index
 
 
@@ -268,35 +285,40 @@ class Describer:
         return self.fn(image_bytes=tf.constant(blobs))["global_descriptor"].numpy()
 
     def describe_files(self, paths, batch_size=8, progress=None):
+        """(names, descriptors [n, D], [(name, reason)]): bad images are reported."""
+        from dplg_tf import images
+
         if self.client is not None:
-            return self.client.describe_files(paths, batch_size, 4, progress)
-        rows = []
-        for i in range(0, len(paths), batch_size):
-            blobs = []
-            for p in paths[i:i + batch_size]:
-                with open(p, "rb") as f:
-                    blobs.append(f.read())
-            rows.append(self.describe_bytes(blobs))
+            from dplg_tf.serving.client import describe_checked
+
+            return describe_checked(self.client, paths, batch_size, 4, None, progress)
+        names, rows, errors = [], [], []
+        for path in paths:
+            try:
+                rows.append(self.describe_bytes([images.read_bytes(path)])[0])
+                names.append(path)
+            except images.ImageError as e:
+                errors.append((images.display_name(path), f"{e.reason}: {e}"))
+            except Exception as e:  # noqa: BLE001 - TF's InvalidArgumentError
+                if type(e).__name__ != "InvalidArgumentError":
+                    raise
+                from dplg_tf.serving.server import tf_error_message
+
+                errors.append((images.display_name(path), tf_error_message(e)))
             if progress is not None:
-                progress.update(len(blobs))
-        return np.concatenate(rows)
+                progress.update(1)
+        dim = len(rows[0]) if rows else 0
+        return names, np.asarray(rows, np.float32).reshape(len(names), dim), errors
 
     def probe(self):
         return self.describe_bytes([probe_bytes()])[0]
 
 
 def read_descriptor_file(path):
-    """(descriptors, names, probe or None) from an .npz of dplg-client / dplg-index."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Descriptor file {path} does not exist.")
-    data = np.load(path, allow_pickle=False)
-    if "descriptors" not in data.files:
-        raise ValueError(f"{path} has no 'descriptors' array (found {data.files}).")
-    descriptors = data["descriptors"]
-    names = [str(n) for n in data["names"]] if "names" in data.files else [
-        str(i) for i in range(len(descriptors))]
-    probe = data["probe"] if "probe" in data.files else None
-    return descriptors, names, probe
+    """(descriptors, names, probe or None) of a checked descriptor file."""
+    from dplg_tf.descriptor_files import read_npz
+
+    return read_npz(path)
 
 
 # -------------------------------------------------------------------- CLI
@@ -309,58 +331,82 @@ def _define_common():
     flags.DEFINE_string("model", None, "A SavedModel base path or version folder.")
     flags.DEFINE_string("model_name", "dplg", "Model name on the server.")
     flags.DEFINE_string("descriptors", None, "An .npz with descriptors (and names, probe).")
+    flags.DEFINE_bool("allow_unverified", False, "Accept a descriptor file without a probe "
+                      "descriptor (the model that made it is then not checked).")
+
+
+def _report(errors, command):
+    for name, reason in errors[:20]:
+        print(f"{command}: skipped {name}: {reason}", file=sys.stderr)
+    if len(errors) > 20:
+        print(f"{command}: ... and {len(errors) - 20} more", file=sys.stderr)
+
+
+def _inputs(f, argv, command):
+    """(descriptors, names, probe, errors) from --descriptors or image paths."""
+    from dplg_tf import images
+    from dplg_tf.progress import Progress
+
+    paths = list(getattr(f, "images", None) or []) + argv[1:]
+    if bool(paths) == bool(f.descriptors):
+        raise ValueError("Give either --descriptors or image files / folders.")
+    if f.descriptors:
+        descriptors, names, probe = read_descriptor_file(f.descriptors)
+        if probe is None and not f.allow_unverified:
+            raise ValueError(f"{f.descriptors} carries no probe descriptor, so the model "
+                             "that made it cannot be checked; describe the images again "
+                             "with dplg-client, or pass --allow_unverified.")
+        return descriptors, names, probe, []
+    describer = Describer(f.server, f.model, f.model_name)
+    problems = []
+    files = images.list_images(paths, problems)
+    if not files:
+        raise ValueError("No image files found in " + ", ".join(paths) + ".")
+    bar = Progress(len(files), "images")
+    names, descriptors, errors = describer.describe_files(files, progress=bar)
+    bar.close()
+    errors = problems + errors
+    _report(errors, command)
+    return descriptors, names, describer.probe(), errors
 
 
 def index_main(argv):
     from absl import flags
 
-    from dplg_tf.progress import Progress
-    from dplg_tf.serving.client import list_images
-
     f = flags.FLAGS
-    paths = list(f.images or []) + argv[1:]
-    if bool(paths) == bool(f.descriptors):
-        raise ValueError("Give either --descriptors or image files / folders (--images).")
-    if f.descriptors:
-        descriptors, names, probe = read_descriptor_file(f.descriptors)
-    else:
-        describer = Describer(f.server, f.model, f.model_name)
-        names = list_images(paths)
-        if not names:
-            raise ValueError("No image files found in " + ", ".join(paths) + ".")
-        bar = Progress(len(names), "images")
-        descriptors = describer.describe_files(names, progress=bar)
-        bar.close()
-        probe = describer.probe()
+    if f.append and f.overwrite:
+        raise ValueError("Give --append or --overwrite, not both.")
+    if os.path.exists(f.index_dir) and not os.path.isdir(f.index_dir):
+        raise ValueError(f"--index_dir {f.index_dir} is a file, not a folder.")
+    if not f.append and DescriptorIndex.exists(f.index_dir) and not f.overwrite:
+        raise ValueError(f"{f.index_dir} already holds an index; pass --append to add "
+                         "to it or --overwrite to replace it.")
+    descriptors, names, probe, errors = _inputs(f, argv, "dplg-index")
     if f.append:
         index = DescriptorIndex.load(f.index_dir)
-        index.check_probe(probe)
+        if probe is not None:
+            index.check_probe(probe)
     else:
-        if os.path.isfile(os.path.join(f.index_dir, "meta.json")) and not f.overwrite:
-            raise ValueError(f"{f.index_dir} already holds an index; pass --append to add "
-                             "to it or --overwrite to replace it.")
         index = DescriptorIndex(descriptors.shape[1], f.kind, probe)
     index.add(descriptors, names)
     index.save(f.index_dir)
     print(f"{f.index_dir}: {len(index)} descriptors ({index.kind}, {index.dim}-d)")
+    if errors:
+        sys.exit(1)
 
 
 def search_main(argv):
     from absl import flags
 
     f = flags.FLAGS
+    if f.top_k < 1:
+        raise ValueError(f"--top_k must be at least 1, not {f.top_k}.")
     index = DescriptorIndex.load(f.index_dir)
-    paths = argv[1:]
-    if bool(paths) == bool(f.descriptors):
-        raise ValueError("Give either --descriptors or query image files.")
-    if f.descriptors:
-        queries, names, probe = read_descriptor_file(f.descriptors)
-    else:
-        describer = Describer(f.server, f.model, f.model_name)
-        queries, names, probe = describer.describe_files(paths), paths, describer.probe()
-    index.check_probe(probe)
+    queries, names, probe, errors = _inputs(f, argv, "dplg-search")
+    if probe is not None:
+        index.check_probe(probe)
     index.tune(f.refine, f.nprobe, f.ef_search)
-    scores, ids = index.search(queries, f.top_k)
+    scores, ids = index.search(queries, f.top_k) if len(queries) else ([], [])
     results = []
     for name, row_scores, row_ids in zip(names, scores, ids):
         hits = [{"name": index.names[i], "score": round(float(s), 5)}
@@ -370,8 +416,11 @@ def search_main(argv):
         for rank, hit in enumerate(hits, 1):
             print(f"  {rank:3d}. {hit['score']:.4f}  {hit['name']}")
     if f.output:
-        with open(f.output, "w") as fh:
-            json.dump(results, fh, indent=1)
+        from dplg_tf.files import write_atomic
+
+        write_atomic(f.output, json.dumps(results, indent=1))
+    if errors:
+        sys.exit(1)
 
 
 def run_index():

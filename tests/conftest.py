@@ -18,3 +18,16 @@ def small_config():
     c.loss.num_classes = 7
     c.data.image_size = 64
     return c
+
+
+def small_dplg(seed=0):
+    """A seeded descriptor model with the small backbone (fast on CPU)."""
+    import keras
+
+    from dplg_tf.model import build_dplg
+
+    keras.utils.set_random_seed(seed)
+    c = config_lib.base_config()
+    c.model.backbone = "small"
+    c.model.local_dim = 32
+    return build_dplg(c)

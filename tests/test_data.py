@@ -113,15 +113,17 @@ class _Evil:
 def test_restricted_unpickler_refuses_other_objects(tmp_path, payload):
     path = tmp_path / "gnd_bad.pkl"
     path.write_bytes(pickle.dumps(payload))
-    with pytest.raises(revisited.UnsafePickleError, match="refusing to load .* not a plain"):
+    with pytest.raises(revisited.UnsafePickleError, match="which a ground-truth file never"):
         revisited.safe_load_pickle(str(path))
 
 
 def test_missing_gnd_file_says_how_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="download --data_root"):
         revisited.load_dataset(str(tmp_path), "roxford5k")
-    with pytest.raises(ValueError, match="Unknown data set"):
+    with pytest.raises(FileNotFoundError, match="gnd_holidays.pkl does not exist"):
         revisited.load_dataset(str(tmp_path), "holidays")
+    with pytest.raises(ValueError, match="plain folder name"):
+        revisited.load_dataset(str(tmp_path), "../etc")
 
 
 # -------------------------------------------------------------- the builder

@@ -198,7 +198,7 @@ def test_pq_index_through_the_commands(tmp_path):
     np.savez(tmp_path / "db.npz", descriptors=db)
     np.savez(tmp_path / "small.npz", descriptors=db[:100])
     np.savez(tmp_path / "q.npz", descriptors=q)
-    run = [sys.executable, "-m", "dplg_tf.index", "--kind=pq"]
+    run = [sys.executable, "-m", "dplg_tf.index", "--kind=pq", "--allow_unverified"]
     small = subprocess.run(run + [f"--index_dir={tmp_path / 'small'}",
                                   f"--descriptors={tmp_path / 'small.npz'}"],
                            capture_output=True, text=True, timeout=120)
@@ -208,7 +208,8 @@ def test_pq_index_through_the_commands(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "400 descriptors (pq, 32-d)" in proc.stdout, proc.stderr
     search = [sys.executable, "-c", "from dplg_tf.index import run_search; run_search()",
-              f"--index_dir={idx_dir}", "--top_k=5", f"--descriptors={tmp_path / 'q.npz'}"]
+              f"--index_dir={idx_dir}", "--top_k=5", f"--descriptors={tmp_path / 'q.npz'}",
+              "--allow_unverified"]
     out = tmp_path / "hits.json"
     proc = subprocess.run(search + ["--refine=50", f"--output={out}"],
                           capture_output=True, text=True, timeout=120)

@@ -1,5 +1,6 @@
 """SavedModel export, the TF-Serving-compatible server and the client, over 127.0.0.1."""
 
+import dataclasses
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from conftest import small_dplg
 import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
@@ -21,8 +23,8 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      predict_pb2, prediction_service_pb2_grpc)
 
 from dplg_tf import export as export_lib
-from dplg_tf.config import PAPER_SCALES, base_config
-from dplg_tf.model import build_dplg
+from dplg_tf import images
+from dplg_tf.config import PAPER_SCALES
 from dplg_tf.serving import batching
 from dplg_tf.serving.client import Client, ClientError
 from dplg_tf.serving.server import Server
@@ -33,13 +35,7 @@ RNG = np.random.default_rng(7)
 
 
 def _model(seed=0):
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    c = base_config()
-    c.model.backbone = "small"
-    c.model.local_dim = 32
-    return build_dplg(c)
+    return small_dplg(seed)
 
 
 def _jpeg(h=120, w=160, seed=0, fmt="JPEG", mode="RGB"):
@@ -63,7 +59,7 @@ def server(exported):
     base = exported[0]
     params = dict(batching.DEFAULTS, max_batch_size=8, batch_timeout_micros=5000)
     srv = Server(base, "dplg", "127.0.0.1", 0, params, poll_seconds=0.2,
-                 max_message_mb=4).start()
+                 limits=dataclasses.replace(images.DEFAULT_LIMITS, max_request_mb=4)).start()
     client = Client(srv.address, timeout=60)
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -190,7 +186,7 @@ def test_frozen_and_variable_exports_agree(exported, tmp_path):
     a, b = (m.signatures["multiscale"](image=image, scales=scales) for m in (frozen, plain))
     for key in ("global_descriptor", "scale_descriptors", "attention"):
         np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), atol=1e-5)
-    with pytest.raises(ValueError, match="Scales must be a non-empty list"):
+    with pytest.raises(ValueError, match="Scales must be 1 to 8 values"):
         export_lib.export(model, str(tmp_path / "bad"), scales=[0.5, -1.0])
 
 
@@ -300,15 +296,15 @@ BAD_REQUESTS = [
     ("undecodable bytes", dict(inputs={"image_bytes": np.array([b"not an image"], dtype=object)}),
      grpc.StatusCode.INVALID_ARGUMENT, "not a JPEG, PNG, GIF or BMP"),
     ("too many pixels", dict(inputs={"image_bytes": np.array([_huge_png_header()], dtype=object)}),
-     grpc.StatusCode.INVALID_ARGUMENT, "image is too large: 40000 x 50000"),
+     grpc.StatusCode.INVALID_ARGUMENT, "hold 2000000000 pixels (40000x50000)"),
     ("tiny image", dict(inputs={"image_bytes": np.array([_jpeg(8, 8)], dtype=object)}),
-     grpc.StatusCode.INVALID_ARGUMENT, "image is too small"),
+     grpc.StatusCode.INVALID_ARGUMENT, "shorter side must be at least 16"),
     ("four channels", dict(signature="multiscale", inputs={
         "image": np.zeros((64, 64, 4), np.uint8), "scales": np.ones(1, np.float32)}),
      grpc.StatusCode.INVALID_ARGUMENT, "shape"),
     ("negative scale", dict(signature="multiscale", inputs={
         "image": np.zeros((64, 64, 3), np.uint8), "scales": np.array([-1.0], np.float32)}),
-     grpc.StatusCode.INVALID_ARGUMENT, "scales must be"),
+     grpc.StatusCode.INVALID_ARGUMENT, "Scales must be"),
     ("unknown output", dict(output_filter=["nope"]), grpc.StatusCode.INVALID_ARGUMENT,
      "output_filter"),
     ("message too large", dict(inputs={"image_bytes": np.array([b"x" * (5 << 20)], dtype=object)}),
@@ -445,16 +441,16 @@ def test_batcher_combines_concurrent_tasks_and_respects_limits():
 
     b = batching.Batcher(run, max_batch_size=4, batch_timeout_micros=50_000,
                          num_batch_threads=1, max_enqueued_batches=2)
-    futures = [b.submit([i]) for i in range(6)]
+    futures = [b.submit([i])[0] for i in range(6)]
     assert [f.result(10) for f in futures] == [[i * 10] for i in range(6)]
     assert max(calls) <= 4 and len(calls) < 6  # batched, never over max_batch_size
     # a full queue refuses at once
     slow = batching.Batcher(lambda items: time.sleep(0.5) or items, max_batch_size=1,
                             batch_timeout_micros=0, num_batch_threads=1,
                             max_enqueued_batches=1)
-    first = slow.submit([1])
+    first = slow.submit([1])[0]
     time.sleep(0.1)  # taken by the batch thread
-    second = slow.submit([2])
+    second = slow.submit([2])[0]
     with pytest.raises(batching.QueueFull, match="queue is full"):
         slow.submit([3])
     assert first.result(5) == [1] and second.result(5) == [2]

@@ -12,7 +12,6 @@ sizes and resumes interrupted downloads. It needs a network; tests never
 run it.
 """
 
-import io
 import os
 import pickle
 import sys
@@ -21,6 +20,9 @@ import urllib.request
 
 import numpy as np
 from PIL import Image
+
+from dplg_tf.data import safe_pickle
+from dplg_tf.data.safe_pickle import UnsafePickleError  # noqa: F401 (re-exported)
 
 DATASETS = ("roxford5k", "rparis6k", "synthetic")
 PROTOCOLS = ("easy", "medium", "hard")
@@ -33,42 +35,9 @@ _IMAGE_URLS = {
 }
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """A ground-truth file holds something other than plain data."""
-
-
-# (module, name) pairs a NumPy array or scalar needs to be rebuilt.
-_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "complex"),
-    ("builtins", "bytearray"), ("_codecs", "encode"),
-    ("__builtin__", "set"),
-}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles built-in containers, numbers, strings and NumPy arrays only."""
-
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        raise UnsafePickleError(
-            f"refusing to load {module}.{name}: ground-truth files may hold only "
-            "built-in containers, numbers, strings and NumPy arrays")
-
-
 def safe_load_pickle(path):
-    """The object in `path`, loaded with RestrictedUnpickler."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except UnsafePickleError as e:
-        raise UnsafePickleError(f"{path}: {e}; the file is not a plain ground-truth "
-                                "pickle, so it was not loaded.") from None
+    """The plain data in a ground-truth pickle (dplg_tf.data.safe_pickle)."""
+    return safe_pickle.load(path)
 
 
 def protocol_lists(gnd_entry, protocol):
@@ -89,19 +58,62 @@ def protocol_lists(gnd_entry, protocol):
     raise ValueError(f"Unknown protocol {protocol!r}; use one of {PROTOCOLS}.")
 
 
+def _indices(value, limit, where):
+    """A list of database indices in [0, limit), or ValueError."""
+    try:
+        array = np.asarray(value if value is not None else [])
+    except Exception:  # noqa: BLE001
+        array = np.asarray([object()])
+    if array.size and (array.dtype.kind not in "iu" or array.ndim != 1
+                       or array.min() < 0 or array.max() >= limit):
+        raise ValueError(f"{where} must be a list of database indices in [0, {limit}).")
+    return [int(v) for v in array.ravel()]
+
+
+def check_ground_truth(cfg, name):
+    """`cfg` as {imlist, qimlist, gnd} with checked types and ranges, or ValueError."""
+    file = f"gnd_{name}.pkl"
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file} holds a {type(cfg).__name__}, not the dict of a "
+                         "Revisited ground-truth file.")
+    for key in ("imlist", "qimlist", "gnd"):
+        if key not in cfg:
+            raise ValueError(f"{file} lacks the {key!r} entry; is it a Revisited "
+                             "Oxford/Paris ground-truth file?")
+        if not isinstance(cfg[key], list):
+            raise ValueError(f"{file}: {key!r} must be a list.")
+    for key in ("imlist", "qimlist"):
+        if not all(isinstance(n, str) and n and "\0" not in n for n in cfg[key]):
+            raise ValueError(f"{file}: {key!r} must be a list of image names.")
+    if len(cfg["gnd"]) != len(cfg["qimlist"]):
+        raise ValueError(f"{file} has {len(cfg['gnd'])} ground-truth entries for "
+                         f"{len(cfg['qimlist'])} queries.")
+    n_db, gnd = len(cfg["imlist"]), []
+    for i, entry in enumerate(cfg["gnd"]):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{file}: ground-truth entry {i} is not a dict.")
+        clean = {k: _indices(entry.get(k), n_db, f"{file}: entry {i}'s {k!r}")
+                 for k in ("easy", "hard", "junk", "ok") if k in entry}
+        bbx = entry.get("bbx")
+        if bbx is not None:
+            try:
+                bbx = np.asarray(bbx, np.float64).ravel()
+            except (TypeError, ValueError):
+                bbx = np.zeros(0)
+            if bbx.shape != (4,) or not np.all(np.isfinite(bbx)):
+                raise ValueError(f"{file}: entry {i}'s 'bbx' must be 4 finite numbers.")
+        clean["bbx"] = bbx
+        gnd.append(clean)
+    return {"imlist": cfg["imlist"], "qimlist": cfg["qimlist"], "gnd": gnd}
+
+
 class RevisitedDataset:
     """A data set in the Revisited layout: `jpg/` and `gnd_<name>.pkl`."""
 
     def __init__(self, root, name, cfg):
-        for key in ("imlist", "qimlist", "gnd"):
-            if key not in cfg:
-                raise ValueError(f"gnd_{name}.pkl lacks the {key!r} entry; is it a "
-                                 "Revisited Oxford/Paris ground-truth file?")
-        if len(cfg["gnd"]) != len(cfg["qimlist"]):
-            raise ValueError(f"gnd_{name}.pkl has {len(cfg['gnd'])} ground-truth entries "
-                             f"for {len(cfg['qimlist'])} queries.")
+        cfg = check_ground_truth(cfg, name)
         self.root, self.name = root, name
-        self.imlist, self.qimlist, self.gnd = list(cfg["imlist"]), list(cfg["qimlist"]), cfg["gnd"]
+        self.imlist, self.qimlist, self.gnd = cfg["imlist"], cfg["qimlist"], cfg["gnd"]
         self.image_dir = os.path.join(root, "jpg")
 
     def __repr__(self):
@@ -115,12 +127,15 @@ class RevisitedDataset:
         return os.path.join(self.image_dir, self.qimlist[i] + ".jpg")
 
     def bbx(self, i):
-        return tuple(float(v) for v in self.gnd[i]["bbx"])
+        """The query's box (left, top, right, bottom), or None for the whole image."""
+        box = self.gnd[i]["bbx"]
+        return None if box is None else tuple(float(v) for v in box)
 
     def load_query(self, i):
         """The query image cropped to its box (RGB PIL image)."""
         with Image.open(self.query_path(i)) as img:
-            return img.convert("RGB").crop(self.bbx(i))
+            img = img.convert("RGB")
+            return img if self.bbx(i) is None else img.crop(self.bbx(i))
 
     def positives(self, protocol):
         """[(ok, junk)] per query for protocol easy | medium | hard."""
@@ -133,8 +148,9 @@ class RevisitedDataset:
 
 def load_dataset(data_root, name):
     """The data set `name` under `data_root/<name>/`."""
-    if name not in DATASETS:
-        raise ValueError(f"Unknown data set {name!r}; use one of {', '.join(DATASETS)}.")
+    if not name or name != os.path.basename(name) or name.startswith("."):
+        raise ValueError(f"Data set name {name!r} must be a plain folder name under "
+                         "--data_root (e.g. roxford5k).")
     root = os.path.join(data_root, name)
     path = os.path.join(root, f"gnd_{name}.pkl")
     if not os.path.isfile(path):
@@ -142,7 +158,7 @@ def load_dataset(data_root, name):
                 f"fetch it with: python -m dplg_tf.data.revisited download "
                 f"--data_root {data_root} --dataset {name}")
         raise FileNotFoundError(f"{path} does not exist; {hint}.")
-    return RevisitedDataset(root, name, safe_load_pickle(path))
+    return RevisitedDataset(root, name, safe_pickle.load(path))
 
 
 # ---------------------------------------------------------------- download
@@ -211,7 +227,7 @@ def main(argv=None):
     d.add_argument("--dataset", required=True, choices=["roxford5k", "rparis6k"])
     s = sub.add_parser("show", help="summarise a data set on disk")
     s.add_argument("--data_root", required=True)
-    s.add_argument("--dataset", required=True, choices=list(DATASETS))
+    s.add_argument("--dataset", required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "download":

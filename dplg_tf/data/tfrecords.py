@@ -46,20 +46,38 @@ class BuildError(ValueError):
 
 # ------------------------------------------------------------------ listing
 
-def list_image_dir(image_dir):
-    """[(path, image_id, class_name)] from a folder with one sub-folder per class."""
+def list_image_dir(image_dir, problems=None):
+    """[(path, image_id, class_name)] from a folder with one sub-folder per class.
+
+    Names that are not valid UTF-8 (the record schema stores text) and
+    symbolic links that loop or lead nowhere are left out and appended to
+    `problems` as [path, reason]."""
+    from dplg_tf.images import _valid_text, display_name
+
+    problems = problems if problems is not None else []
     if not os.path.isdir(image_dir):
         raise BuildError(f"--image_dir {image_dir!r} is not a folder.")
     items, ignored = [], 0
+
+    def usable(path, name):
+        if not _valid_text(name):
+            problems.append([display_name(path), "name is not valid UTF-8"])
+            return False
+        if os.path.islink(path) and not os.path.exists(path):
+            problems.append([display_name(path), "broken or looping symbolic link"])
+            return False
+        return not name.startswith(".")
+
     classes = sorted(d for d in os.listdir(image_dir)
-                     if os.path.isdir(os.path.join(image_dir, d)) and not d.startswith("."))
+                     if usable(os.path.join(image_dir, d), d)
+                     and os.path.isdir(os.path.join(image_dir, d)))
     if not classes:
         raise BuildError(f"--image_dir {image_dir!r} has no class sub-folders.")
     for cls in classes:
         folder = os.path.join(image_dir, cls)
         for name in sorted(os.listdir(folder)):
             path = os.path.join(folder, name)
-            if name.startswith(".") or not os.path.isfile(path):
+            if not usable(path, name) or not os.path.isfile(path):
                 continue
             if not name.lower().endswith(IMAGE_EXTENSIONS):
                 ignored += 1
@@ -157,6 +175,11 @@ def load_image(path, max_size=0):
         raise ValueError(f"unreadable: {e.strerror or e}") from None
     if not data:
         raise ValueError("empty file")
+    from dplg_tf.images import frame_size
+
+    frames = frame_size(data)  # every frame of a GIF, before any decoding
+    if frames is not None and frames[2] > MAX_PIXELS:
+        raise ValueError(f"too large: its frames hold {frames[2]} pixels")
     try:
         img = Image.open(io.BytesIO(data))
         if img.width * img.height > MAX_PIXELS:
@@ -235,14 +258,17 @@ def _done_result(output_dir, name):
 
 def build(output_dir, items, num_shards=8, num_validation_shards=0, validation_fraction=0.2,
           seed=0, max_image_size=0, num_workers=4, overwrite=False, progress=True,
-          ignored=0, log=print):
+          ignored=0, log=print, listing_problems=()):
     """Build the shards of `items` [(path, image_id, class)]; returns the summary."""
     if num_shards < 1:
         raise BuildError(f"--num_shards must be >= 1, got {num_shards}.")
     if not 0 <= validation_fraction < 1:
         raise BuildError(f"--validation_fraction must lie in [0, 1), got {validation_fraction}.")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise BuildError(f"--output_dir {output_dir!r} is a file, not a folder.")
     start = time.perf_counter()
     items, missing = present(items)
+    missing = list(listing_problems) + missing
     if not items:
         raise BuildError("None of the listed images exists or is non-empty; "
                          "check --image_dir / --gldv2_image_dir.")
@@ -347,12 +373,15 @@ def _finish(output_dir, plans, results, labels, listed, missing, ignored, start,
     info = {"num_classes": len(labels), "splits": splits,
             "schema": "DELG-compatible tf.train.Example (see DESIGN.md)"}
     write_atomic(os.path.join(output_dir, "dataset_info.json"), json.dumps(info, indent=1))
+    from dplg_tf.images import display_name
+
+    bad = [(display_name(p), r) for p, r in bad]
     report = {"listed_images": listed, "ignored_non_image_files": ignored,
               "bad_files": len(bad), "bad": [{"path": p, "reason": r} for p, r in bad],
               **{f"{k}_records": v["num_records"] for k, v in splits.items()}}
     write_atomic(os.path.join(output_dir, "build_report.json"), json.dumps(report, indent=1))
-    write_atomic(os.path.join(output_dir, "bad_files.txt"),
-                  "".join(f"{p}\t{r}\n" for p, r in bad))
+    write_atomic(os.path.join(output_dir, "bad_files.txt"),  # one line per file
+                 "".join(f"{display_name(p)}\t{r}\n" for p, r in bad))
     return {"num_classes": len(labels),
             **{f"{k}_records": v["num_records"] for k, v in splits.items()},
             "bad_files": len(bad), "shards_written": written,
@@ -387,9 +416,9 @@ def main(argv):
     f = flags.FLAGS
     if bool(f.image_dir) == bool(f.gldv2_csv):
         raise BuildError("Give either --image_dir or --gldv2_csv (with --gldv2_image_dir).")
-    ignored = 0
+    ignored, problems = 0, []
     if f.image_dir:
-        items, ignored = list_image_dir(f.image_dir)
+        items, ignored = list_image_dir(f.image_dir, problems)
     else:
         if not f.gldv2_image_dir:
             raise BuildError("--gldv2_csv needs --gldv2_image_dir.")
@@ -398,7 +427,7 @@ def main(argv):
     summary = build(f.output_dir, items, f.num_shards, f.num_validation_shards,
                     f.validation_fraction, f.seed, f.max_image_size, f.num_workers,
                     f.overwrite, ignored=ignored,
-                    log=lambda m: print(m, file=sys.stderr))
+                    log=lambda m: print(m, file=sys.stderr), listing_problems=problems)
     print(json.dumps(summary))
     if summary["bad_files"]:
         print(f"{summary['bad_files']} files skipped: see "

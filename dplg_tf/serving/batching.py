@@ -8,8 +8,16 @@ max_enqueued_batches batches' worth of items wait; a request that would
 overflow the queue is refused at once (the server answers
 RESOURCE_EXHAUSTED). A batch that fails is rerun task by task, so one bad
 request cannot fail the others.
+
+A request larger than max_batch_size is cut into tasks of at most that
+size, and the queue serves tasks by round (every request's first task
+before any request's second), so a large request cannot hold every batch
+thread while small ones wait. A task whose deadline has passed or whose
+caller has gone is dropped when it is taken, never run.
 """
 
+import heapq
+import itertools
 import re
 import threading
 import time
@@ -25,6 +33,14 @@ class QueueFull(Exception):
 
 class BatcherClosed(QueueFull):
     """The batcher was closed (its model version is being unloaded)."""
+
+
+class Expired(Exception):
+    """The request's deadline passed before it was run."""
+
+
+class Cancelled(Exception):
+    """The caller went away before the request was run."""
 
 
 def parse_batching_parameters(text):
@@ -43,18 +59,28 @@ def parse_batching_parameters(text):
 
 
 class _Task:
-    __slots__ = ("items", "future")
+    __slots__ = ("items", "future", "deadline", "is_active")
 
-    def __init__(self, items):
+    def __init__(self, items, deadline=None, is_active=None):
         self.items = items
         self.future = Future()
+        self.deadline = deadline
+        self.is_active = is_active
+
+    def dropped(self):
+        """Expired or Cancelled when the task must not run, else None."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return Expired("the request's deadline passed while it waited in the queue")
+        if self.is_active is not None and not self.is_active():
+            return Cancelled("the client went away while the request waited in the queue")
+        return None
 
 
 class Batcher:
     """Batches `run(items) -> per-item results` over concurrent callers.
 
-    `items` of a task are a list; `run` receives the concatenation of the
-    tasks' lists and returns a sequence of the same length.
+    `run` receives the concatenation of the tasks' item lists and returns a
+    sequence of the same length.
     """
 
     def __init__(self, run, max_batch_size=32, batch_timeout_micros=2000,
@@ -63,8 +89,10 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.timeout = batch_timeout_micros / 1e6
         self.capacity = max_enqueued_batches * max_batch_size
-        self._queue = []
+        self._heap = []            # (round, sequence, task)
+        self._seq = itertools.count()
         self._queued_items = 0
+        self.items_run = 0         # items handed to `run` (a count for tests and logs)
         self._cond = threading.Condition()
         self._closed = False
         self._threads = [threading.Thread(target=self._loop, name=f"batch-{i}", daemon=True)
@@ -72,39 +100,67 @@ class Batcher:
         for t in self._threads:
             t.start()
 
-    def submit(self, items):
-        """A Future of this task's results; raises QueueFull when there is no room."""
-        task = _Task(list(items))
+    def submit(self, items, deadline=None, is_active=None):
+        """Futures of this request's tasks (one per max_batch_size items);
+        raises QueueFull when there is no room. `deadline` is a
+        time.monotonic() value; `is_active()` says whether the caller waits."""
+        items = list(items)
+        tasks = [_Task(items[i:i + self.max_batch_size], deadline, is_active)
+                 for i in range(0, len(items), self.max_batch_size)]
         with self._cond:
             if self._closed:
                 raise BatcherClosed("this model version is being unloaded")
-            if self._queued_items + len(task.items) > self.capacity and self._queue:
+            if self._queued_items + len(items) > self.capacity and self._heap:
                 raise QueueFull(
                     f"the batch queue is full ({self._queued_items} items waiting, "
                     f"capacity {self.capacity}); retry later")
-            self._queue.append(task)
-            self._queued_items += len(task.items)
-            self._cond.notify()
-        return task.future
+            for round_, task in enumerate(tasks):
+                heapq.heappush(self._heap, (round_, next(self._seq), task))
+            self._queued_items += len(items)
+            self._cond.notify(len(tasks))
+        return [task.future for task in tasks]
 
-    def __call__(self, items, timeout=None):
-        return self.submit(items).result(timeout)
+    def __call__(self, items, timeout=None, deadline=None, is_active=None):
+        results = []
+        for future in self.submit(items, deadline, is_active):
+            results.extend(future.result(timeout))
+        return results
+
+    def _remove_top(self):
+        _, _, task = heapq.heappop(self._heap)
+        self._queued_items -= len(task.items)
+        return task
+
+    def _next(self, room):
+        """The next task that may still run if it fits in `room` items; dropped
+        tasks on the way are answered. None when the queue has none that fits."""
+        while self._heap:
+            top = self._heap[0][2]
+            reason = top.dropped()
+            if reason is not None:
+                self._remove_top().future.set_exception(reason)
+                continue
+            return self._remove_top() if len(top.items) <= room else None
+        return None
 
     def _take(self):
         """Tasks of one batch, or None when closed and empty."""
         with self._cond:
-            while not self._queue:
-                if self._closed:
+            first = self._next(self.max_batch_size)
+            while first is None:
+                if self._closed and not self._heap:
                     return None
                 self._cond.wait()
-            batch = [self._queue.pop(0)]
-            size = len(batch[0].items)
+                first = self._next(self.max_batch_size)
+            batch, size = [first], len(first.items)
             deadline = time.monotonic() + self.timeout
             while size < self.max_batch_size:
-                if self._queue:
-                    if size + len(self._queue[0].items) > self.max_batch_size:
-                        break
-                    task = self._queue.pop(0)
+                if self._heap:
+                    task = self._next(self.max_batch_size - size)
+                    if task is None:
+                        if self._heap:  # the next one does not fit
+                            break
+                        continue
                     batch.append(task)
                     size += len(task.items)
                     continue
@@ -112,11 +168,11 @@ class Batcher:
                 if left <= 0 or self._closed:
                     break
                 self._cond.wait(left)
-            self._queued_items -= size
             return batch
 
     def _execute(self, tasks):
         items = [item for task in tasks for item in task.items]
+        self.items_run += len(items)
         results = self._run(items)
         start = 0
         for task in tasks:

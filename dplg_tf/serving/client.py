@@ -24,7 +24,6 @@ import numpy as np
 
 from dplg_tf import cli
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
@@ -170,18 +169,58 @@ class Client:
 
 
 def list_images(paths):
-    """Image files named or found (recursively, sorted) under folders."""
-    files = []
+    """Image files named or found under folders (dplg_tf.images.list_images)."""
+    from dplg_tf import images
+
+    return images.list_images(paths)
+
+
+def describe_checked(client, paths, batch_size=8, concurrency=4, limits=None, progress=None):
+    """(names, descriptors [n, D], [(name, reason)]) of image files: each file
+    is read and checked first, a batch the server refuses is retried image
+    by image, and every bad image is reported, never fatal. Errors other
+    than a refused image (server gone, deadline) are raised."""
+    from dplg_tf import images
+
+    limits = limits or images.DEFAULT_LIMITS
+    blobs, errors = [], []
     for path in paths:
-        if os.path.isdir(path):
-            for root, _, names in sorted(os.walk(path)):
-                files += [os.path.join(root, n) for n in sorted(names)
-                          if n.lower().endswith(IMAGE_EXTENSIONS)]
-        elif os.path.isfile(path):
-            files.append(path)
+        try:
+            blobs.append((path, images.read_bytes(path, limits)))
+        except images.ImageError as e:
+            errors.append((images.display_name(path), f"{e.reason}: {e}"))
+            if progress is not None:
+                progress.update(1)
+
+    def send(batch):
+        try:
+            rows = client.describe_bytes([b for _, b in batch])
+            return [(p, r, None) for (p, _), r in zip(batch, rows)]
+        except ClientError as e:
+            if e.code != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            if len(batch) == 1:
+                return [(batch[0][0], None, e.details)]
+            return [row for item in batch for row in send([item])]
+
+    batches = [blobs[i:i + batch_size] for i in range(0, len(blobs), batch_size)]
+    done = {}
+    with concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool:
+        for batch, rows in zip(batches, pool.map(send, batches)):
+            for path, row, error in rows:
+                done[path] = (row, error)
+            if progress is not None:
+                progress.update(len(batch))
+    names, descriptors = [], []
+    for path, _ in blobs:
+        row, error = done[path]
+        if error is None:
+            names.append(path)
+            descriptors.append(row)
         else:
-            raise FileNotFoundError(f"{path} is neither an image file nor a folder.")
-    return files
+            errors.append((images.display_name(path), f"refused by the server: {error}"))
+    dim = len(descriptors[0]) if descriptors else 0
+    return names, np.asarray(descriptors, np.float32).reshape(len(names), dim), errors
 
 
 # -------------------------------------------------------------------- CLI
@@ -192,39 +231,68 @@ def _define_flags():
     flags.DEFINE_string("server", "127.0.0.1:8500", "host:port of dplg-serve or TF Serving.")
     flags.DEFINE_string("model_name", "dplg", "Model name on the server.")
     flags.DEFINE_integer("model_version", None, "A specific version (default: the served one).")
-    flags.DEFINE_string("output", "descriptors.npz", "Where to write names and descriptors.")
-    flags.DEFINE_integer("batch_size", 8, "Images per request.")
-    flags.DEFINE_integer("concurrency", 4, "Requests in flight.")
+    flags.DEFINE_string("output", "descriptors.npz", "The descriptor file to write (exactly "
+                        "this name; unfinished work waits in <output>.parts/).")
+    flags.DEFINE_integer("batch_size", 8, "Images per request.", lower_bound=1)
+    flags.DEFINE_integer("chunk_size", 256, "Images per saved chunk (a rerun resumes at "
+                         "the first unfinished chunk).", lower_bound=1)
+    flags.DEFINE_integer("concurrency", 4, "Requests in flight.", lower_bound=1)
     flags.DEFINE_float("deadline", 120.0, "Seconds per request before it is abandoned.")
     flags.DEFINE_integer("retries", 4, "Retries on UNAVAILABLE / RESOURCE_EXHAUSTED.")
     flags.DEFINE_bool("status", False, "Print the model's status and signatures, then exit.")
+    from dplg_tf import images
+
+    images.define_limit_flags(("max_pixels", "min_image_side", "max_request_mb"))
 
 
 def main(argv):
     from absl import flags
 
+    from dplg_tf import images
+    from dplg_tf.descriptor_files import ChunkedOutput
     from dplg_tf.progress import Progress
 
     f = flags.FLAGS
-    with Client(f.server, f.model_name, f.deadline, f.retries, version=f.model_version) as c:
+    limits = images.limits_from_flags(("max_pixels", "min_image_side", "max_request_mb"))
+    with Client(f.server, f.model_name, f.deadline, f.retries, version=f.model_version,
+                max_message_mb=limits.max_request_mb) as c:
         if f.status:
             for version, state in c.status():
                 print(f"{f.model_name} version {version}: {state}")
             for name, (inputs, outputs) in sorted(c.signatures().items()):
                 print(f"signature {name}: inputs {inputs} -> outputs {outputs}")
             return
-        files = list_images(argv[1:])
-        if not files:
+        problems = []
+        files = images.list_images(argv[1:], problems)
+        if not files and not problems:
             raise ValueError("Name image files or folders to describe (or use --status).")
-        bar = Progress(len(files), "images")
+        if os.path.isdir(f.output):
+            raise ValueError(f"--output {f.output} is a folder; name a file.")
         try:
-            descriptors = c.describe_files(files, f.batch_size, f.concurrency, bar)
+            probe = c.describe_bytes([images.probe_bytes()])[0]
+            run = ChunkedOutput(f.output, files, f.chunk_size, probe)
+            bar = Progress(len(files), "images")
+            for i, names in run.chunks():
+                if run.done(i):
+                    bar.update(len(names))
+                    continue
+                ok, rows, errors = describe_checked(c, names, f.batch_size, f.concurrency,
+                                                    limits, bar)
+                run.save(i, ok, rows, errors)
+            bar.close()
         except ClientError as e:
-            print(f"dplg-client: error: {e}", file=sys.stderr)
+            print(f"dplg-client: error: {e}; finished chunks are kept in {f.output}.parts "
+                  "and a rerun resumes from them.", file=sys.stderr)
             sys.exit(1)
-        bar.close()
-    np.savez(f.output, names=np.array(files), descriptors=descriptors.astype(np.float32))
-    print(f"wrote {len(files)} descriptors of dimension {descriptors.shape[1]} to {f.output}")
+        count, dim, errors = run.finish()
+    errors = problems + errors
+    print(f"wrote {count} descriptors of dimension {dim} to {f.output}")
+    if errors:
+        for name, reason in errors[:20]:
+            print(f"dplg-client: skipped {name}: {reason}", file=sys.stderr)
+        print(f"dplg-client: {len(errors)} images were not described; their names and "
+              f"reasons are in {f.output} (error_names, error_reasons).", file=sys.stderr)
+        sys.exit(1)
 
 
 def run():

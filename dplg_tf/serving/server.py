@@ -31,21 +31,14 @@ import numpy as np
 from absl import flags
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dplg_tf import cli
+from dplg_tf import cli, images
 from dplg_tf.serving import batching
+from dplg_tf.serving.requests import ServingError, read_inputs
 
 log = logging.getLogger("dplg_tf.serving")
 
 BATCHED_SIGNATURE = "serving_default"
 SERVICE_NAMES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
-
-
-class ServingError(Exception):
-    """An error with its gRPC status code."""
-
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
 
 
 def _apis():
@@ -57,17 +50,20 @@ def _apis():
 
 
 def tf_error_message(error):
-    """The useful line of a TensorFlow op error (an Assert's text, or the first line)."""
+    """The useful sentence of a TensorFlow op error: an Assert's text, or the
+    first line that is not TensorFlow's own framing, whole."""
     text = str(getattr(error, "message", error))
-    match = re.search(r"assertion failed: (.*)", text)
-    if match:
-        parts = re.findall(r"\[([^\]]*)\]", match.group(1))
-        return " ".join(p.strip().strip("'\"") for p in parts) or match.group(1)
+    match = re.search(r"assertion failed: \[(.*)\]", text)
+    if match:  # "[part] [part] ...": parts may hold brackets themselves
+        parts = match.group(1).split("] [")
+        return " ".join(p.strip().strip("'\"") for p in parts)
+    framing = ("Graph execution error", "[[", "{{", "Detected at", "<stack traces",
+               "File \"", "Op:")
     for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("Graph execution error", "[[", "{{", "Detected at")):
+        line = re.sub(r"\s*\[\[\{\{node [^]]*\]\]|\s*\[Op:[^]]*\]", "", line).strip()
+        if line and not line.startswith(framing):
             return line
-    return text.splitlines()[0] if text else type(error).__name__
+    return type(error).__name__
 
 
 # ----------------------------------------------------------------- models
@@ -125,7 +121,7 @@ class ModelManager:
         self.poll_seconds = poll_seconds
         self.warm_up = warm_up
         self._current = None
-        self._failed = set()
+        self._failed = {}  # version -> (files' stamp, error message)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
@@ -136,8 +132,10 @@ class ModelManager:
         return saved_model_versions(self.base_path)
 
     def poll_once(self):
-        """Load the newest version if it is newer than the one served."""
-        versions = [v for v in self.versions_on_disk() if v not in self._failed]
+        """Load the newest version if it is newer than the one served. A version
+        that failed to load is tried again once its files change."""
+        versions = [v for v in self.versions_on_disk()
+                    if v not in self._failed or self._failed[v][0] != self._stamp(v)]
         if not versions:
             return False
         newest = versions[-1]
@@ -146,13 +144,16 @@ class ModelManager:
             return False
         path = os.path.join(self.base_path, str(newest))
         log.info("loading %s version %d from %s", self.name, newest, path)
-        start = time.perf_counter()
+        start, stamp = time.perf_counter(), self._stamp(newest)
         try:
             loaded = LoadedVersion(self.name, newest, path, self.batching_params, self.warm_up)
         except Exception as e:  # noqa: BLE001 - a broken version must not stop serving
-            log.error("version %d failed to load and is skipped: %s", newest, e)
-            self._failed.add(newest)
+            message = tf_error_message(e)
+            log.error("version %d failed to load and is skipped until its files change: %s",
+                      newest, message)
+            self._failed[newest] = (stamp, message)
             return False
+        self._failed.pop(newest, None)
         with self._lock:
             old, self._current = self._current, loaded
         log.info("serving %s version %d (loaded in %.1f s)", self.name, newest,
@@ -160,6 +161,22 @@ class ModelManager:
         if old is not None:
             threading.Thread(target=old.close, daemon=True).start()  # drains its queue
         return True
+
+    def _stamp(self, version):
+        """Names, sizes and modification times of a version's files."""
+        stamp = []
+        for root, _, names in os.walk(os.path.join(self.base_path, str(version))):
+            for name in sorted(names):
+                try:
+                    st = os.stat(os.path.join(root, name))
+                except OSError:
+                    continue
+                stamp.append((os.path.join(root, name), st.st_size, st.st_mtime_ns))
+        return tuple(sorted(stamp))
+
+    def failed_versions(self):
+        """{version: error message} of the versions that failed to load."""
+        return {v: message for v, (_, message) in self._failed.items()}
 
     def start(self):
         self.poll_once()
@@ -205,42 +222,28 @@ class ModelManager:
 
 # --------------------------------------------------------------- requests
 
-_DTYPES = {"string": np.object_, "uint8": np.uint8, "float32": np.float32}
-
-
-def _check_inputs(signature_name, specs, arrays):
-    """INVALID_ARGUMENT unless `arrays` match the signature's input specs."""
-    missing = sorted(set(specs) - set(arrays))
-    extra = sorted(set(arrays) - set(specs))
-    if missing or extra:
-        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"signature {signature_name!r} takes inputs {sorted(specs)}; "
-                           f"missing {missing}, unexpected {extra}")
-    for name, spec in specs.items():
-        array = arrays[name]
-        want = spec.dtype.name
-        got = "string" if array.dtype.kind in "OSU" else array.dtype.name
-        if got != want:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"input {name!r} must be {want}, got {got}")
-        if spec.shape.rank is not None and array.ndim != spec.shape.rank:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"input {name!r} must have rank {spec.shape.rank} "
-                               f"(shape {spec.shape}), got shape {list(array.shape)}")
-        for i, dim in enumerate(spec.shape):
-            if dim is not None and array.shape[i] != dim:
-                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"input {name!r} must have shape {spec.shape}, "
-                                   f"got {list(array.shape)}")
+def _deadline(context):
+    """(time.monotonic() deadline or None, is_active or None) of a gRPC call."""
+    if context is None:
+        return None, None
+    remaining = context.time_remaining()
+    return (None if remaining is None else time.monotonic() + remaining), context.is_active
 
 
 class PredictionServicer:
-    """tensorflow.serving.PredictionService and ModelService over a ModelManager."""
+    """tensorflow.serving.PredictionService and ModelService over a ModelManager.
 
-    def __init__(self, manager):
+    Each request is checked against `limits` before any work; one that
+    waited past its deadline, or whose client left, is not started. Calls
+    outside the batcher (multiscale) run at most `max_direct` at a time.
+    """
+
+    def __init__(self, manager, limits=images.DEFAULT_LIMITS, max_direct=2):
         self.manager = manager
+        self.limits = limits
+        self._direct = threading.BoundedSemaphore(max_direct)
 
-    def _predict(self, request):
+    def _predict(self, request, context=None):
         import tensorflow as tf
 
         (_, _, _, predict_pb2, _) = _apis()
@@ -250,12 +253,7 @@ class PredictionServicer:
             raise ServingError(grpc.StatusCode.NOT_FOUND,
                                f"signature {name!r} not found; the model has "
                                f"{sorted(model.signatures)}")
-        try:
-            arrays = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
-        except Exception as e:  # noqa: BLE001
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"could not read the input tensors: {e}") from None
-        _check_inputs(name, model.inputs[name], arrays)
+        arrays = read_inputs(name, model.inputs[name], request.inputs, self.limits)
         outputs = model.signature_defs[name].outputs
         wanted = list(request.output_filter) or list(outputs)
         unknown = [o for o in wanted if o not in outputs]
@@ -263,18 +261,17 @@ class PredictionServicer:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"output_filter names unknown outputs {unknown}; "
                                f"the signature has {sorted(outputs)}")
+        deadline, is_active = _deadline(context)
         try:
-            if name == BATCHED_SIGNATURE and model.batcher is not None:
-                images = list(arrays["image_bytes"].ravel())
-                result = {"global_descriptor": np.asarray(model.batcher(images)).reshape(
-                    len(images), -1)}
-            else:
-                out = model.signatures[name](**{k: tf.constant(v) for k, v in arrays.items()})
-                result = {k: v.numpy() for k, v in out.items()}
+            result = self._run(model, name, arrays, deadline, is_active)
         except batching.BatcherClosed:
             raise
         except batching.QueueFull as e:
             raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except batching.Expired as e:
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
+        except batching.Cancelled as e:
+            raise ServingError(grpc.StatusCode.CANCELLED, str(e)) from None
         except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, tf_error_message(e)) from None
         except tf.errors.ResourceExhaustedError as e:
@@ -288,11 +285,32 @@ class PredictionServicer:
             response.outputs[key].CopyFrom(tf.make_tensor_proto(result[key]))
         return response
 
+    def _run(self, model, name, arrays, deadline, is_active):
+        """{output: array} of one checked request."""
+        import tensorflow as tf
+
+        if name == BATCHED_SIGNATURE:
+            images_ = list(arrays["image_bytes"].ravel())
+            dim = int(model.signature_defs[name].outputs["global_descriptor"]
+                      .tensor_shape.dim[-1].size)
+            if not images_:  # TF Serving answers an empty batch with [0, D]
+                return {"global_descriptor": np.zeros((0, max(dim, 0)), np.float32)}
+            if model.batcher is not None:
+                rows = model.batcher(images_, deadline=deadline, is_active=is_active)
+                return {"global_descriptor": np.asarray(rows).reshape(len(images_), -1)}
+        with self._direct:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise batching.Expired("the request's deadline passed while it waited")
+            if is_active is not None and not is_active():
+                raise batching.Cancelled("the client went away while the request waited")
+            out = model.signatures[name](**{k: tf.constant(v) for k, v in arrays.items()})
+        return {k: v.numpy() for k, v in out.items()}
+
     def Predict(self, request, context):
         try:
             for _ in range(3):
                 try:
-                    return self._predict(request)
+                    return self._predict(request, context)
                 except batching.BatcherClosed:
                     continue  # the version was switched under us: take the new one
             raise ServingError(grpc.StatusCode.UNAVAILABLE, "the model is being replaced")
@@ -323,16 +341,34 @@ class PredictionServicer:
             context.abort(e.code, str(e))
 
     def GetModelStatus(self, request, context):
+        """The served version AVAILABLE and each version that failed to load END
+        with its error, as TF Serving reports them."""
         (_, get_model_status_pb2, _, _, _) = _apis()
-        try:
-            model = self.manager.get(request.model_spec)
-        except ServingError as e:
-            context.abort(e.code, str(e))
+        from tensorflow.core.protobuf import error_codes_pb2
+
+        spec = request.model_spec
+        if spec.name != self.manager.name:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"model {spec.name!r} is not served here (this server serves "
+                          f"{self.manager.name!r})")
+        states = get_model_status_pb2.ModelVersionStatus
+        rows = [(v, states.END, error_codes_pb2.UNKNOWN, message)
+                for v, message in self.manager.failed_versions().items()]
+        current = self.manager.current
+        if current is not None:
+            rows.append((current.version, states.AVAILABLE, error_codes_pb2.OK, ""))
+        if spec.HasField("version"):
+            rows = [r for r in rows if r[0] == spec.version.value]
+        if not rows:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"model {self.manager.name!r} has no version "
+                          f"{spec.version.value if spec.HasField('version') else ''} loaded "
+                          "or failed".replace("  ", " "))
         response = get_model_status_pb2.GetModelStatusResponse()
-        status = response.model_version_status.add()
-        status.version = model.version
-        status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-        status.status.error_code = 0
+        for version, state, code, message in sorted(rows):
+            status = response.model_version_status.add()
+            status.version, status.state = version, state
+            status.status.error_code, status.status.error_message = code, message
         return response
 
 
@@ -342,18 +378,19 @@ class Server:
     """The gRPC server: services, health, version polling, graceful stop."""
 
     def __init__(self, model_base_path, model_name="dplg", host="127.0.0.1", port=8500,
-                 batching_params=None, poll_seconds=1.0, max_message_mb=64, workers=32,
-                 warm_up=True):
+                 batching_params=None, poll_seconds=1.0, limits=images.DEFAULT_LIMITS,
+                 workers=32, warm_up=True):
         (_, _, model_service_pb2_grpc, _, prediction_service_pb2_grpc) = _apis()
         self.manager = ModelManager(model_name, model_base_path, batching_params,
                                     poll_seconds, warm_up)
-        limit = max_message_mb * 1024 * 1024
+        limit = limits.max_request_mb * 1024 * 1024
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers),
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)])
-        prediction, models = _services(PredictionServicer(self.manager))
+        threads = (batching_params or batching.DEFAULTS)["num_batch_threads"]
+        prediction, models = _services(PredictionServicer(self.manager, limits, threads))
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(prediction,
                                                                             self.server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(models, self.server)
@@ -426,7 +463,7 @@ def _define_flags():
     flags.DEFINE_string("batching_parameters_file", None,
                         "TF Serving batching_parameters.txt (default: built-in values).")
     flags.DEFINE_float("file_system_poll_wait_seconds", 1.0, "How often to look for versions.")
-    flags.DEFINE_integer("max_message_mb", 64, "Largest request or response, in MiB.")
+    images.define_limit_flags()
     flags.DEFINE_integer("grpc_workers", 32, "Threads serving gRPC calls.")
     flags.DEFINE_float("grace_seconds", 30.0, "On SIGTERM, time for requests in flight.")
 
@@ -445,7 +482,8 @@ def main(argv):
         raise FileNotFoundError(f"--model_base_path {f.model_base_path!r} is not a folder; "
                                 "export a model there with dplg-export.")
     server = Server(f.model_base_path, f.model_name, f.host, f.port, params,
-                    f.file_system_poll_wait_seconds, f.max_message_mb, f.grpc_workers).start()
+                    f.file_system_poll_wait_seconds, images.limits_from_flags(),
+                    f.grpc_workers).start()
     print(f"dplg-serve: listening on {server.address} for model {f.model_name!r} "
           f"from {f.model_base_path}", flush=True)
     stopping = threading.Event()
