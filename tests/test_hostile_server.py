@@ -338,6 +338,11 @@ def test_a_version_that_failed_to_load_is_reported_and_retried(server, exported)
     reply = server.models.GetModelStatus(request, timeout=10)
     assert [(s.version, s.state) for s in reply.model_version_status] == [
         (2, get_model_status_pb2.ModelVersionStatus.AVAILABLE)]
+    request.model_spec.version.value = 7
+    with pytest.raises(grpc.RpcError) as info:
+        server.models.GetModelStatus(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "version 7" in info.value.details()
     np.testing.assert_allclose(_describe(server.stub, [_image(seed=42)]), server.reference,
                                atol=1e-6)
 
