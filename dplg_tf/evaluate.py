@@ -148,7 +148,10 @@ def cache_key(extractor, name, jobs):
 
     from dplg_tf import images
 
-    probe = np.asarray(extractor(images.probe_image())["global_descriptor"], np.float32)
+    probe = getattr(extractor, "probe_descriptor", None)
+    if probe is None:  # once per extractor: the database and the queries share it
+        probe = np.asarray(extractor(images.probe_image())["global_descriptor"], np.float32)
+        extractor.probe_descriptor = probe
     h = hashlib.sha1()
     h.update(f"{extractor.identity}|{list(extractor.scales)}|{name}|{len(jobs)}".encode())
     h.update(np.round(probe, 4).tobytes())

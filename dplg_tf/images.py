@@ -152,20 +152,23 @@ def frame_size(data):
     return None
 
 
-def check_bytes(data, limits=DEFAULT_LIMITS):
-    """(height, width) of encoded image bytes, or ImageError, without decoding."""
-    size = frame_size(data)
-    if size is None:
-        raise ImageError("undecodable", "The bytes are not a JPEG, PNG, GIF or BMP image "
-                         "(or the header is cut short).")
-    height, width, pixels = size
+def _check_size(height, width, pixels, limits):
     if pixels > limits.max_pixels:
         raise ImageError("too large", f"The image's decoded frames hold {pixels} pixels "
                          f"({height}x{width}); the limit is {limits.max_pixels}.")
     if min(height, width) < limits.min_side:
         raise ImageError("too small", f"The image is {height}x{width} pixels; the shorter "
                          f"side must be at least {limits.min_side}.")
-    return height, width
+
+
+def check_bytes(data, limits=DEFAULT_LIMITS):
+    """(height, width) of encoded image bytes, or ImageError, without decoding."""
+    size = frame_size(data)
+    if size is None:
+        raise ImageError("undecodable", "The bytes are not a JPEG, PNG, GIF or BMP image "
+                         "(or the header is cut short).")
+    _check_size(*size, limits)
+    return size[0], size[1]
 
 
 def check_array(shape, limits=DEFAULT_LIMITS):
@@ -174,12 +177,7 @@ def check_array(shape, limits=DEFAULT_LIMITS):
         raise ImageError("undecodable", f"The image must have shape [H, W, 3], got "
                          f"{list(shape)}.")
     height, width = int(shape[0]), int(shape[1])
-    if height * width > limits.max_pixels:
-        raise ImageError("too large", f"The image has {height * width} pixels "
-                         f"({height}x{width}); the limit is {limits.max_pixels}.")
-    if min(height, width) < limits.min_side:
-        raise ImageError("too small", f"The image is {height}x{width} pixels; the shorter "
-                         f"side must be at least {limits.min_side}.")
+    _check_size(height, width, height * width, limits)
 
 
 def read_bytes(path, limits=DEFAULT_LIMITS):
@@ -249,7 +247,7 @@ def list_images(paths, problems=None, extensions=IMAGE_EXTENSIONS):
             problems.append((display_name(folder), f"unreadable: {e.strerror or e}"))
             return
         for entry in entries:
-            if not _valid_text(entry.name):
+            if not is_text_name(entry.name):
                 problems.append((display_name(entry.path), "name is not valid UTF-8"))
                 continue
             try:
@@ -276,7 +274,7 @@ def list_images(paths, problems=None, extensions=IMAGE_EXTENSIONS):
     return files
 
 
-def _valid_text(name):
+def is_text_name(name):
     try:
         name.encode("utf-8")
         return True

@@ -28,13 +28,11 @@ import sys
 import numpy as np
 
 from dplg_tf import cli
+from dplg_tf.descriptor_files import same_probe
 from dplg_tf.files import StateFolder
-from dplg_tf.images import probe_bytes, probe_image  # noqa: F401 (re-exported)
+from dplg_tf.images import probe_bytes
 
 KINDS = ("exact", "pq", "hnsw", "ivfpq")
-PROBE_TOLERANCE = 1e-3
-
-
 class IndexMismatch(ValueError):
     """The index and the request do not fit together."""
 
@@ -182,9 +180,7 @@ class DescriptorIndex:
         """Refuse a model whose probe descriptor differs from the index's."""
         if self.probe is None or probe is None:
             return
-        probe = np.asarray(probe, np.float32).ravel()
-        if probe.shape != self.probe.shape or float(np.max(np.abs(probe - self.probe))) > \
-                PROBE_TOLERANCE:
+        if not same_probe(probe, self.probe):
             raise IndexMismatch("The index was built with another model (its descriptor of "
                               "the probe image differs); rebuild the index or use that model.")
 
@@ -286,29 +282,11 @@ class Describer:
 
     def describe_files(self, paths, batch_size=8, progress=None):
         """(names, descriptors [n, D], [(name, reason)]): bad images are reported."""
-        from dplg_tf import images
+        from dplg_tf.serving.client import describe_checked
 
-        if self.client is not None:
-            from dplg_tf.serving.client import describe_checked
-
-            return describe_checked(self.client, paths, batch_size, 4, None, progress)
-        names, rows, errors = [], [], []
-        for path in paths:
-            try:
-                rows.append(self.describe_bytes([images.read_bytes(path)])[0])
-                names.append(path)
-            except images.ImageError as e:
-                errors.append((images.display_name(path), f"{e.reason}: {e}"))
-            except Exception as e:  # noqa: BLE001 - TF's InvalidArgumentError
-                if type(e).__name__ != "InvalidArgumentError":
-                    raise
-                from dplg_tf.serving.server import tf_error_message
-
-                errors.append((images.display_name(path), tf_error_message(e)))
-            if progress is not None:
-                progress.update(1)
-        dim = len(rows[0]) if rows else 0
-        return names, np.asarray(rows, np.float32).reshape(len(names), dim), errors
+        concurrency = 4 if self.client is not None else 1
+        return describe_checked(self.describe_bytes, paths, batch_size, concurrency,
+                                progress=progress)
 
     def probe(self):
         return self.describe_bytes([probe_bytes()])[0]

@@ -52,7 +52,7 @@ def list_image_dir(image_dir, problems=None):
     Names that are not valid UTF-8 (the record schema stores text) and
     symbolic links that loop or lead nowhere are left out and appended to
     `problems` as [path, reason]."""
-    from dplg_tf.images import _valid_text, display_name
+    from dplg_tf.images import is_text_name, display_name
 
     problems = problems if problems is not None else []
     if not os.path.isdir(image_dir):
@@ -60,7 +60,7 @@ def list_image_dir(image_dir, problems=None):
     items, ignored = [], 0
 
     def usable(path, name):
-        if not _valid_text(name):
+        if not is_text_name(name):
             problems.append([display_name(path), "name is not valid UTF-8"])
             return False
         if os.path.islink(path) and not os.path.exists(path):

@@ -175,11 +175,25 @@ def list_images(paths):
     return images.list_images(paths)
 
 
-def describe_checked(client, paths, batch_size=8, concurrency=4, limits=None, progress=None):
-    """(names, descriptors [n, D], [(name, reason)]) of image files: each file
-    is read and checked first, a batch the server refuses is retried image
-    by image, and every bad image is reported, never fatal. Errors other
-    than a refused image (server gone, deadline) are raised."""
+def _refusal(error):
+    """Why the model refused an image (INVALID_ARGUMENT from a server or a local
+    SavedModel), or None for any other error."""
+    if isinstance(error, ClientError):
+        return error.details if error.code == grpc.StatusCode.INVALID_ARGUMENT else None
+    if type(error).__name__ == "InvalidArgumentError":
+        from dplg_tf.serving.versions import tf_error_message
+
+        return tf_error_message(error)
+    return None
+
+
+def describe_checked(describe, paths, batch_size=8, concurrency=4, limits=None,
+                     progress=None):
+    """(names, descriptors [n, D], [(name, reason)]) of image files, through
+    `describe(list of bytes) -> rows` (a Client's or a SavedModel's): each file
+    is read and checked first, a batch the model refuses is retried image by
+    image, and every bad image is reported, never fatal. Other errors (server
+    gone, deadline) are raised."""
     from dplg_tf import images
 
     limits = limits or images.DEFAULT_LIMITS
@@ -194,13 +208,14 @@ def describe_checked(client, paths, batch_size=8, concurrency=4, limits=None, pr
 
     def send(batch):
         try:
-            rows = client.describe_bytes([b for _, b in batch])
+            rows = describe([b for _, b in batch])
             return [(p, r, None) for (p, _), r in zip(batch, rows)]
-        except ClientError as e:
-            if e.code != grpc.StatusCode.INVALID_ARGUMENT:
+        except Exception as e:  # noqa: BLE001 - sorted by _refusal
+            reason = _refusal(e)
+            if reason is None:
                 raise
             if len(batch) == 1:
-                return [(batch[0][0], None, e.details)]
+                return [(batch[0][0], None, reason)]
             return [row for item in batch for row in send([item])]
 
     batches = [blobs[i:i + batch_size] for i in range(0, len(blobs), batch_size)]
@@ -218,7 +233,7 @@ def describe_checked(client, paths, batch_size=8, concurrency=4, limits=None, pr
             names.append(path)
             descriptors.append(row)
         else:
-            errors.append((images.display_name(path), f"refused by the server: {error}"))
+            errors.append((images.display_name(path), f"refused by the model: {error}"))
     dim = len(descriptors[0]) if descriptors else 0
     return names, np.asarray(descriptors, np.float32).reshape(len(names), dim), errors
 
@@ -227,6 +242,8 @@ def describe_checked(client, paths, batch_size=8, concurrency=4, limits=None, pr
 
 def _define_flags():
     from absl import flags
+
+    from dplg_tf import images
 
     flags.DEFINE_string("server", "127.0.0.1:8500", "host:port of dplg-serve or TF Serving.")
     flags.DEFINE_string("model_name", "dplg", "Model name on the server.")
@@ -240,8 +257,6 @@ def _define_flags():
     flags.DEFINE_float("deadline", 120.0, "Seconds per request before it is abandoned.")
     flags.DEFINE_integer("retries", 4, "Retries on UNAVAILABLE / RESOURCE_EXHAUSTED.")
     flags.DEFINE_bool("status", False, "Print the model's status and signatures, then exit.")
-    from dplg_tf import images
-
     images.define_limit_flags(("max_pixels", "min_image_side", "max_request_mb"))
 
 
@@ -276,8 +291,8 @@ def main(argv):
                 if run.done(i):
                     bar.update(len(names))
                     continue
-                ok, rows, errors = describe_checked(c, names, f.batch_size, f.concurrency,
-                                                    limits, bar)
+                ok, rows, errors = describe_checked(c.describe_bytes, names, f.batch_size,
+                                                    f.concurrency, limits, bar)
                 run.save(i, ok, rows, errors)
             bar.close()
         except ClientError as e:

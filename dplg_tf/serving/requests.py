@@ -29,11 +29,11 @@ def _invalid(message):
     return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-# dtype enum name -> (numpy dtype, field with the values, values per element)
+# dtype enum name -> (numpy dtype, the proto field that holds its values)
 _KINDS = {
-    "DT_STRING": (np.object_, "string_val", 1),
-    "DT_UINT8": (np.uint8, "int_val", 1),
-    "DT_FLOAT": (np.float32, "float_val", 1),
+    "DT_STRING": (np.object_, "string_val"),
+    "DT_UINT8": (np.uint8, "int_val"),
+    "DT_FLOAT": (np.float32, "float_val"),
 }
 
 
@@ -72,12 +72,12 @@ def tensor_from_proto(name, proto, spec, limits):
     if count > limit:
         raise _invalid(f"Input {name!r} declares {count} elements (shape {dims}); the "
                        f"limit is {limit}.")
-    np_dtype, field, per_element = _KINDS[want]
+    np_dtype, field = _KINDS[want]
     if proto.tensor_content:
         carried = len(proto.tensor_content) // np.dtype(np_dtype).itemsize
         exact = len(proto.tensor_content) == count * np.dtype(np_dtype).itemsize
     else:
-        carried = len(getattr(proto, field)) // per_element
+        carried = len(getattr(proto, field))
         exact = carried == count
     if not exact:
         raise _invalid(f"Input {name!r} declares shape {dims} ({count} elements) but "

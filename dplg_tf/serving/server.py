@@ -32,8 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from dplg_tf import cli, images
 from dplg_tf.serving import batching
 from dplg_tf.serving.requests import ServingError, read_inputs
-from dplg_tf.serving.versions import (BATCHED_SIGNATURE, ModelManager,  # noqa: F401
-                                      tf_error_message)
+from dplg_tf.serving.versions import BATCHED_SIGNATURE, ModelManager, tf_error_message
 
 log = logging.getLogger("dplg_tf.serving")
 
