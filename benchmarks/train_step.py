@@ -1,10 +1,15 @@
 """Images/s of one DPLG training step on this machine, per head, in one run.
 
-The step is the trainer's own (dplg_tf.train.build_train_step: ArcFace loss,
+The step is the trainer's own (dplg_tf.optim.build_train_step: ArcFace loss,
 all-reduce, clipping, SGD) on an in-memory batch, so the input pipeline is
 not measured. Two models: the demo_cpu config (small backbone, 128x128) and
 ResNet50 at 224x224; each head's rate is also given as a ratio to `gem`.
+With `--backend jax` the step is dplg_tf.jax_train's (forward, ArcFace
+loss, backward, the same SGD, jitted), which is how a GPU figure is taken
+where TensorFlow is not installed; `--bf16` trains in mixed bfloat16.
 Usage: python benchmarks/train_step.py [--steps N] [--batch N]
+       python benchmarks/train_step.py --backend jax --models resnet50 \
+           --heads gem,dplg --image_size 512 --batch 32 --bf16
 """
 
 import argparse
@@ -24,7 +29,7 @@ def measure(config, size, batch, steps, warmup):
     import tensorflow as tf
 
     from dplg_tf.model import build_training_model
-    from dplg_tf.train import build_train_step, make_optimizer
+    from dplg_tf.optim import build_train_step, make_optimizer
 
     strategy = tf.distribute.get_strategy()
     model = build_training_model(config, num_classes=1000)
@@ -45,13 +50,40 @@ def measure(config, size, batch, steps, warmup):
     return steps * batch / (time.perf_counter() - start)
 
 
+def measure_jax(config, size, batch, steps, warmup):
+    import numpy as np
+
+    from dplg_tf.jax_train import setup
+
+    _, step, state = setup(config, num_classes=1000)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (batch, size, size, 3)).astype("float32")
+    labels = rng.integers(0, 1000, batch).astype("int32")
+    for _ in range(warmup):
+        loss, state = step(state, images, labels)
+        float(loss)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss, state = step(state, images, labels)
+    float(loss)
+    return steps * batch / (time.perf_counter() - start)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--demo_batch", type=int, default=32)
+    parser.add_argument("--backend", choices=("tensorflow", "jax"), default="tensorflow")
+    parser.add_argument("--bf16", action="store_true", help="mixed_bfloat16 policy")
+    parser.add_argument("--models", default="demo,resnet50")
+    parser.add_argument("--heads", default=",".join(HEADS))
+    parser.add_argument("--image_size", type=int, default=0, help="override both sizes")
     args = parser.parse_args()
+    os.environ["KERAS_BACKEND"] = args.backend  # before keras is imported
+    if args.backend == "jax":
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
     import keras
 
@@ -60,23 +92,41 @@ def main():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
     import demo_cpu
 
+    if args.bf16:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    run = measure_jax if args.backend == "jax" else measure
+    heads = args.heads.split(",")
+    models = {"demo": ("demo_cpu (small backbone)", demo_cpu.get_config, 128, args.demo_batch),
+              "resnet50": ("resnet50", base_config, 224, args.batch)}
     rows = []
-    for name, make, size, batch in (
-            ("demo_cpu (small backbone)", demo_cpu.get_config, 128, args.demo_batch),
-            ("resnet50", base_config, 224, args.batch)):
+    for key in args.models.split(","):
+        name, make, size, batch = models[key]
+        size = args.image_size or size
         rates = {}
-        for head in HEADS:
+        for head in heads:
             config = make()
             config.model.head = head
             keras.backend.clear_session()
-            rates[head] = measure(config, size, batch, args.steps, args.warmup)
+            rates[head] = run(config, size, batch, args.steps, args.warmup)
             print(f"{name} {head} {size}x{size} batch {batch}: {rates[head]:.1f} img/s", flush=True)
-        for head in HEADS:
+        base = rates.get("gem")
+        for head in heads:
+            ratio = f"{rates[head] / base:.2f}" if base else "-"
             rows.append(f"| {name} | {size}x{size} | {batch} | {head} | {rates[head]:.1f} | "
-                        f"{rates[head] / rates['gem']:.2f} |")
+                        f"{ratio} |")
     table = "\n".join(["| model | image | batch | head | images/s | vs gem |",
                        "|---|---|---:|---|---:|---:|"] + rows)
     print(table)
+    if args.backend != "tensorflow" or args.bf16 or args.image_size:
+        precision = "mixed bfloat16" if args.bf16 else "fp32"
+        record(f"Training step, {args.backend} backend, {precision}", f"""
+{table}
+
+The step of dplg_tf.jax_train (or the trainer's) on an in-memory batch, {args.warmup}
+warm-up steps, then {args.steps} timed. Command: `python benchmarks/train_step.py
+{' '.join(sys.argv[1:])}`.
+""")
+        return
     record("Training step (benchmarks/train_step.py)", f"""
 {table}
 

@@ -8,6 +8,8 @@ import os
 
 import keras
 
+from dplg_tf.cli import InputNotFound, UserError
+
 # keras.applications constructor and the names of the stride-16 / stride-32 taps.
 RESNETS = {
     "resnet50": ("ResNet50", "conv4_block6_out", "conv5_block3_out"),
@@ -15,8 +17,6 @@ RESNETS = {
 }
 SMALL = "small"
 BACKBONES = tuple(RESNETS) + (SMALL,)
-# Channel widths of X4 and X5 per backbone.
-TAP_CHANNELS = {"resnet50": (1024, 2048), "resnet101": (1024, 2048), SMALL: (128, 256)}
 
 
 def _check_weights(name, weights):
@@ -24,17 +24,17 @@ def _check_weights(name, weights):
         return None
     if weights == "imagenet":
         if name == SMALL:
-            raise ValueError(
+            raise UserError(
                 "The small backbone has no ImageNet weights; set backbone_weights to None.")
         return "imagenet"
     path = os.path.expanduser(str(weights))
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"Backbone weights file {path!r} does not exist; give the path of a "
             "local .h5 file (e.g. resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5) "
             "or 'imagenet' to let keras download it.")
     if not path.endswith(".h5"):
-        raise ValueError(f"Backbone weights must be a Keras .h5 file, got {path!r}.")
+        raise UserError(f"Backbone weights must be a Keras .h5 file, got {path!r}.")
     return path
 
 
@@ -76,7 +76,7 @@ def small_backbone(widths=(16, 32, 64, 128, 256)):
 def build_backbone(name, weights=None):
     """The backbone `name` with its X4/X5 taps and the preprocessing it expects."""
     if name not in BACKBONES:
-        raise ValueError(f"Unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}.")
+        raise UserError(f"Unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}.")
     weights = _check_weights(name, weights)
     if name == SMALL:
         return small_backbone(), "unit"

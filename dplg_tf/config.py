@@ -9,6 +9,8 @@ import math
 
 import ml_collections
 
+from dplg_tf.cli import UserError
+
 HEADS = ("dplg", "no_rfb", "no_fusion", "gem", "dolg")
 PAPER_SCALES = (1 / (2 * math.sqrt(2)), 0.5, 1 / math.sqrt(2), 1.0, math.sqrt(2))
 
@@ -46,28 +48,7 @@ def base_config():
     c.data.shuffle_buffer = 10000
     c.data.num_parallel_reads = 8
 
-    c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 64                  # global batch, over all replicas
-    c.train.epochs = 100
-    c.train.max_steps = 0                    # 0 = derived from epochs and the data
-    c.train.optimizer = "sgd"
-    c.train.momentum = 0.9
-    c.train.learning_rate = 0.03
-    c.train.lr_schedule = "cosine"
-    c.train.warmup_steps = 0
-    c.train.weight_decay = 1e-4
-    c.train.clip_norm = 10.0
-    c.train.mixed_precision = ""             # "" | mixed_float16 | mixed_bfloat16
-    c.train.jit_compile = False
-    c.train.frozen_batchnorm = False
-    c.train.seed = 0
-    c.train.checkpoint_every = 1000          # steps; and always at the end
-    c.train.keep_checkpoints = 3
-    c.train.log_every = 50
-    c.train.eval_every = 5000                # 0 = only at the end
-    c.train.eval_batches = 50
-    c.train.summary_images = 4               # attention maps in TensorBoard
-    c.train.debug_nan_step = -1              # fault injection: NaN loss at this step (1-based)
+    c.train = _train_config()
 
     c.profile_steps = ""                     # "first,last": profiler trace window
 
@@ -77,8 +58,35 @@ def base_config():
     return c
 
 
+def _train_config():
+    """config.train: the optimiser, schedule, checkpoints and logging."""
+    t = ml_collections.ConfigDict()
+    t.batch_size = 64                  # global batch, over all replicas
+    t.epochs = 100
+    t.max_steps = 0                    # 0 = derived from epochs and the data
+    t.optimizer = "sgd"
+    t.momentum = 0.9
+    t.learning_rate = 0.03
+    t.lr_schedule = "cosine"
+    t.warmup_steps = 0
+    t.weight_decay = 1e-4
+    t.clip_norm = 10.0
+    t.mixed_precision = ""             # "" | mixed_float16 | mixed_bfloat16
+    t.jit_compile = False
+    t.frozen_batchnorm = False
+    t.seed = 0
+    t.checkpoint_every = 1000          # steps; and always at the end
+    t.keep_checkpoints = 3
+    t.log_every = 50
+    t.eval_every = 5000                # 0 = only at the end
+    t.eval_batches = 50
+    t.summary_images = 4               # attention maps in TensorBoard
+    t.debug_nan_step = -1              # fault injection: NaN loss at this step (1-based)
+    return t
+
+
 def _fail(message):
-    raise ValueError(message)
+    raise UserError(message)
 
 
 def validate(config):

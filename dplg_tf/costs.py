@@ -4,11 +4,9 @@ MACs are read off the TensorFlow graph of one forward pass at a fixed
 image size: Conv2D, depthwise conv, MatMul, BatchMatMul and Einsum ops, each
 from its static shapes (a dilated conv counts its real output, not the
 padded space-to-batch form TF runs it in). Element-wise work (BatchNorm, ReLU, softmax, pooling)
-is left out, as is usual for such tables. `python -m dplg_tf.costs` prints the
-table of every head at 512x512 with ResNet50.
+is left out, as is usual for such tables. `python -m dplg_tf.costs
+--backbone=resnet50 --image_size=512` prints the table of every head.
 """
-
-import sys
 
 import numpy as np
 import tensorflow as tf
@@ -128,12 +126,24 @@ def markdown(rows, backbone, size):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    backbone = argv[0] if argv else "resnet50"
-    size = int(argv[1]) if len(argv) > 1 else 512
-    print(markdown(cost_table(backbone, size), backbone, size))
+def main(argv):
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    print(markdown(cost_table(f.backbone, f.image_size), f.backbone, f.image_size))
+
+
+def run():
+    from absl import flags
+
+    from dplg_tf import cli
+
+    flags.DEFINE_enum("backbone", "resnet50", ["resnet50", "resnet101", "small"],
+                      "The backbone to count.")
+    flags.DEFINE_integer("image_size", 512, "Square image side.", lower_bound=32)
+    cli.run(main, "costs")
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -72,6 +72,34 @@ def describe(config):
 
 # ------------------------------------------------------------ the pipeline
 
+# measured by `make demo` on a 2-core AMD EPYC (see README): matmul speed of
+# numpy float32 on that machine, and the demo's time (training, the rest)
+_REFERENCE = {"gflops": 0.0, "train_seconds": 0.0, "other_seconds": 0.0, "steps": 900}
+
+
+def matmul_gflops(size=1024, repeats=5):
+    """This machine's float32 matrix-multiply speed (numpy's BLAS), GFLOP/s."""
+    a = np.random.default_rng(0).random((size, size), np.float32)
+    a @ a  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def estimate():
+    """How long the demo should take here, scaled from the reference run."""
+    ref = _REFERENCE
+    gflops = matmul_gflops()
+    if not ref["gflops"]:
+        return f"this machine: {gflops:.0f} GFLOP/s float32 matmul"
+    seconds = (ref["train_seconds"] * FLAGS.train_steps / ref["steps"]
+               + ref["other_seconds"]) * ref["gflops"] / gflops
+    return (f"this machine: {gflops:.0f} GFLOP/s float32 matmul; the demo should take about "
+            f"{seconds / 60:.0f} min here ({(ref['train_seconds'] + ref['other_seconds']) / 60:.0f}"
+            f" min on a 2-core machine of {ref['gflops']:.0f} GFLOP/s; --train_steps "
+            "shortens it)")
+
 def _stage(name):
     print(f"\n== {name}", flush=True)
 
@@ -105,81 +133,20 @@ def _start_server(base, log_path):
 
 
 def pipeline(config, workdir):
-    from dplg_tf import evaluate, export, index
-    from dplg_tf.data import synthetic, tfrecords
-    from dplg_tf.model import build_dplg
-    from dplg_tf.progress import Progress
+    from dplg_tf import evaluate
 
     start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
-    data = os.path.join(workdir, "data")
-    _stage("1/8 synthetic landmarks")
-    if not os.path.isfile(os.path.join(data, "synthetic.json")):
-        print(json.dumps(synthetic.generate(
-            data, num_landmarks=FLAGS.num_landmarks, views_per_landmark=FLAGS.views_per_landmark,
-            num_eval_landmarks=12, queries_per_landmark=2, db_per_landmark=12,
-            num_distractors=120, width=192, height=144, seed=0)))
-    else:
-        print(f"have {data}")
-
-    _stage("2/8 TFRecord shards")
-    shards = os.path.join(workdir, "shards")
-    items, ignored = tfrecords.list_image_dir(os.path.join(data, "train"))
-    print(json.dumps(tfrecords.build(shards, items, num_shards=4, ignored=ignored)))
-
-    _stage(f"3/8 training {config.model.backbone}+{config.model.head}, "
-           f"{FLAGS.train_steps} steps")
-    run = os.path.join(workdir, "run")
-    config.data.train_pattern = os.path.join(shards, "train-*")
-    config.data.validation_pattern = os.path.join(shards, "validation-*")
-    config.train.max_steps = FLAGS.train_steps
-    config.train.checkpoint_every = 100
-    config.train.log_every = 50
-    result_path = os.path.join(run, "result.json")
-    if not os.path.isfile(result_path):
-        cmd = [sys.executable, "-m", "dplg_tf.train", f"--workdir={run}", "--cpu_devices=2",
-               f"--config={_config_file(config, workdir)}"]
-        subprocess.run(cmd, check=True)
-    with open(result_path) as f:
-        trained = json.load(f)
-    print(f"loss {trained['first_loss']:.3f} -> {trained['last_loss']:.3f}, "
-          f"validation accuracy {trained['validation_accuracy']:.3f}")
-
-    _stage("4/8 export (untrained and trained)")
-    models = os.path.join(workdir, "models")
-    untrained_base, trained_base = os.path.join(models, "untrained"), os.path.join(models, "dplg")
-    if not os.path.isdir(untrained_base):
-        import keras
-
-        keras.utils.set_random_seed(config.train.seed)
-        export.export(build_dplg(config), untrained_base, version=1)
-    if not os.path.isdir(trained_base):
-        export.export(export.load_for_export(workdir=run), trained_base, version=1)
-    print(f"{untrained_base}/1 and {trained_base}/1")
-
+    print(estimate())
+    data = _synthetic_data(workdir)
+    shards = _shards(workdir, data)
+    run = _train(config, workdir, shards)
+    untrained_base, trained_base = _export(config, workdir, run)
     _stage("5/8 dplg-serve on the trained model")
     server, address = _start_server(trained_base, os.path.join(workdir, "serve.log"))
     print(f"serving on {address} (log {os.path.join(workdir, 'serve.log')})")
     try:
-        _stage("6/8 index the database through gRPC")
-        from dplg_tf.data.revisited import load_dataset
-
-        dataset = load_dataset(data, "synthetic")
-        describer = index.Describer(server=address)
-        paths = [dataset.image_path(i) for i in range(len(dataset.imlist))]
-        bar = Progress(len(paths), "images")
-        idx = index.DescriptorIndex(config.model.descriptor_dim, "exact", describer.probe())
-        names, rows, errors = describer.describe_files(paths, progress=bar)
-        if errors:
-            raise RuntimeError(f"the demo's images could not all be described: {errors[:3]}")
-        idx.add(rows, names)
-        bar.close()
-        idx.save(os.path.join(workdir, "index"))
-        q = dataset.load_query(0)
-        hits = idx.search(describer.describe_bytes([_png(q)]), 3)[1][0]
-        print(f"{len(idx)} images indexed; query {dataset.qimlist[0]} -> "
-              + ", ".join(os.path.basename(idx.names[i]) for i in hits))
-
+        _index(config, workdir, data, address)
         _stage("7/8 evaluate (Revisited protocol, 5 scales) and draw")
         results = {}
         results["untrained"] = evaluate.run_eval(
@@ -204,6 +171,105 @@ def pipeline(config, workdir):
     return results
 
 
+def _synthetic_data(workdir):
+    from dplg_tf.data import synthetic
+
+    data = os.path.join(workdir, "data")
+    _stage("1/8 synthetic landmarks")
+    if not os.path.isfile(os.path.join(data, "synthetic.json")):
+        print(json.dumps(synthetic.generate(
+            data, num_landmarks=FLAGS.num_landmarks, views_per_landmark=FLAGS.views_per_landmark,
+            num_eval_landmarks=12, queries_per_landmark=2, db_per_landmark=12,
+            num_distractors=120, width=192, height=144, seed=0)))
+    else:
+        print(f"have {data}")
+    return data
+
+
+def _shards(workdir, data):
+    from dplg_tf.data import tfrecords
+
+    _stage("2/8 TFRecord shards")
+    shards = os.path.join(workdir, "shards")
+    items, ignored = tfrecords.list_image_dir(os.path.join(data, "train"))
+    print(json.dumps(tfrecords.build(shards, items, num_shards=4, ignored=ignored)))
+    return shards
+
+
+def _train(config, workdir, shards):
+    """dplg-train on the demo config (with the user's --config.* overrides)."""
+    _stage(f"3/8 training {config.model.backbone}+{config.model.head}, "
+           f"{FLAGS.train_steps} steps")
+    run = os.path.join(workdir, "run")
+    overrides = dict(config_flags.get_override_values(FLAGS["config"]))
+    overrides.update({"data.train_pattern": os.path.join(shards, "train-*"),
+                      "data.validation_pattern": os.path.join(shards, "validation-*"),
+                      "train.max_steps": FLAGS.train_steps,
+                      "train.checkpoint_every": 100, "train.log_every": 50})
+    result_path = os.path.join(run, "result.json")
+    if not os.path.isfile(result_path):
+        config_file = config_flags.get_config_filename(FLAGS["config"])
+        cmd = [sys.executable, "-m", "dplg_tf.train", f"--workdir={run}", "--cpu_devices=1",
+               f"--config={config_file}"] + [
+            f"--config.{key}={_flag_value(value)}" for key, value in overrides.items()]
+        subprocess.run(cmd, check=True)
+    with open(result_path) as f:
+        trained = json.load(f)
+    accuracy, rate = trained["validation_accuracy"], trained.get("images_per_sec")
+    print(f"loss {trained['first_loss']:.3f} -> {trained['last_loss']:.3f}, validation "
+          f"accuracy {'-' if accuracy is None else f'{accuracy:.3f}'}, "
+          f"{'-' if rate is None else f'{rate:.0f}'} images/s")
+    return run
+
+
+def _flag_value(value):
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return str(value)
+
+
+def _export(config, workdir, run):
+    from dplg_tf import export
+    from dplg_tf.model import build_dplg
+
+    _stage("4/8 export (untrained and trained)")
+    models = os.path.join(workdir, "models")
+    untrained_base, trained_base = os.path.join(models, "untrained"), os.path.join(models, "dplg")
+    if not os.path.isdir(untrained_base):
+        import keras
+
+        keras.utils.set_random_seed(config.train.seed)
+        export.export(build_dplg(config), untrained_base, version=1)
+    if not os.path.isdir(trained_base):
+        export.export(export.load_for_export(workdir=run), trained_base, version=1)
+    print(f"{untrained_base}/1 and {trained_base}/1")
+    return untrained_base, trained_base
+
+
+def _index(config, workdir, data, address):
+    from dplg_tf import index
+    from dplg_tf.data.revisited import load_dataset
+    from dplg_tf.describer import Describer
+    from dplg_tf.progress import progress_bar
+
+    _stage("6/8 index the database through gRPC")
+    dataset = load_dataset(data, "synthetic")
+    describer = Describer(server=address)
+    paths = [dataset.image_path(i) for i in range(len(dataset.imlist))]
+    bar = progress_bar(len(paths), "images")
+    idx = index.DescriptorIndex(config.model.descriptor_dim, "exact", describer.probe())
+    names, rows, errors = describer.describe_files(paths, progress=bar)
+    if errors:
+        raise RuntimeError(f"the demo's images could not all be described: {errors[:3]}")
+    idx.add(rows, names)
+    bar.close()
+    idx.save(os.path.join(workdir, "index"))
+    q = dataset.load_query(0)
+    hits = idx.search(describer.describe_bytes([_png(q)]), 3)[1][0]
+    print(f"{len(idx)} images indexed; query {dataset.qimlist[0]} -> "
+          + ", ".join(os.path.basename(idx.names[i]) for i in hits))
+
+
 def _png(array):
     import io
 
@@ -212,19 +278,6 @@ def _png(array):
     buf = io.BytesIO()
     Image.fromarray(np.asarray(array)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def _config_file(config, workdir):
-    """A config file for dplg-train holding this exact config (with every override)."""
-    json_path = os.path.abspath(os.path.join(workdir, "config.json"))
-    with open(json_path, "w") as f:
-        f.write(config.to_json(indent=1))
-    path = os.path.join(workdir, "demo_config.py")
-    with open(path, "w") as f:
-        f.write("import json\n\nimport ml_collections\n\n\ndef get_config():\n"
-                f"    with open({json_path!r}) as f:\n"
-                "        return ml_collections.ConfigDict(json.load(f))\n")
-    return path
 
 
 def main(argv):

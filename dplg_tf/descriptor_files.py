@@ -20,6 +20,7 @@ import shutil
 
 import numpy as np
 
+from dplg_tf.cli import InputNotFound, UserError
 from dplg_tf.files import write_atomic
 
 PROBE_TOLERANCE = 1e-3
@@ -42,7 +43,7 @@ def read_npz(path):
     """(descriptors [N, D] float32, names, probe or None) of a descriptor file,
     checked: a 2-D finite array and one name per row."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Descriptor file {path} does not exist.")
+        raise InputNotFound(f"Descriptor file {path} does not exist.")
     try:
         data = np.load(path, allow_pickle=False)
         files = data.files
@@ -50,26 +51,26 @@ def read_npz(path):
         names = data["names"] if "names" in files else None
         probe = data["probe"] if "probe" in files else None
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file
-        raise ValueError(f"{path} is not a readable .npz descriptor file "
+        raise UserError(f"{path} is not a readable .npz descriptor file "
                          f"({type(e).__name__}).") from None
     if descriptors is None:
-        raise ValueError(f"{path} has no 'descriptors' array (found {files}).")
+        raise UserError(f"{path} has no 'descriptors' array (found {files}).")
     if descriptors.ndim != 2 or descriptors.dtype.kind not in "fiu" or (
             descriptors.size and descriptors.shape[1] == 0):
-        raise ValueError(f"{path}: 'descriptors' must be a 2-D array of numbers [N, D], "
+        raise UserError(f"{path}: 'descriptors' must be a 2-D array of numbers [N, D], "
                          f"got shape {list(descriptors.shape)} of {descriptors.dtype}.")
     descriptors = descriptors.astype(np.float32)
     if not np.all(np.isfinite(descriptors)):
         bad = int(np.sum(~np.all(np.isfinite(descriptors), axis=1)))
-        raise ValueError(f"{path}: {bad} descriptors hold NaN or infinite values.")
+        raise UserError(f"{path}: {bad} descriptors hold NaN or infinite values.")
     names = [str(n) for n in names] if names is not None else [
         str(i) for i in range(len(descriptors))]
     if len(names) != len(descriptors):
-        raise ValueError(f"{path} has {len(descriptors)} descriptors but {len(names)} names.")
+        raise UserError(f"{path} has {len(descriptors)} descriptors but {len(names)} names.")
     if probe is not None:
         probe = probe.astype(np.float32).ravel()
         if probe.shape[0] != descriptors.shape[1] or not np.all(np.isfinite(probe)):
-            raise ValueError(f"{path}: the probe descriptor does not fit the descriptors.")
+            raise UserError(f"{path}: the probe descriptor does not fit the descriptors.")
     return descriptors, names, probe
 
 
@@ -96,11 +97,11 @@ class ChunkedOutput:
             with open(path) as f:
                 old = json.load(f)
             if not same_probe(old.get("probe", []), self.probe):
-                raise ValueError(f"{self.folder} holds the unfinished work of another model; "
+                raise UserError(f"{self.folder} holds the unfinished work of another model; "
                                  "use that model, or delete the folder to start again.")
             if {k: v for k, v in old.items() if k != "probe"} != {
                     k: v for k, v in self.manifest.items() if k != "probe"}:
-                raise ValueError(f"{self.folder} holds the unfinished work of other inputs "
+                raise UserError(f"{self.folder} holds the unfinished work of other inputs "
                                  "or another --chunk_size; delete it to start again.")
         else:
             os.makedirs(self.folder, exist_ok=True)

@@ -21,7 +21,7 @@ import numpy as np
 
 from dplg_tf import cli
 
-PROTOCOLS = ("easy", "medium", "hard")
+from dplg_tf.data.revisited import PROTOCOLS
 
 
 def compute_ap(positions, num_positives):
@@ -39,7 +39,7 @@ def compute_map(ranks, gnd, kappas=(1, 5, 10)):
     """(mAP, APs [n_query], mP@k [len(kappas)], P@k [n_query, len(kappas)])."""
     ranks = np.asarray(ranks)
     if ranks.ndim != 2 or ranks.shape[1] != len(gnd):
-        raise ValueError(f"ranks must be [n_db, n_query={len(gnd)}], got {ranks.shape}.")
+        raise cli.UserError(f"ranks must be [n_db, n_query={len(gnd)}], got {ranks.shape}.")
     n_query = len(gnd)
     aps = np.full(n_query, np.nan)
     prs = np.full((n_query, len(kappas)), np.nan)
@@ -101,75 +101,31 @@ def markdown_table(results, title=None):
 
 # ------------------------------------------------------------- extraction
 
-class LocalExtractor:
-    """Multi-scale descriptors from a SavedModel on disk (base path or version dir)."""
-
-    def __init__(self, path, scales):
-        import tensorflow as tf
-
-        from dplg_tf.export import resolve_saved_model
-
-        self.identity = resolve_saved_model(path)
-        self._fn = tf.saved_model.load(self.identity).signatures["multiscale"]
-        self.scales = list(scales)
-        self._scales = tf.constant(scales, tf.float32)
-        self._tf = tf
-
-    def __call__(self, image):
-        out = self._fn(image=self._tf.constant(image), scales=self._scales)
-        return {k: v.numpy() for k, v in out.items()}
-
-
-class ServerExtractor:
-    """Multi-scale descriptors through dplg-serve or TF Serving."""
-
-    def __init__(self, address, model_name, scales):
-        from dplg_tf.serving.client import Client
-
-        self.client = Client(address, model_name, timeout=600)
-        version = self.client.status()[0][0]
-        self.identity = f"grpc://{address}/{model_name}/{version}"
-        self.scales = scales
-
-    def __call__(self, image):
-        return self.client.multiscale(image, self.scales)
-
-
-def _load_rgb(path, bbx=None):
-    from dplg_tf import images
-
-    return images.load(path, bbx=bbx)
-
-
-def cache_key(extractor, name, jobs):
+def cache_key(describer, scales, name, jobs):
     """What the cached descriptors depend on: the model (its identity and its
     descriptor of the probe image), the scales and the images."""
     import hashlib
 
-    from dplg_tf import images
-
-    probe = getattr(extractor, "probe_descriptor", None)
-    if probe is None:  # once per extractor: the database and the queries share it
-        probe = np.asarray(extractor(images.probe_image())["global_descriptor"], np.float32)
-        extractor.probe_descriptor = probe
     h = hashlib.sha1()
-    h.update(f"{extractor.identity}|{list(extractor.scales)}|{name}|{len(jobs)}".encode())
-    h.update(np.round(probe, 4).tobytes())
+    h.update(f"{describer.identity}|{list(scales)}|{name}|{len(jobs)}".encode())
+    h.update(np.round(describer.probe(), 4).tobytes())
     h.update(repr(jobs).encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 
-def extract(extractor, jobs, cache_dir, name, chunk=32, progress=True, workers=4):
-    """Descriptors of `jobs` [(path, bbx or None)], cached in resumable chunks."""
+def extract(describer, scales, jobs, cache_dir, name, chunk=32, progress=True, workers=4):
+    """Descriptors of `jobs` [(path, bbx or None)] at `scales`, cached in
+    resumable chunks."""
     import concurrent.futures
 
-    from dplg_tf.progress import Progress
+    from dplg_tf import images
+    from dplg_tf.progress import progress_bar
 
-    key = cache_key(extractor, name, jobs)
+    key = cache_key(describer, scales, name, jobs)
     folder = os.path.join(cache_dir, f"{name}-{key}")
     os.makedirs(folder, exist_ok=True)
     parts = []
-    bar = Progress(len(jobs), f"{name} images", enabled=progress)
+    bar = progress_bar(len(jobs), f"{name} images", enabled=progress)
     for start in range(0, len(jobs), chunk):
         part = os.path.join(folder, f"{start:08d}.npy")
         size = min(chunk, len(jobs) - start)
@@ -179,7 +135,8 @@ def extract(extractor, jobs, cache_dir, name, chunk=32, progress=True, workers=4
             continue
 
         def one(job):
-            return extractor(_load_rgb(*job))["global_descriptor"]
+            path, bbx = job
+            return describer.multiscale(images.load(path, bbx=bbx), scales)["global_descriptor"]
 
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             rows = []
@@ -200,7 +157,7 @@ def load_distractors(path, dim):
     data = np.load(path)
     array = data["descriptors"] if hasattr(data, "files") else data
     if array.ndim != 2 or array.shape[1] != dim:
-        raise ValueError(f"Distractors in {path} have shape {array.shape}; expected "
+        raise cli.UserError(f"Distractors in {path} have shape {array.shape}; expected "
                          f"[N, {dim}] descriptors from the same model.")
     return array.astype(np.float32)
 
@@ -212,18 +169,18 @@ def run_eval(dataset_name, data_root, model=None, server=None, model_name="dplg"
     from dplg_tf.config import PAPER_SCALES
     from dplg_tf.data.revisited import load_dataset
 
-    if bool(model) == bool(server):
-        raise ValueError("Give exactly one of --model (a SavedModel) or --server (host:port).")
+    from dplg_tf.describer import Describer
+
     dataset = load_dataset(data_root, dataset_name)
     scales = list(scales or PAPER_SCALES)
-    extractor = (LocalExtractor(model, scales) if model
-                 else ServerExtractor(server, model_name, scales))
+    describer = Describer(model, server, model_name)
     output_dir = output_dir or os.path.join(data_root, dataset_name, "eval")
     cache_dir = cache_dir or os.path.join(output_dir, "cache")
-    db = extract(extractor, [(dataset.image_path(i), None) for i in range(len(dataset.imlist))],
+    db = extract(describer, scales, [(dataset.image_path(i), None)
+                                     for i in range(len(dataset.imlist))],
                  cache_dir, "database", progress=progress, workers=workers)
-    queries = extract(extractor, [(dataset.query_path(i), dataset.bbx(i))
-                                  for i in range(len(dataset.qimlist))],
+    queries = extract(describer, scales, [(dataset.query_path(i), dataset.bbx(i))
+                                          for i in range(len(dataset.qimlist))],
                       cache_dir, "queries", progress=progress, workers=workers)
     full_db = db
     if distractors:
@@ -232,7 +189,7 @@ def run_eval(dataset_name, data_root, model=None, server=None, model_name="dplg"
     results = evaluate(ranks, dataset)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump({"dataset": dataset_name, "model": extractor.identity,
+        json.dump({"dataset": dataset_name, "model": describer.identity,
                    "distractors": int(full_db.shape[0] - db.shape[0]), "results": results},
                   f, indent=1)
     with open(os.path.join(output_dir, "results.md"), "w") as f:
@@ -240,7 +197,10 @@ def run_eval(dataset_name, data_root, model=None, server=None, model_name="dplg"
     if figures:
         from dplg_tf import pictures
 
-        pictures.write_figures(dataset, ranks, extractor, output_dir, figures)
+        def attention(image):
+            return describer.multiscale(image, scales)["attention"]
+
+        pictures.write_figures(dataset, ranks, attention, output_dir, figures)
     return results, ranks, dataset, db, queries
 
 

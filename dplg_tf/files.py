@@ -11,6 +11,8 @@ import os
 import shutil
 import tempfile
 
+from dplg_tf.cli import UserError
+
 
 def fsync_dir(path):
     """Flush a folder's entries (renames) to disk, where the OS allows it."""
@@ -70,7 +72,7 @@ class StateFolder:
             name = f.read().strip()
         if not name.startswith("state-") or os.sep in name or not os.path.isdir(
                 os.path.join(self.folder, name)):
-            raise ValueError(f"{self.folder}/{self.POINTER} names no state folder; the "
+            raise UserError(f"{self.folder}/{self.POINTER} names no state folder; the "
                              "folder was changed by hand.")
         return os.path.join(self.folder, name)
 

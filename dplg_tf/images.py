@@ -15,6 +15,8 @@ import struct
 
 import numpy as np
 
+from dplg_tf.cli import InputNotFound, UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 
 
@@ -33,7 +35,7 @@ class Limits:
         scales = [float(s) for s in scales]
         if not scales or len(scales) > self.max_scales or any(
                 not (0.0 < s <= self.max_scale) for s in scales):
-            raise ValueError(f"Scales must be 1 to {self.max_scales} values in "
+            raise UserError(f"Scales must be 1 to {self.max_scales} values in "
                              f"(0, {self.max_scale:g}], got {scales}.")
         return scales
 
@@ -69,7 +71,7 @@ def limits_from_flags(names=tuple(LIMIT_FLAGS)):
         LIMIT_FLAGS[n][0]: getattr(flags.FLAGS, n) for n in names})
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image that is refused; `reason` is one of REASONS."""
 
     REASONS = ("undecodable", "too large", "too small", "unreadable")
@@ -211,7 +213,7 @@ def decode(data, limits=DEFAULT_LIMITS, bbx=None):
         raise ImageError("undecodable", f"The image cannot be decoded: {e}.") from None
 
 
-def load(path, limits=DEFAULT_LIMITS, bbx=None):
+def load(path, *, limits=DEFAULT_LIMITS, bbx=None):
     """uint8 [H, W, 3] RGB of an image file, checked before decoding."""
     return decode(read_bytes(path, limits), limits, bbx)
 
@@ -269,7 +271,7 @@ def list_images(paths, problems=None, extensions=IMAGE_EXTENSIONS):
         elif os.path.isfile(path):
             files.append(path)
         else:
-            raise FileNotFoundError(f"{display_name(path)} is neither an image file nor "
+            raise InputNotFound(f"{display_name(path)} is neither an image file nor "
                                     "a folder.")
     return files
 
@@ -298,3 +300,65 @@ def probe_bytes():
     buf = io.BytesIO()
     Image.fromarray(probe_image()).save(buf, "PNG")
     return buf.getvalue()
+
+
+# ------------------------------------------------------------ describing
+
+def tf_refusal(error):
+    """Why a local SavedModel refused an image (its InvalidArgumentError), or None."""
+    if type(error).__name__ == "InvalidArgumentError":
+        from dplg_tf.saved_models import tf_error_message
+
+        return tf_error_message(error)
+    return None
+
+
+def describe_files(describe, paths, batch_size=8, concurrency=4, limits=None,
+                   progress=None, refusal=tf_refusal):
+    """(names, descriptors [n, D], [(name, reason)]) of image files, through
+    `describe(list of bytes) -> rows` (a Client's or a SavedModel's): each file
+    is read and checked first, a batch the model refuses is retried image by
+    image, and every bad image is reported, never fatal. Other errors (server
+    gone, deadline) are raised."""
+    import concurrent.futures
+
+    limits = limits or DEFAULT_LIMITS
+    blobs, errors = [], []
+    for path in paths:
+        try:
+            blobs.append((path, read_bytes(path, limits)))
+        except ImageError as e:
+            errors.append((display_name(path), f"{e.reason}: {e}"))
+            if progress is not None:
+                progress.update(1)
+
+    def send(batch):
+        try:
+            rows = describe([b for _, b in batch])
+            return [(p, r, None) for (p, _), r in zip(batch, rows)]
+        except Exception as e:  # noqa: BLE001 - sorted by refusal()
+            reason = refusal(e)
+            if reason is None:
+                raise
+            if len(batch) == 1:
+                return [(batch[0][0], None, reason)]
+            return [row for item in batch for row in send([item])]
+
+    batches = [blobs[i:i + batch_size] for i in range(0, len(blobs), batch_size)]
+    done = {}
+    with concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool:
+        for batch, rows in zip(batches, pool.map(send, batches)):
+            for path, row, error in rows:
+                done[path] = (row, error)
+            if progress is not None:
+                progress.update(len(batch))
+    names, descriptors = [], []
+    for path, _ in blobs:
+        row, error = done[path]
+        if error is None:
+            names.append(path)
+            descriptors.append(row)
+        else:
+            errors.append((display_name(path), f"refused by the model: {error}"))
+    dim = len(descriptors[0]) if descriptors else 0
+    return names, np.asarray(descriptors, np.float32).reshape(len(names), dim), errors

@@ -1,10 +1,9 @@
-"""A FAISS index of descriptors on disk, and the dplg-index / dplg-search commands.
+"""A FAISS index of descriptors on disk, and the dplg-index command (dplg-search
+is in dplg_tf.search).
 
     dplg-index --index_dir=idx --images=photos/ --server=127.0.0.1:8500
     dplg-index --index_dir=idx --descriptors=desc.npz --kind=hnsw
     dplg-index --index_dir=idx --descriptors=more.npz --append
-    dplg-search --index_dir=idx --server=127.0.0.1:8500 query.jpg --top_k=10
-    dplg-search --index_dir=idx --descriptors=queries.npz
 
 An index folder holds `index.faiss`, `names.json` (the id -> name mapping)
 and `meta.json` (dimension, kind, and the model's "probe": its descriptor of
@@ -30,10 +29,9 @@ import numpy as np
 from dplg_tf import cli
 from dplg_tf.descriptor_files import same_probe
 from dplg_tf.files import StateFolder
-from dplg_tf.images import probe_bytes
 
 KINDS = ("exact", "pq", "hnsw", "ivfpq")
-class IndexMismatch(ValueError):
+class IndexMismatch(cli.UserError):
     """The index and the request do not fit together."""
 
 
@@ -49,13 +47,13 @@ class DescriptorIndex:
         import faiss
 
         if kind not in KINDS:
-            raise ValueError(f"Unknown index kind {kind!r}; use one of {', '.join(KINDS)}.")
+            raise cli.UserError(f"Unknown index kind {kind!r}; use one of {', '.join(KINDS)}.")
         self.dim, self.kind = int(dim), kind
         self.probe = None if probe is None else np.asarray(probe, np.float32).ravel()
         if fs_m is None:  # two dimensions per 4-bit sub-quantiser
             fs_m = self.dim // 2 if self.dim % 2 == 0 else self.dim
         if self.dim % fs_m:
-            raise ValueError(f"fs_m={fs_m} must divide the dimension {self.dim}.")
+            raise cli.UserError(f"fs_m={fs_m} must divide the dimension {self.dim}.")
         self.params = dict(hnsw_m=hnsw_m, ef_search=ef_search, nlist=nlist, pq_m=pq_m,
                            nprobe=nprobe, refine=refine, fs_m=fs_m)
         self.names = []
@@ -105,7 +103,7 @@ class DescriptorIndex:
             raise IndexMismatch(f"Descriptors of shape {x.shape} cannot go into a "
                               f"{self.dim}-d index; they come from another model.")
         if len(names) != len(x):
-            raise ValueError(f"{len(x)} descriptors but {len(names)} names.")
+            raise cli.UserError(f"{len(x)} descriptors but {len(names)} names.")
         if self.index is None:
             if len(x) < 256:
                 raise IndexMismatch(f"A {self.kind} index needs at least 256 descriptors "
@@ -125,7 +123,7 @@ class DescriptorIndex:
         knobs = {"refine": refine, "nprobe": nprobe, "ef_search": ef_search}
         for name, value in knobs.items():
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, not {value}.")
+                raise cli.UserError(f"{name} must be at least 1, not {value}.")
         if refine is not None and self.kind in ("pq", "ivfpq"):
             faiss.downcast_index(self.index).k_factor = refine
             self.params["refine"] = refine
@@ -191,7 +189,7 @@ class DescriptorIndex:
         import faiss
 
         if os.path.exists(folder) and not os.path.isdir(folder):
-            raise ValueError(f"--index_dir {folder} is a file, not a folder.")
+            raise cli.UserError(f"--index_dir {folder} is a file, not a folder.")
         states = StateFolder(folder)
         tmp = states.new()
         try:
@@ -219,11 +217,11 @@ class DescriptorIndex:
         """The committed index of `folder` (or of an older flat folder)."""
         if not os.path.isdir(folder):
             what = "a file" if os.path.exists(folder) else "missing"
-            raise FileNotFoundError(f"--index_dir {folder} is {what}, not an index folder; "
+            raise cli.InputNotFound(f"--index_dir {folder} is {what}, not an index folder; "
                                     "build one with dplg-index.")
         state = StateFolder(folder).current() or folder
         if not os.path.isfile(os.path.join(state, "meta.json")):
-            raise FileNotFoundError(f"{folder} is not an index folder (no committed "
+            raise cli.InputNotFound(f"{folder} is not an index folder (no committed "
                                     "index); build one with dplg-index.")
         try:
             return cls._load_state(state)
@@ -251,47 +249,6 @@ class DescriptorIndex:
         return index
 
 
-# ------------------------------------------------------------ describing
-
-class Describer:
-    """Descriptors of image files and of the probe, through a server or a SavedModel."""
-
-    def __init__(self, server=None, model=None, model_name="dplg"):
-        if bool(server) == bool(model):
-            raise ValueError("Give exactly one of --server (host:port) or --model (SavedModel).")
-        if server:
-            from dplg_tf.serving.client import Client
-
-            self.client = Client(server, model_name, timeout=600)
-            self.fn = None
-        else:
-            import tensorflow as tf
-
-            from dplg_tf.export import resolve_saved_model
-
-            path = resolve_saved_model(model)
-            self.fn = tf.saved_model.load(path).signatures["serving_default"]
-            self.client = None
-
-    def describe_bytes(self, blobs):
-        if self.client is not None:
-            return self.client.describe_bytes(blobs)
-        import tensorflow as tf
-
-        return self.fn(image_bytes=tf.constant(blobs))["global_descriptor"].numpy()
-
-    def describe_files(self, paths, batch_size=8, progress=None):
-        """(names, descriptors [n, D], [(name, reason)]): bad images are reported."""
-        from dplg_tf.serving.client import describe_checked
-
-        concurrency = 4 if self.client is not None else 1
-        return describe_checked(self.describe_bytes, paths, batch_size, concurrency,
-                                progress=progress)
-
-    def probe(self):
-        return self.describe_bytes([probe_bytes()])[0]
-
-
 def read_descriptor_file(path):
     """(descriptors, names, probe or None) of a checked descriptor file."""
     from dplg_tf.descriptor_files import read_npz
@@ -301,7 +258,7 @@ def read_descriptor_file(path):
 
 # -------------------------------------------------------------------- CLI
 
-def _define_common():
+def define_common_flags():
     from absl import flags
 
     flags.DEFINE_string("index_dir", None, "The index folder.", required=True)
@@ -313,38 +270,40 @@ def _define_common():
                       "descriptor (the model that made it is then not checked).")
 
 
-def _report(errors, command):
+def report(errors, command):
     for name, reason in errors[:20]:
         print(f"{command}: skipped {name}: {reason}", file=sys.stderr)
     if len(errors) > 20:
         print(f"{command}: ... and {len(errors) - 20} more", file=sys.stderr)
 
 
-def _inputs(f, argv, command):
+def read_inputs(f, argv, command):
     """(descriptors, names, probe, errors) from --descriptors or image paths."""
     from dplg_tf import images
-    from dplg_tf.progress import Progress
+    from dplg_tf.progress import progress_bar
 
     paths = list(getattr(f, "images", None) or []) + argv[1:]
     if bool(paths) == bool(f.descriptors):
-        raise ValueError("Give either --descriptors or image files / folders.")
+        raise cli.UserError("Give either --descriptors or image files / folders.")
     if f.descriptors:
         descriptors, names, probe = read_descriptor_file(f.descriptors)
         if probe is None and not f.allow_unverified:
-            raise ValueError(f"{f.descriptors} carries no probe descriptor, so the model "
+            raise cli.UserError(f"{f.descriptors} carries no probe descriptor, so the model "
                              "that made it cannot be checked; describe the images again "
                              "with dplg-client, or pass --allow_unverified.")
         return descriptors, names, probe, []
-    describer = Describer(f.server, f.model, f.model_name)
+    from dplg_tf.describer import Describer
+
+    describer = Describer(f.model, f.server, f.model_name)
     problems = []
     files = images.list_images(paths, problems)
     if not files:
-        raise ValueError("No image files found in " + ", ".join(paths) + ".")
-    bar = Progress(len(files), "images")
+        raise cli.UserError("No image files found in " + ", ".join(paths) + ".")
+    bar = progress_bar(len(files), "images")
     names, descriptors, errors = describer.describe_files(files, progress=bar)
     bar.close()
     errors = problems + errors
-    _report(errors, command)
+    report(errors, command)
     return descriptors, names, describer.probe(), errors
 
 
@@ -353,13 +312,13 @@ def index_main(argv):
 
     f = flags.FLAGS
     if f.append and f.overwrite:
-        raise ValueError("Give --append or --overwrite, not both.")
+        raise cli.UserError("Give --append or --overwrite, not both.")
     if os.path.exists(f.index_dir) and not os.path.isdir(f.index_dir):
-        raise ValueError(f"--index_dir {f.index_dir} is a file, not a folder.")
+        raise cli.UserError(f"--index_dir {f.index_dir} is a file, not a folder.")
     if not f.append and DescriptorIndex.exists(f.index_dir) and not f.overwrite:
-        raise ValueError(f"{f.index_dir} already holds an index; pass --append to add "
+        raise cli.UserError(f"{f.index_dir} already holds an index; pass --append to add "
                          "to it or --overwrite to replace it.")
-    descriptors, names, probe, errors = _inputs(f, argv, "dplg-index")
+    descriptors, names, probe, errors = read_inputs(f, argv, "dplg-index")
     if f.append:
         index = DescriptorIndex.load(f.index_dir)
         if probe is not None:
@@ -373,56 +332,15 @@ def index_main(argv):
         sys.exit(1)
 
 
-def search_main(argv):
-    from absl import flags
-
-    f = flags.FLAGS
-    if f.top_k < 1:
-        raise ValueError(f"--top_k must be at least 1, not {f.top_k}.")
-    index = DescriptorIndex.load(f.index_dir)
-    queries, names, probe, errors = _inputs(f, argv, "dplg-search")
-    if probe is not None:
-        index.check_probe(probe)
-    index.tune(f.refine, f.nprobe, f.ef_search)
-    scores, ids = index.search(queries, f.top_k) if len(queries) else ([], [])
-    results = []
-    for name, row_scores, row_ids in zip(names, scores, ids):
-        hits = [{"name": index.names[i], "score": round(float(s), 5)}
-                for s, i in zip(row_scores, row_ids) if i >= 0]
-        results.append({"query": name, "results": hits})
-        print(name)
-        for rank, hit in enumerate(hits, 1):
-            print(f"  {rank:3d}. {hit['score']:.4f}  {hit['name']}")
-    if f.output:
-        from dplg_tf.files import write_atomic
-
-        write_atomic(f.output, json.dumps(results, indent=1))
-    if errors:
-        sys.exit(1)
-
-
 def run_index():
     from absl import flags
 
-    _define_common()
+    define_common_flags()
     flags.DEFINE_list("images", None, "Image files or folders to index (also positional).")
     flags.DEFINE_enum("kind", "exact", list(KINDS), "Index kind.")
     flags.DEFINE_bool("append", False, "Add to an existing index.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing index.")
     cli.run(index_main, "dplg-index")
-
-
-def run_search():
-    from absl import flags
-
-    _define_common()
-    flags.DEFINE_integer("top_k", 10, "Results per query.")
-    flags.DEFINE_string("output", None, "Also write the results as JSON here.")
-    flags.DEFINE_integer("refine", None, "pq / ivfpq: candidates re-ranked exactly, as a "
-                         "multiple of top_k (default: the index's).")
-    flags.DEFINE_integer("nprobe", None, "ivfpq: inverted lists scanned per query.")
-    flags.DEFINE_integer("ef_search", None, "hnsw: size of the search frontier.")
-    cli.run(search_main, "dplg-search")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import keras
 from keras import ops
 
 from dplg_tf import backbones, layers
+from dplg_tf.cli import InputNotFound, UserError
 from dplg_tf.config import validate
 
 
@@ -46,7 +47,7 @@ class MinSizeCheck(keras.layers.Layer):
         for axis, name in ((1, "height"), (2, "width")):
             size = images.shape[axis]
             if isinstance(size, int) and size < self.min_size:
-                raise ValueError(
+                raise UserError(
                     f"Image {name} is {size} px but the model needs at least "
                     f"{self.min_size} px; upscale or pad the image.")
         return images
@@ -119,7 +120,7 @@ def build_training_model(config, num_classes=None):
     validate(config)
     num_classes = num_classes or config.loss.num_classes
     if not num_classes or num_classes <= 0:
-        raise ValueError(
+        raise UserError(
             "The number of classes is unknown: set config.loss.num_classes or pass "
             "num_classes (the training data's relabeling.csv gives it).")
     embedder = build_dplg(config, name="dplg")
@@ -139,5 +140,5 @@ def load_model(path):
     import os
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Model file {path!r} does not exist.")
+        raise InputNotFound(f"Model file {path!r} does not exist.")
     return keras.models.load_model(path)  # dplg_tf's layers are registered on import

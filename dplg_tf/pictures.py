@@ -75,37 +75,29 @@ def ranked_sheet(query, results, path, title=""):
     return path
 
 
-def label_of(gnd_entry, index):
-    """positive / junk / negative of a database index under the Medium protocol."""
-    if index in set(gnd_entry.get("easy", [])) | set(gnd_entry.get("hard", [])):
-        return "positive"
-    if index in set(gnd_entry.get("junk", [])):
-        return "junk"
-    return "negative"
-
-
-def write_figures(dataset, ranks, extractor, output_dir, count, top_k=8):
-    """Ranked sheets and attention figures for the first `count` queries."""
-    from dplg_tf.evaluate import _load_rgb
+def write_figures(dataset, ranks, attention_of, output_dir, count, top_k=8):
+    """Ranked sheets and attention figures for the first `count` queries;
+    `attention_of(image)` is the model's attention map of an image."""
+    from dplg_tf.images import load
 
     folder = os.path.join(output_dir, "figures")
     os.makedirs(folder, exist_ok=True)
     written = []
     for q in range(min(count, len(dataset.qimlist))):
-        query = _load_rgb(dataset.query_path(q), dataset.bbx(q))
+        query = load(dataset.query_path(q), bbx=dataset.bbx(q))
         results = []
         for idx in ranks[:top_k, q]:
             if idx >= len(dataset.imlist):  # a distractor descriptor without an image
                 continue
-            results.append((_load_rgb(dataset.image_path(idx)),
-                            label_of(dataset.gnd[q], int(idx)), dataset.imlist[idx][:18]))
+            results.append((load(dataset.image_path(idx)),
+                            dataset.label(q, int(idx)), dataset.imlist[idx][:18]))
         written.append(ranked_sheet(query, results,
                                     os.path.join(folder, f"ranked_{q:03d}.png"),
                                     f"{dataset.name} query {dataset.qimlist[q]}"))
         top = int(ranks[0, q])
-        pairs = [(query, extractor(query)["attention"], "query")]
+        pairs = [(query, attention_of(query), "query")]
         if top < len(dataset.imlist):
-            image = _load_rgb(dataset.image_path(top))
-            pairs.append((image, extractor(image)["attention"], "top-1"))
+            image = load(dataset.image_path(top))
+            pairs.append((image, attention_of(image), "top-1"))
         written.append(attention_figure(pairs, os.path.join(folder, f"attention_{q:03d}.png")))
     return written

@@ -31,3 +31,46 @@ def small_dplg(seed=0):
     c.model.backbone = "small"
     c.model.local_dim = 32
     return build_dplg(c)
+
+
+def image_bytes(h=120, w=160, seed=0, fmt="JPEG", mode="RGB"):
+    """An encoded image of seeded noise (JPEG unless told otherwise)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arr = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, fmt)
+    return buf.getvalue()
+
+
+def free_ports(n=1):
+    """`n` TCP ports on 127.0.0.1 that were free a moment ago."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory):
+    """TFRecord shards of 6 synthetic landmarks x 14 views at 96x96 (train and
+    validation), shared by the tests that train."""
+    from dplg_tf.data import synthetic, tfrecords
+
+    base = tmp_path_factory.mktemp("train_data")
+    synthetic.generate(str(base), num_landmarks=6, views_per_landmark=14, num_eval_landmarks=1,
+                       queries_per_landmark=1, db_per_landmark=3, num_distractors=0,
+                       width=96, height=96, seed=5, num_workers=1, progress=False)
+    items, _ = tfrecords.list_image_dir(str(base / "train"))
+    out = str(base / "shards")
+    tfrecords.build(out, items, num_shards=4, validation_fraction=0.2, progress=False)
+    return out

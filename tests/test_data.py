@@ -15,7 +15,7 @@ import tensorflow as tf
 from PIL import Image
 
 from dplg_tf.config import base_config
-from dplg_tf.data import pipeline, revisited, synthetic, tfrecords
+from dplg_tf.data import pipeline, revisited, safe_pickle, synthetic, tfrecords
 
 SMALL = dict(num_landmarks=4, views_per_landmark=6, num_eval_landmarks=3,
              queries_per_landmark=2, db_per_landmark=6, num_distractors=5,
@@ -69,10 +69,15 @@ def test_synthetic_layout_and_ground_truth(synthetic_root):
         x1, y1, x2, y2 = ds.bbx(i)
         assert 0 <= x1 < x2 <= 128 and 0 <= y1 < y2 <= 96
         crop = ds.load_query(i)
-        assert crop.size == (round(x2) - round(x1), round(y2) - round(y1))
+        assert crop.shape == (round(y2) - round(y1), round(x2) - round(x1), 3)
+        assert ds.label(i, sorted(g["easy"])[0]) == "positive"
+        assert ds.label(i, sorted(g["hard"])[0]) == "positive"
+        assert ds.label(i, sorted(g["hard"])[0], "easy") == "junk"
+        assert ds.label(i, sorted(g["junk"])[0]) == "junk"
     distractors = [j for j, n in enumerate(ds.imlist) if n.startswith("distractor")]
     assert len(distractors) == 5
     assert not any(set(distractors) & set(g["easy"] + g["hard"] + g["junk"]) for g in ds.gnd)
+    assert ds.label(0, distractors[0]) == "negative"
 
 
 def test_synthetic_views_look_alike_more_within_a_landmark(synthetic_root):
@@ -113,7 +118,7 @@ class _Evil:
 def test_restricted_unpickler_refuses_other_objects(tmp_path, payload):
     path = tmp_path / "gnd_bad.pkl"
     path.write_bytes(pickle.dumps(payload))
-    with pytest.raises(revisited.UnsafePickleError, match="which a ground-truth file never"):
+    with pytest.raises(safe_pickle.UnsafePickleError, match="which a ground-truth file never"):
         revisited.safe_load_pickle(str(path))
 
 

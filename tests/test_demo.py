@@ -1,5 +1,6 @@
 """The demo command as a user runs it."""
 
+import json
 import os
 import subprocess
 import sys
@@ -57,3 +58,6 @@ def test_the_whole_demo_at_a_small_scale(tmp_path):
     assert {"ranked_000.png", "attention_000.png"} <= set(figures)
     assert len(DescriptorIndex.load(str(workdir / "index"))) == 264
     assert (workdir / "results.md").is_file()
+    run_config = json.loads((workdir / "run" / "config.json").read_text())
+    assert run_config["train"]["batch_size"] == 8  # the --config.* overrides reach dplg-train
+    assert run_config["data"]["image_size"] == 64 and run_config["train"]["max_steps"] == 12

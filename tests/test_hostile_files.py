@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import image_bytes
 from dplg_tf.data import revisited, safe_pickle
 from dplg_tf.descriptor_files import read_npz, write_npz
 from dplg_tf.index import DescriptorIndex
@@ -221,7 +222,7 @@ def _index_cli(*args):
 
 
 def _search_cli(*args):
-    return subprocess.run([sys.executable, "-c", "from dplg_tf.index import run_search; "
+    return subprocess.run([sys.executable, "-c", "from dplg_tf.search import run_search; "
                            "run_search()", *args], capture_output=True, text=True,
                           timeout=120, env=ENV)
 
@@ -334,10 +335,7 @@ def test_sigkill_during_append_never_loses_the_index(tmp_path, index_dir):
 # ---------------------------------------------------------------- builder
 
 def _jpeg_bytes(seed, size=(48, 40)):
-    buf = io.BytesIO()
-    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), np.uint8)
-    Image.fromarray(arr).save(buf, "JPEG")
-    return buf.getvalue()
+    return image_bytes(size[1], size[0], seed)
 
 
 def _gif_bomb(frame=12000, screen=100):
@@ -398,22 +396,22 @@ def test_error_messages_are_whole_sentences_without_tensorflow_framing():
         "Invalid JPEG data, size 250"
 
 
-class _FakeExtractor:
-    def __init__(self, identity, scales, sign=1.0):
-        self.identity, self.scales, self.sign = identity, scales, sign
+class _FakeDescriber:
+    def __init__(self, identity, sign=1.0):
+        self.identity, self.sign = identity, sign
 
-    def __call__(self, image):
-        del image
-        return {"global_descriptor": self.sign * np.ones(4, np.float32) / 2}
+    def probe(self):
+        return self.sign * np.ones(4, np.float32) / 2
 
 
 def test_evaluation_cache_key_follows_model_and_scales():
     from dplg_tf.evaluate import cache_key
 
     jobs = [("a.jpg", None), ("b.jpg", (0, 0, 5, 5))]
-    key = cache_key(_FakeExtractor("m/1", [1.0, 0.5]), "database", jobs)
-    assert key == cache_key(_FakeExtractor("m/1", [1.0, 0.5]), "database", jobs)
-    assert key != cache_key(_FakeExtractor("m/1", [1.0]), "database", jobs)  # scales
-    assert key != cache_key(_FakeExtractor("m/1", [1.0, 0.5], -1), "database", jobs)  # model
-    assert key != cache_key(_FakeExtractor("m/1", [1.0, 0.5]), "database", jobs[:1] + [
+    key = cache_key(_FakeDescriber("m/1"), [1.0, 0.5], "database", jobs)
+    assert key == cache_key(_FakeDescriber("m/1"), [1.0, 0.5], "database", jobs)
+    assert key != cache_key(_FakeDescriber("m/1"), [1.0], "database", jobs)  # scales
+    assert key != cache_key(_FakeDescriber("m/1", -1), [1.0, 0.5], "database", jobs)  # model
+    assert key != cache_key(_FakeDescriber("m/2"), [1.0, 0.5], "database", jobs)  # identity
+    assert key != cache_key(_FakeDescriber("m/1"), [1.0, 0.5], "database", jobs[:1] + [
         ("c.jpg", None)])  # images

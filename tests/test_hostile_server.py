@@ -8,7 +8,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import small_dplg
+from conftest import free_ports, small_dplg
 import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
@@ -31,7 +30,6 @@ from dplg_tf.descriptor_files import ChunkedOutput, read_npz
 from dplg_tf.serving import batching
 from dplg_tf.serving.server import Server, tf_error_message
 
-pytestmark = pytest.mark.slow
 LIMITS = dataclasses.replace(images.DEFAULT_LIMITS, max_images=16, max_pixels=1_000_000,
                              max_request_mb=4)
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
@@ -207,6 +205,7 @@ HOSTILE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_request_is_refused_and_the_server_keeps_serving(server, name):
     (inputs, signature), code, text = HOSTILE[name]
@@ -222,6 +221,7 @@ def test_hostile_request_is_refused_and_the_server_keeps_serving(server, name):
                                atol=1e-6)
 
 
+@pytest.mark.slow
 def test_within_limits_but_unusual_images_are_described(server):
     # an empty batch is answered [0, D], as TF Serving does
     out = server.stub.Predict(_request({"image_bytes": np.zeros(0, dtype=object)}),
@@ -236,6 +236,7 @@ def test_within_limits_but_unusual_images_are_described(server):
     assert rows.shape == (16, 512)
 
 
+@pytest.mark.slow
 def test_signatures_check_the_limits_without_the_server(exported):
     """TF Serving runs the signatures as they are: they refuse alone."""
     loaded = tf.saved_model.load(os.path.join(exported[0], "1"))
@@ -296,6 +297,7 @@ def test_a_large_request_does_not_starve_small_ones():
     b.close()
 
 
+@pytest.mark.slow
 def test_a_request_past_its_deadline_is_not_finished_by_the_server(server):
     batcher = server.manager.current.batcher
     before = batcher.items_run
@@ -311,6 +313,7 @@ def test_a_request_past_its_deadline_is_not_finished_by_the_server(server):
 
 # ------------------------------------------------------------ versions
 
+@pytest.mark.slow
 def test_a_version_that_failed_to_load_is_reported_and_retried(server, exported):
     base = exported[0]
     broken = os.path.join(base, "2")
@@ -349,16 +352,11 @@ def test_a_version_that_failed_to_load_is_reported_and_retried(server, exported)
 
 # ------------------------------------------------- a server under a memory cap
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_amplification_requests_under_a_memory_cap(exported, tmp_path):
     """dplg-serve under `prlimit --as` (its own size plus 1.5 GiB): the
     requests that used to expand to gigabytes are refused, and it serves on."""
-    port = _free_port()
+    port = free_ports()[0]
     cmd = [sys.executable, "-m", "dplg_tf.serving.server", f"--model_base_path={exported[0]}",
            f"--port={port}", "--max_pixels=1000000", "--max_images_per_request=16"]
     probe = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -427,6 +425,7 @@ def photos(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_client_keeps_going_past_bad_images_and_names_them(server, photos, tmp_path):
     out = tmp_path / "x.desc"  # written under exactly this name
     proc = _client(server, out, photos)
@@ -443,6 +442,7 @@ def test_client_keeps_going_past_bad_images_and_names_them(server, photos, tmp_p
     assert not os.path.exists(str(out) + ".parts")
 
 
+@pytest.mark.slow
 def test_client_killed_at_random_moments_resumes_without_redoing(server, photos, tmp_path):
     out = tmp_path / "desc.npz"
     rng = random.Random(11)
@@ -485,6 +485,7 @@ def test_unfinished_client_work_of_another_model_is_refused(tmp_path):
     assert again.done(0) and not again.done(1)
 
 
+@pytest.mark.slow
 def test_client_output_that_is_a_folder_is_refused(server, photos, tmp_path):
     proc = _client(server, tmp_path, photos)
     _, stderr = proc.communicate(timeout=120)

@@ -5,7 +5,7 @@ import numpy as np
 
 from dplg_tf import layers
 from dplg_tf.model import build_training_model
-from dplg_tf.train import learning_rate_schedule, make_optimizer, no_decay_variables
+from dplg_tf.optim import learning_rate_schedule, make_optimizer, no_decay_variables
 
 
 def test_cosine_schedule_with_warmup(small_config):

@@ -14,7 +14,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import small_dplg
+from conftest import image_bytes, small_dplg
 import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
@@ -23,27 +23,20 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      predict_pb2, prediction_service_pb2_grpc)
 
 from dplg_tf import export as export_lib
+from dplg_tf.extractor import DescriptorExtractor
+from dplg_tf.saved_models import next_version
 from dplg_tf import images
 from dplg_tf.config import PAPER_SCALES
 from dplg_tf.serving import batching
 from dplg_tf.serving.client import Client, ClientError
 from dplg_tf.serving.server import Server
 
-pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RNG = np.random.default_rng(7)
 
 
 def _model(seed=0):
     return small_dplg(seed)
-
-
-def _jpeg(h=120, w=160, seed=0, fmt="JPEG", mode="RGB"):
-    arr = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
-    img = Image.fromarray(arr).convert(mode)
-    buf = io.BytesIO()
-    img.save(buf, fmt)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +68,7 @@ def server(exported):
 
 # ------------------------------------------------------------------ export
 
+@pytest.mark.slow
 def test_saved_model_cli_shows_both_signatures(exported):
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     out = subprocess.run([cli, "show", "--all", "--dir", exported[1]], capture_output=True,
@@ -101,11 +95,12 @@ def test_saved_model_cli_shows_both_signatures(exported):
            "        shape: (-1, -1)" in ms
 
 
+@pytest.mark.slow
 def test_saved_model_cli_run_loads_it_in_a_session(exported, tmp_path):
     # saved_model_cli run loads the SavedModel into a TF1 session, the way
     # tensorflow_model_server's C++ loader does, not through tf.function
     _, path, _ = exported
-    data = _jpeg(90, 120, seed=8)
+    data = image_bytes(90, 120, seed=8)
     np.save(tmp_path / "in.npy", np.array([data]))
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     out = subprocess.run([cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
@@ -132,10 +127,11 @@ print(json.dumps({"descriptor": d["global_descriptor"].numpy().tolist(),
 """
 
 
+@pytest.mark.slow
 def test_saved_model_in_a_fresh_process_matches_keras(exported, tmp_path):
     _, path, model = exported
     image_file = tmp_path / "query.jpg"
-    image_file.write_bytes(_jpeg(150, 230, seed=3))
+    image_file.write_bytes(image_bytes(150, 230, seed=3))
     proc = subprocess.run([sys.executable, "-c", FRESH, path, str(image_file)],
                           capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -144,13 +140,14 @@ def test_saved_model_in_a_fresh_process_matches_keras(exported, tmp_path):
     served = np.array(out["descriptor"])
     # the same extraction run eagerly on the Keras model
     image = tf.io.decode_jpeg(image_file.read_bytes(), channels=3)
-    keras_side = export_lib.DescriptorExtractor(model, PAPER_SCALES).multiscale(
+    keras_side = DescriptorExtractor(model, PAPER_SCALES).multiscale(
         image, tf.constant(PAPER_SCALES, tf.float32))["global_descriptor"].numpy()
     assert served.shape == (2, 512)
     np.testing.assert_allclose(served[0], keras_side, atol=1e-5)
     np.testing.assert_allclose(served[1], served[0], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_multiscale_is_the_normalised_mean_of_the_scales(exported):
     loaded = tf.saved_model.load(exported[1])
     image = RNG.integers(0, 255, (200, 300, 3), dtype=np.uint8)
@@ -170,6 +167,7 @@ def test_multiscale_is_the_normalised_mean_of_the_scales(exported):
     np.testing.assert_allclose(per[0], direct, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_frozen_and_variable_exports_agree(exported, tmp_path):
     # the default export holds the weights as constants; --nofreeze as variables
     _, path, model = exported
@@ -177,7 +175,7 @@ def test_frozen_and_variable_exports_agree(exported, tmp_path):
     assert len(frozen.signatures["serving_default"].variables) == 0
     plain = tf.saved_model.load(export_lib.export(model, str(tmp_path / "m"), freeze=False))
     assert len(plain.signatures["serving_default"].variables) == len(model.weights)
-    data = tf.constant([_jpeg(140, 100, seed=5), _jpeg(64, 300, seed=6)])
+    data = tf.constant([image_bytes(140, 100, seed=5), image_bytes(64, 300, seed=6)])
     np.testing.assert_allclose(frozen.signatures["serving_default"](image_bytes=data)[
         "global_descriptor"].numpy(), plain.signatures["serving_default"](image_bytes=data)[
         "global_descriptor"].numpy(), atol=1e-5)
@@ -190,6 +188,7 @@ def test_frozen_and_variable_exports_agree(exported, tmp_path):
         export_lib.export(model, str(tmp_path / "bad"), scales=[0.5, -1.0])
 
 
+@pytest.mark.slow
 def test_image_formats_work_or_fail_clearly(exported):
     sd = tf.saved_model.load(exported[1]).signatures["serving_default"]
     arr = RNG.integers(0, 255, (90, 120, 3), dtype=np.uint8)
@@ -222,18 +221,19 @@ def test_export_versions_and_random_init_guard(tmp_path, small_config):
     base = str(tmp_path / "m")
     with pytest.raises(ValueError, match="allow_random_init"):
         export_lib.load_for_export(config=small_config)
-    assert export_lib.next_version(base) == 1
+    assert next_version(base) == 1
     os.makedirs(os.path.join(base, "7"))
     os.makedirs(os.path.join(base, ".tmp-9-1"))
-    assert export_lib.next_version(base) == 8
+    assert next_version(base) == 8
     with pytest.raises(FileExistsError, match="choose another --version"):
         export_lib.export(_model(), base, version=7)
 
 
 # ------------------------------------------------------------------ server
 
+@pytest.mark.slow
 def test_predict_through_the_server_equals_the_local_signature(server, exported):
-    data = [_jpeg(100, 140, seed=s) for s in range(3)]
+    data = [image_bytes(100, 140, seed=s) for s in range(3)]
     local = tf.saved_model.load(exported[1]).signatures["serving_default"](
         image_bytes=tf.constant(data))["global_descriptor"].numpy()
     with Client(server.address) as client:
@@ -245,6 +245,7 @@ def test_predict_through_the_server_equals_the_local_signature(server, exported)
         assert out["attention"].shape == (7, 9)
 
 
+@pytest.mark.slow
 def test_metadata_and_status(server):
     with Client(server.address) as client:
         assert client.status()[0][1] == "AVAILABLE"
@@ -277,7 +278,7 @@ def _predict_request(inputs, name="dplg", signature="", version=None, output_fil
 
 def _huge_png_header():
     """A PNG whose header claims 50000 x 40000 pixels (the body is one pixel)."""
-    data = bytearray(_jpeg(1, 1, fmt="PNG"))
+    data = bytearray(image_bytes(1, 1, fmt="PNG"))
     data[16:24] = struct.pack(">II", 50000, 40000)
     return bytes(data)
 
@@ -297,7 +298,7 @@ BAD_REQUESTS = [
      grpc.StatusCode.INVALID_ARGUMENT, "not a JPEG, PNG, GIF or BMP"),
     ("too many pixels", dict(inputs={"image_bytes": np.array([_huge_png_header()], dtype=object)}),
      grpc.StatusCode.INVALID_ARGUMENT, "hold 2000000000 pixels (40000x50000)"),
-    ("tiny image", dict(inputs={"image_bytes": np.array([_jpeg(8, 8)], dtype=object)}),
+    ("tiny image", dict(inputs={"image_bytes": np.array([image_bytes(8, 8)], dtype=object)}),
      grpc.StatusCode.INVALID_ARGUMENT, "shorter side must be at least 16"),
     ("four channels", dict(signature="multiscale", inputs={
         "image": np.zeros((64, 64, 4), np.uint8), "scales": np.ones(1, np.float32)}),
@@ -312,9 +313,10 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_requests_get_the_right_status_and_the_server_keeps_serving(server):
     channel, predict, models, health_stub = _stubs(server.address)
-    good = {"image_bytes": np.array([_jpeg()], dtype=object)}
+    good = {"image_bytes": np.array([image_bytes()], dtype=object)}
     try:
         for name, kw, code, text in BAD_REQUESTS:
             kw = dict(kw)
@@ -350,8 +352,9 @@ def test_bad_requests_get_the_right_status_and_the_server_keeps_serving(server):
         channel.close()
 
 
+@pytest.mark.slow
 def test_a_bad_image_in_a_batch_fails_only_its_own_request(server):
-    good = _jpeg()
+    good = image_bytes()
     results = {}
 
     def send(key, data):
@@ -371,8 +374,9 @@ def test_a_bad_image_in_a_batch_fails_only_its_own_request(server):
     assert set(results.values()) == {(1, 512)}
 
 
+@pytest.mark.slow
 def test_bounded_concurrent_load_has_no_errors(server):
-    data = [_jpeg(96, 128, seed=s) for s in range(4)]
+    data = [image_bytes(96, 128, seed=s) for s in range(4)]
     errors, done = [], []
 
     def worker(k):
@@ -395,12 +399,13 @@ def test_bounded_concurrent_load_has_no_errors(server):
     assert len(done) == 400 and time.time() - start < 600
 
 
+@pytest.mark.slow
 def test_a_new_version_is_picked_up_while_a_client_keeps_sending(server, exported):
     base = exported[0]
     versions, errors = [], []
     stop = threading.Event()
     channel, predict, _, _ = _stubs(server.address)
-    request = _predict_request({"image_bytes": np.array([_jpeg()], dtype=object)})
+    request = _predict_request({"image_bytes": np.array([image_bytes()], dtype=object)})
 
     def keep_sending():
         while not stop.is_set():
@@ -482,6 +487,7 @@ def test_models_config_is_a_valid_model_server_config():
 
 # ----------------------------------------------------------- the commands
 
+@pytest.mark.slow
 def test_serve_cli_sigterm_drains_in_flight_requests(exported, tmp_path):
     port_file = tmp_path / "port"
     import socket
@@ -498,7 +504,7 @@ def test_serve_cli_sigterm_drains_in_flight_requests(exported, tmp_path):
     try:
         client = Client(f"127.0.0.1:{port}", retries=8, backoff=0.5)
         client.status()  # waits (with retries) until the server answers
-        big = _jpeg(1000, 1000, seed=9)
+        big = image_bytes(1000, 1000, seed=9)
         result = {}
 
         def slow_request():
@@ -517,11 +523,12 @@ def test_serve_cli_sigterm_drains_in_flight_requests(exported, tmp_path):
     assert "dplg-serve: stopped" in out
 
 
+@pytest.mark.slow
 def test_client_cli_writes_descriptors(server, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(5):
-        (folder / f"{i}.jpg").write_bytes(_jpeg(80, 100, seed=i))
+        (folder / f"{i}.jpg").write_bytes(image_bytes(80, 100, seed=i))
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "desc.npz"
     proc = subprocess.run([sys.executable, "-m", "dplg_tf.serving.client",

@@ -5,8 +5,9 @@
 does its own preprocessing. Training: files shuffled and read interleaved in
 parallel, records shuffled and repeated, a random resized crop decoded
 straight from the JPEG (only the crop is decoded), optional flip and colour
-jitter. Validation: files in order, centre crop, deterministic. Batches
-drop the remainder so every replica gets the same shape.
+jitter. Validation: files in order, centre crop, deterministic. Training
+batches drop the remainder so every replica gets the same shape; validation
+keeps the last, smaller batch.
 
 `distributed_dataset(strategy, pattern, data_config, training, global_batch)`
 gives each replica (and each worker, under MultiWorkerMirroredStrategy) its
@@ -17,6 +18,8 @@ import json
 import os
 
 import tensorflow as tf
+
+from dplg_tf.cli import InputNotFound, UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
 FEATURES = {
@@ -29,7 +32,7 @@ def dataset_info(pattern):
     """The builder's dataset_info.json beside the shards of `pattern`."""
     path = os.path.join(os.path.dirname(pattern), "dataset_info.json")
     if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"No dataset_info.json beside {pattern!r}; build the shards with "
             "dplg-build-tfrecords, which writes it.")
     with tf.io.gfile.GFile(path) as f:
@@ -116,7 +119,7 @@ def make_dataset(pattern, data_config, training, batch_size, input_context=None,
     """Batches of (images, labels) from the shards matching `pattern`."""
     files = tf.io.gfile.glob(pattern)
     if not files:
-        raise FileNotFoundError(f"No TFRecord shards match {pattern!r}.")
+        raise InputNotFound(f"No TFRecord shards match {pattern!r}.")
     files = tf.data.Dataset.from_tensor_slices(sorted(files))
     if input_context and input_context.num_input_pipelines > 1:
         files = files.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
@@ -133,7 +136,7 @@ def make_dataset(pattern, data_config, training, batch_size, input_context=None,
                     deterministic=False)
     else:
         ds = ds.map(_eval_map(data_config), num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=training)
     options = tf.data.Options()
     options.deterministic = not training
     options.autotune.enabled = True
@@ -143,7 +146,7 @@ def make_dataset(pattern, data_config, training, batch_size, input_context=None,
 def distributed_dataset(strategy, pattern, data_config, training, global_batch, seed=None):
     """The dataset split over `strategy`'s replicas (and workers)."""
     if global_batch % strategy.num_replicas_in_sync:
-        raise ValueError(
+        raise UserError(
             f"The global batch size {global_batch} is not a multiple of the "
             f"{strategy.num_replicas_in_sync} replicas; change config.train.batch_size.")
 

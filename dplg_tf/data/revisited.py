@@ -13,16 +13,13 @@ run it.
 """
 
 import os
-import pickle
-import sys
 import tarfile
 import urllib.request
 
 import numpy as np
-from PIL import Image
 
+from dplg_tf.cli import InputNotFound, UserError
 from dplg_tf.data import safe_pickle
-from dplg_tf.data.safe_pickle import UnsafePickleError  # noqa: F401 (re-exported)
 
 DATASETS = ("roxford5k", "rparis6k", "synthetic")
 PROTOCOLS = ("easy", "medium", "hard")
@@ -55,7 +52,7 @@ def protocol_lists(gnd_entry, protocol):
         return np.concatenate([easy, hard]), junk
     if protocol == "hard":
         return hard, np.concatenate([junk, easy])
-    raise ValueError(f"Unknown protocol {protocol!r}; use one of {PROTOCOLS}.")
+    raise UserError(f"Unknown protocol {protocol!r}; use one of {PROTOCOLS}.")
 
 
 def _indices(value, limit, where):
@@ -66,7 +63,7 @@ def _indices(value, limit, where):
         array = np.asarray([object()])
     if array.size and (array.dtype.kind not in "iu" or array.ndim != 1
                        or array.min() < 0 or array.max() >= limit):
-        raise ValueError(f"{where} must be a list of database indices in [0, {limit}).")
+        raise UserError(f"{where} must be a list of database indices in [0, {limit}).")
     return [int(v) for v in array.ravel()]
 
 
@@ -74,24 +71,24 @@ def check_ground_truth(cfg, name):
     """`cfg` as {imlist, qimlist, gnd} with checked types and ranges, or ValueError."""
     file = f"gnd_{name}.pkl"
     if not isinstance(cfg, dict):
-        raise ValueError(f"{file} holds a {type(cfg).__name__}, not the dict of a "
+        raise UserError(f"{file} holds a {type(cfg).__name__}, not the dict of a "
                          "Revisited ground-truth file.")
     for key in ("imlist", "qimlist", "gnd"):
         if key not in cfg:
-            raise ValueError(f"{file} lacks the {key!r} entry; is it a Revisited "
+            raise UserError(f"{file} lacks the {key!r} entry; is it a Revisited "
                              "Oxford/Paris ground-truth file?")
         if not isinstance(cfg[key], list):
-            raise ValueError(f"{file}: {key!r} must be a list.")
+            raise UserError(f"{file}: {key!r} must be a list.")
     for key in ("imlist", "qimlist"):
         if not all(isinstance(n, str) and n and "\0" not in n for n in cfg[key]):
-            raise ValueError(f"{file}: {key!r} must be a list of image names.")
+            raise UserError(f"{file}: {key!r} must be a list of image names.")
     if len(cfg["gnd"]) != len(cfg["qimlist"]):
-        raise ValueError(f"{file} has {len(cfg['gnd'])} ground-truth entries for "
+        raise UserError(f"{file} has {len(cfg['gnd'])} ground-truth entries for "
                          f"{len(cfg['qimlist'])} queries.")
     n_db, gnd = len(cfg["imlist"]), []
     for i, entry in enumerate(cfg["gnd"]):
         if not isinstance(entry, dict):
-            raise ValueError(f"{file}: ground-truth entry {i} is not a dict.")
+            raise UserError(f"{file}: ground-truth entry {i} is not a dict.")
         clean = {k: _indices(entry.get(k), n_db, f"{file}: entry {i}'s {k!r}")
                  for k in ("easy", "hard", "junk", "ok") if k in entry}
         bbx = entry.get("bbx")
@@ -101,7 +98,7 @@ def check_ground_truth(cfg, name):
             except (TypeError, ValueError):
                 bbx = np.zeros(0)
             if bbx.shape != (4,) or not np.all(np.isfinite(bbx)):
-                raise ValueError(f"{file}: entry {i}'s 'bbx' must be 4 finite numbers.")
+                raise UserError(f"{file}: entry {i}'s 'bbx' must be 4 finite numbers.")
         clean["bbx"] = bbx
         gnd.append(clean)
     return {"imlist": cfg["imlist"], "qimlist": cfg["qimlist"], "gnd": gnd}
@@ -132,14 +129,21 @@ class RevisitedDataset:
         return None if box is None else tuple(float(v) for v in box)
 
     def load_query(self, i):
-        """The query image cropped to its box (RGB PIL image)."""
-        with Image.open(self.query_path(i)) as img:
-            img = img.convert("RGB")
-            return img if self.bbx(i) is None else img.crop(self.bbx(i))
+        """The query image cropped to its box (uint8 RGB array)."""
+        from dplg_tf.images import load
+
+        return load(self.query_path(i), bbx=self.bbx(i))
 
     def positives(self, protocol):
         """[(ok, junk)] per query for protocol easy | medium | hard."""
         return [protocol_lists(g, protocol) for g in self.gnd]
+
+    def label(self, q, index, protocol="medium"):
+        """positive / junk / negative of database image `index` for query `q`."""
+        ok, junk = protocol_lists(self.gnd[q], protocol)
+        if index in ok:
+            return "positive"
+        return "junk" if index in junk else "negative"
 
     def ground_truth(self, protocol):
         """Per query {'ok': [...], 'junk': [...]}, the form compute_map takes."""
@@ -149,7 +153,7 @@ class RevisitedDataset:
 def load_dataset(data_root, name):
     """The data set `name` under `data_root/<name>/`."""
     if not name or name != os.path.basename(name) or name.startswith("."):
-        raise ValueError(f"Data set name {name!r} must be a plain folder name under "
+        raise UserError(f"Data set name {name!r} must be a plain folder name under "
                          "--data_root (e.g. roxford5k).")
     root = os.path.join(data_root, name)
     path = os.path.join(root, f"gnd_{name}.pkl")
@@ -157,7 +161,7 @@ def load_dataset(data_root, name):
         hint = ("generate it with dplg-synthetic" if name == "synthetic" else
                 f"fetch it with: python -m dplg_tf.data.revisited download "
                 f"--data_root {data_root} --dataset {name}")
-        raise FileNotFoundError(f"{path} does not exist; {hint}.")
+        raise InputNotFound(f"{path} does not exist; {hint}.")
     return RevisitedDataset(root, name, safe_pickle.load(path))
 
 
@@ -193,7 +197,7 @@ def download(url, path, chunk=1 << 20, log=print):
 def download_dataset(data_root, name, log=print):
     """Ground truth and images of roxford5k or rparis6k under data_root/name/."""
     if name not in _IMAGE_URLS:
-        raise ValueError(f"Only roxford5k and rparis6k can be downloaded, not {name!r}.")
+        raise UserError(f"Only roxford5k and rparis6k can be downloaded, not {name!r}.")
     root = os.path.join(data_root, name)
     jpg = os.path.join(root, "jpg")
     os.makedirs(jpg, exist_ok=True)
@@ -217,33 +221,37 @@ def download_dataset(data_root, name, log=print):
     return dataset
 
 
-def main(argv=None):
-    import argparse
+def main(argv):
+    """`python -m dplg_tf.data.revisited download|show --data_root=DIR --dataset=NAME`."""
+    from absl import flags
 
-    parser = argparse.ArgumentParser(prog="python -m dplg_tf.data.revisited")
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("download", help="fetch roxford5k or rparis6k (needs a network)")
-    d.add_argument("--data_root", required=True)
-    d.add_argument("--dataset", required=True, choices=["roxford5k", "rparis6k"])
-    s = sub.add_parser("show", help="summarise a data set on disk")
-    s.add_argument("--data_root", required=True)
-    s.add_argument("--dataset", required=True)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "download":
-            download_dataset(args.data_root, args.dataset)
-        else:
-            ds = load_dataset(args.data_root, args.dataset)
-            print(ds)
-            for protocol in PROTOCOLS:
-                counts = [len(ok) for ok, _ in ds.positives(protocol)]
-                print(f"{protocol}: {sum(c > 0 for c in counts)} queries with positives, "
-                      f"{np.mean(counts):.1f} positives per query")
-    except (ValueError, OSError, pickle.UnpicklingError) as e:
-        print(f"revisited: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    f = flags.FLAGS
+    if len(argv) != 2 or argv[1] not in ("download", "show"):
+        raise UserError("Say what to do: download (roxford5k or rparis6k, needs a network) "
+                        "or show (summarise a data set on disk).")
+    if argv[1] == "download":
+        if f.dataset not in ("roxford5k", "rparis6k"):
+            raise UserError(f"Only roxford5k and rparis6k can be downloaded, not {f.dataset!r}.")
+        download_dataset(f.data_root, f.dataset)
+        return
+    ds = load_dataset(f.data_root, f.dataset)
+    print(ds)
+    for protocol in PROTOCOLS:
+        counts = [len(ok) for ok, _ in ds.positives(protocol)]
+        print(f"{protocol}: {sum(c > 0 for c in counts)} queries with positives, "
+              f"{np.mean(counts):.1f} positives per query")
+
+
+def run():
+    from absl import flags
+
+    from dplg_tf import cli
+
+    flags.DEFINE_string("data_root", None, "Folder holding <dataset>/.", required=True)
+    flags.DEFINE_string("dataset", None, "roxford5k, rparis6k or a data set of yours in the "
+                        "same layout.", required=True)
+    cli.run(main, "revisited")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -26,11 +26,13 @@ import re
 
 import numpy as np
 
+from dplg_tf.cli import UserError
+
 MAX_BYTES = 256 << 20      # ground-truth files are a few MB
 _NUMERIC = re.compile(r"^[biuf](1|2|4|8)$")
 
 
-class UnsafePickleError(pickle.UnpicklingError, ValueError):
+class UnsafePickleError(pickle.UnpicklingError, UserError):
     """A pickle holds something other than plain data, or is broken."""
 
 

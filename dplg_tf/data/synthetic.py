@@ -28,6 +28,8 @@ import sys
 import time
 
 import numpy as np
+
+from dplg_tf import cli
 from PIL import Image, ImageDraw, ImageFilter
 
 from dplg_tf.files import write_atomic
@@ -35,7 +37,6 @@ from dplg_tf.files import write_atomic
 TEXTURE_SIZE = 256
 # Kinds of image, part of each image's seed.
 _TRAIN, _QUERY, _DB, _DISTRACTOR, _TEXTURE = range(5)
-DIFFICULTIES = ("easy", "hard", "junk")
 
 
 def _rng(seed, *keys):
@@ -280,21 +281,21 @@ def generate(out_dir, num_landmarks=20, views_per_landmark=30, num_eval_landmark
              width=256, height=192, seed=0, num_workers=None, progress=True):
     """Write the training tree and the evaluation set; returns a summary dict."""
     if min(num_landmarks, views_per_landmark, num_eval_landmarks, queries_per_landmark) < 1:
-        raise ValueError("The synthetic set needs at least one landmark, view, eval "
+        raise cli.UserError("The synthetic set needs at least one landmark, view, eval "
                          "landmark and query.")
     if db_per_landmark < 3:
-        raise ValueError("db_per_landmark must be >= 3 (one easy, hard and junk view).")
+        raise cli.UserError("db_per_landmark must be >= 3 (one easy, hard and junk view).")
     if min(width, height) < 64:
-        raise ValueError(f"Images must be at least 64 px a side, got {width}x{height}.")
+        raise cli.UserError(f"Images must be at least 64 px a side, got {width}x{height}.")
     start = time.perf_counter()
     tasks, plan = _plan(out_dir, num_landmarks, views_per_landmark, num_eval_landmarks,
                         queries_per_landmark, db_per_landmark, num_distractors,
                         width, height, seed)
     num_workers = num_workers or os.cpu_count() or 1
     bbx = {}
-    from dplg_tf.progress import Progress
+    from dplg_tf.progress import progress_bar
 
-    bar = Progress(len(tasks), "synthetic images", enabled=progress)
+    bar = progress_bar(len(tasks), "synthetic images", enabled=progress)
     if num_workers > 1:
         with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
             for path, box in pool.imap_unordered(_task, tasks, chunksize=8):

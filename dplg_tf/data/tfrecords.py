@@ -33,83 +33,13 @@ import time
 import numpy as np
 from PIL import Image
 
+from dplg_tf import cli
+from dplg_tf.data.sources import (  # noqa: F401 (list_* are part of this module's API)
+    BuildError, list_gldv2, list_image_dir, present)
 from dplg_tf.files import write_atomic
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 STATE_DIR = ".build"  # per-shard results, kept out of the shard glob
 MAX_PIXELS = 100_000_000  # larger images are reported, not decoded
-
-
-class BuildError(ValueError):
-    """A problem with the builder's input or output folder."""
-
-
-# ------------------------------------------------------------------ listing
-
-def list_image_dir(image_dir, problems=None):
-    """[(path, image_id, class_name)] from a folder with one sub-folder per class.
-
-    Names that are not valid UTF-8 (the record schema stores text) and
-    symbolic links that loop or lead nowhere are left out and appended to
-    `problems` as [path, reason]."""
-    from dplg_tf.images import is_text_name, display_name
-
-    problems = problems if problems is not None else []
-    if not os.path.isdir(image_dir):
-        raise BuildError(f"--image_dir {image_dir!r} is not a folder.")
-    items, ignored = [], 0
-
-    def usable(path, name):
-        if not is_text_name(name):
-            problems.append([display_name(path), "name is not valid UTF-8"])
-            return False
-        if os.path.islink(path) and not os.path.exists(path):
-            problems.append([display_name(path), "broken or looping symbolic link"])
-            return False
-        return not name.startswith(".")
-
-    classes = sorted(d for d in os.listdir(image_dir)
-                     if usable(os.path.join(image_dir, d), d)
-                     and os.path.isdir(os.path.join(image_dir, d)))
-    if not classes:
-        raise BuildError(f"--image_dir {image_dir!r} has no class sub-folders.")
-    for cls in classes:
-        folder = os.path.join(image_dir, cls)
-        for name in sorted(os.listdir(folder)):
-            path = os.path.join(folder, name)
-            if not usable(path, name) or not os.path.isfile(path):
-                continue
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
-                ignored += 1
-                continue
-            items.append((path, f"{cls}/{os.path.splitext(name)[0]}", cls))
-    return items, ignored
-
-
-def list_gldv2(csv_path, image_dir):
-    """[(path, image_id, landmark_id)] from GLDv2 train.csv or train_clean.csv."""
-    if not os.path.isfile(csv_path):
-        raise BuildError(f"--gldv2_csv {csv_path!r} does not exist.")
-    items = []
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields = set(reader.fieldnames or ())
-        if {"id", "landmark_id"} <= fields:
-            pairs = ((row["id"], row["landmark_id"]) for row in reader)
-        elif {"landmark_id", "images"} <= fields:
-            pairs = ((image_id, row["landmark_id"]) for row in reader
-                     for image_id in row["images"].split())
-        else:
-            raise BuildError(
-                f"{csv_path!r} has columns {sorted(fields)}; expected GLDv2 train.csv "
-                "(id,url,landmark_id) or train_clean.csv (landmark_id,images).")
-        for image_id, landmark in pairs:
-            path = os.path.join(image_dir, image_id[0], image_id[1], image_id[2],
-                                image_id + ".jpg")
-            items.append((path, image_id, int(landmark)))
-    if not items:
-        raise BuildError(f"{csv_path!r} lists no images.")
-    return items
 
 
 # ------------------------------------------------------------- split, shards
@@ -170,27 +100,27 @@ def load_image(path, max_size=0):
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise ValueError("missing") from None
+        raise cli.UserError("missing") from None
     except OSError as e:
-        raise ValueError(f"unreadable: {e.strerror or e}") from None
+        raise cli.UserError(f"unreadable: {e.strerror or e}") from None
     if not data:
-        raise ValueError("empty file")
+        raise cli.UserError("empty file")
     from dplg_tf.images import frame_size
 
     frames = frame_size(data)  # every frame of a GIF, before any decoding
     if frames is not None and frames[2] > MAX_PIXELS:
-        raise ValueError(f"too large: its frames hold {frames[2]} pixels")
+        raise cli.UserError(f"too large: its frames hold {frames[2]} pixels")
     try:
         img = Image.open(io.BytesIO(data))
         if img.width * img.height > MAX_PIXELS:
-            raise ValueError(f"too large: {img.width}x{img.height} pixels")
+            raise cli.UserError(f"too large: {img.width}x{img.height} pixels")
         img.load()  # a full decode: truncated and corrupt files fail here
     except ValueError:
         raise
     except Image.UnidentifiedImageError:
-        raise ValueError("not an image") from None
+        raise cli.UserError("not an image") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
-        raise ValueError(f"corrupt image: {e}") from None
+        raise cli.UserError(f"corrupt image: {e}") from None
     if img.format == "JPEG" and img.mode == "RGB" and not (max_size and max(img.size) > max_size):
         return data, img.width, img.height
     jpeg, (w, h) = _reencode(img, max_size)
@@ -279,8 +209,28 @@ def build(output_dir, items, num_shards=8, num_validation_shards=0, validation_f
     plans = shard_plan(train, num_shards, seed, "train")
     if validation:
         plans.update(shard_plan(validation, num_validation_shards, seed, "validation"))
+    _claim(output_dir, _fingerprint(plans, labels, max_image_size), overwrite)
+    results, todo = {}, []
+    for name, shard_items in plans.items():
+        done = _done_result(output_dir, name)
+        if done is not None:
+            results[name] = done
+        else:
+            todo.append((name, shard_items))
+    total = sum(len(i) for _, i in todo)
+    if results:
+        log(f"resuming: {len(results)} of {len(plans)} shards are complete, "
+            f"{len(todo)} to write ({total} images)")
+    results.update(_write_shards(output_dir, todo, labels, max_image_size, num_workers,
+                                 progress))
+    return _finish(output_dir, plans, results, labels, len(items) + len(missing), missing,
+                   ignored, start, len(todo), total)
+
+
+def _claim(output_dir, fingerprint, overwrite):
+    """Make `output_dir` this build's: refuse another build's shards unless
+    `overwrite`, which removes them."""
     os.makedirs(os.path.join(output_dir, STATE_DIR), exist_ok=True)
-    fingerprint = _fingerprint(plans, labels, max_image_size)
     plan_path = os.path.join(output_dir, STATE_DIR, "plan.json")
     if os.path.isfile(plan_path) and not overwrite:
         with open(plan_path) as f:
@@ -296,20 +246,14 @@ def build(output_dir, items, num_shards=8, num_validation_shards=0, validation_f
             os.remove(os.path.join(output_dir, STATE_DIR, name))
     write_atomic(plan_path, json.dumps({"fingerprint": fingerprint}))
 
-    results, todo = {}, []
-    for name, shard_items in plans.items():
-        done = _done_result(output_dir, name)
-        if done is not None:
-            results[name] = done
-        else:
-            todo.append((name, shard_items))
-    total = sum(len(i) for _, i in todo)
-    if results:
-        log(f"resuming: {len(results)} of {len(plans)} shards are complete, "
-            f"{len(todo)} to write ({total} images)")
-    from dplg_tf.progress import Progress
 
-    bar = Progress(total, "images", enabled=progress)
+def _write_shards(output_dir, todo, labels, max_image_size, num_workers, progress):
+    """Writes the shards of `todo` [(name, items)] in threads; {name: result}."""
+    from dplg_tf.progress import progress_bar
+
+    total = sum(len(i) for _, i in todo)
+    results = {}
+    bar = progress_bar(total, "images", enabled=progress)
     lock = threading.Lock()
 
     def tick():
@@ -323,31 +267,7 @@ def build(output_dir, items, num_shards=8, num_validation_shards=0, validation_f
             r = future.result()
             results[r["shard"]] = r
     bar.close()
-    return _finish(output_dir, plans, results, labels, len(items) + len(missing), missing,
-                   ignored, start, len(todo), total)
-
-
-def present(items):
-    """(items whose file exists and is non-empty, [[path, reason]] of the others).
-
-    A stat per file, so that a missing or empty file never takes a place in
-    the validation split; other bad files are found when shards are written.
-    """
-    kept, missing = [], []
-    for item in items:
-        try:
-            size = os.stat(item[0]).st_size
-        except FileNotFoundError:
-            missing.append([item[0], "missing"])
-            continue
-        except OSError as e:
-            missing.append([item[0], f"unreadable: {e.strerror or e}"])
-            continue
-        if size == 0:
-            missing.append([item[0], "empty file"])
-        else:
-            kept.append(item)
-    return kept, missing
+    return results
 
 
 def _finish(output_dir, plans, results, labels, listed, missing, ignored, start, written,

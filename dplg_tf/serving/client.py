@@ -14,7 +14,6 @@ Requests carry a deadline; UNAVAILABLE and RESOURCE_EXHAUSTED are retried
 with exponential backoff; batches of files go out concurrently.
 """
 
-import concurrent.futures
 import os
 import sys
 import time
@@ -34,6 +33,13 @@ class ClientError(Exception):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.details = message
+
+
+def refusal(error):
+    """Why the server refused an image (INVALID_ARGUMENT), or None for other errors."""
+    if isinstance(error, ClientError) and error.code == grpc.StatusCode.INVALID_ARGUMENT:
+        return error.details
+    return None
 
 
 def _make_tensor_proto(array):
@@ -113,22 +119,13 @@ class Client:
         array = np.array(list(images), dtype=object)
         return self.predict({"image_bytes": array})["global_descriptor"]
 
-    def describe_files(self, paths, batch_size=8, concurrency=4, progress=None):
-        """Descriptors (N, D) of image files, batches sent concurrently."""
-        def read(path):
-            with open(path, "rb") as f:
-                return f.read()
+    def describe_files(self, paths, batch_size=8, concurrency=4, limits=None, progress=None):
+        """(names, descriptors [n, D], [(name, reason)]) of image files, batches
+        sent concurrently; bad images are reported (dplg_tf.images.describe_files)."""
+        from dplg_tf import images
 
-        chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-        results = [None] * len(chunks)
-        with concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool:
-            futures = {pool.submit(lambda c: self.describe_bytes([read(p) for p in c]), c): i
-                       for i, c in enumerate(chunks)}
-            for future in concurrent.futures.as_completed(futures):
-                results[futures[future]] = future.result()
-                if progress is not None:
-                    progress.update(len(chunks[futures[future]]))
-        return np.concatenate(results) if results else np.zeros((0, 0), np.float32)
+        return images.describe_files(self.describe_bytes, paths, batch_size, concurrency,
+                                     limits, progress, refusal)
 
     def multiscale(self, image, scales):
         """uint8 image (H, W, 3) -> global_descriptor, scale_descriptors, attention."""
@@ -168,76 +165,6 @@ class Client:
                 if not name.startswith("__")}
 
 
-def list_images(paths):
-    """Image files named or found under folders (dplg_tf.images.list_images)."""
-    from dplg_tf import images
-
-    return images.list_images(paths)
-
-
-def _refusal(error):
-    """Why the model refused an image (INVALID_ARGUMENT from a server or a local
-    SavedModel), or None for any other error."""
-    if isinstance(error, ClientError):
-        return error.details if error.code == grpc.StatusCode.INVALID_ARGUMENT else None
-    if type(error).__name__ == "InvalidArgumentError":
-        from dplg_tf.serving.versions import tf_error_message
-
-        return tf_error_message(error)
-    return None
-
-
-def describe_checked(describe, paths, batch_size=8, concurrency=4, limits=None,
-                     progress=None):
-    """(names, descriptors [n, D], [(name, reason)]) of image files, through
-    `describe(list of bytes) -> rows` (a Client's or a SavedModel's): each file
-    is read and checked first, a batch the model refuses is retried image by
-    image, and every bad image is reported, never fatal. Other errors (server
-    gone, deadline) are raised."""
-    from dplg_tf import images
-
-    limits = limits or images.DEFAULT_LIMITS
-    blobs, errors = [], []
-    for path in paths:
-        try:
-            blobs.append((path, images.read_bytes(path, limits)))
-        except images.ImageError as e:
-            errors.append((images.display_name(path), f"{e.reason}: {e}"))
-            if progress is not None:
-                progress.update(1)
-
-    def send(batch):
-        try:
-            rows = describe([b for _, b in batch])
-            return [(p, r, None) for (p, _), r in zip(batch, rows)]
-        except Exception as e:  # noqa: BLE001 - sorted by _refusal
-            reason = _refusal(e)
-            if reason is None:
-                raise
-            if len(batch) == 1:
-                return [(batch[0][0], None, reason)]
-            return [row for item in batch for row in send([item])]
-
-    batches = [blobs[i:i + batch_size] for i in range(0, len(blobs), batch_size)]
-    done = {}
-    with concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool:
-        for batch, rows in zip(batches, pool.map(send, batches)):
-            for path, row, error in rows:
-                done[path] = (row, error)
-            if progress is not None:
-                progress.update(len(batch))
-    names, descriptors = [], []
-    for path, _ in blobs:
-        row, error = done[path]
-        if error is None:
-            names.append(path)
-            descriptors.append(row)
-        else:
-            errors.append((images.display_name(path), f"refused by the model: {error}"))
-    dim = len(descriptors[0]) if descriptors else 0
-    return names, np.asarray(descriptors, np.float32).reshape(len(names), dim), errors
-
-
 # -------------------------------------------------------------------- CLI
 
 def _define_flags():
@@ -265,7 +192,7 @@ def main(argv):
 
     from dplg_tf import images
     from dplg_tf.descriptor_files import ChunkedOutput
-    from dplg_tf.progress import Progress
+    from dplg_tf.progress import progress_bar
 
     f = flags.FLAGS
     limits = images.limits_from_flags(("max_pixels", "min_image_side", "max_request_mb"))
@@ -280,19 +207,19 @@ def main(argv):
         problems = []
         files = images.list_images(argv[1:], problems)
         if not files and not problems:
-            raise ValueError("Name image files or folders to describe (or use --status).")
+            raise cli.UserError("Name image files or folders to describe (or use --status).")
         if os.path.isdir(f.output):
-            raise ValueError(f"--output {f.output} is a folder; name a file.")
+            raise cli.UserError(f"--output {f.output} is a folder; name a file.")
         try:
             probe = c.describe_bytes([images.probe_bytes()])[0]
             run = ChunkedOutput(f.output, files, f.chunk_size, probe)
-            bar = Progress(len(files), "images")
+            bar = progress_bar(len(files), "images")
             for i, names in run.chunks():
                 if run.done(i):
                     bar.update(len(names))
                     continue
-                ok, rows, errors = describe_checked(c.describe_bytes, names, f.batch_size,
-                                                    f.concurrency, limits, bar)
+                ok, rows, errors = c.describe_files(names, f.batch_size, f.concurrency,
+                                                    limits, bar)
                 run.save(i, ok, rows, errors)
             bar.close()
         except ClientError as e:

@@ -308,7 +308,7 @@ def main(argv):
             with open(f.batching_parameters_file) as fh:
                 params = batching.parse_batching_parameters(fh.read())
     if not os.path.isdir(f.model_base_path):
-        raise FileNotFoundError(f"--model_base_path {f.model_base_path!r} is not a folder; "
+        raise cli.InputNotFound(f"--model_base_path {f.model_base_path!r} is not a folder; "
                                 "export a model there with dplg-export.")
     server = Server(f.model_base_path, f.model_name, f.host, f.port, params,
                     f.file_system_poll_wait_seconds, images.limits_from_flags(),

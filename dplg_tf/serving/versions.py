@@ -8,35 +8,18 @@ with its error until its files change; then it is tried again.
 import io
 import logging
 import os
-import re
 import threading
 import time
 
 import grpc
 
+from dplg_tf.saved_models import tf_error_message
 from dplg_tf.serving import batching
 from dplg_tf.serving.requests import ServingError
 
 log = logging.getLogger("dplg_tf.serving")
 
 BATCHED_SIGNATURE = "serving_default"
-
-
-def tf_error_message(error):
-    """The useful sentence of a TensorFlow op error: an Assert's text, or the
-    first line that is not TensorFlow's own framing, whole."""
-    text = str(getattr(error, "message", error))
-    match = re.search(r"assertion failed: \[(.*)\]", text)
-    if match:  # "[part] [part] ...": parts may hold brackets themselves
-        parts = match.group(1).split("] [")
-        return " ".join(p.strip().strip("'\"") for p in parts)
-    framing = ("Graph execution error", "[[", "{{", "Detected at", "<stack traces",
-               "File \"", "Op:")
-    for line in text.splitlines():
-        line = re.sub(r"\s*\[\[\{\{node [^]]*\]\]|\s*\[Op:[^]]*\]", "", line).strip()
-        if line and not line.startswith(framing):
-            return line
-    return type(error).__name__
 
 
 # ----------------------------------------------------------------- models
@@ -100,7 +83,7 @@ class ModelManager:
         self._thread = None
 
     def versions_on_disk(self):
-        from dplg_tf.export import saved_model_versions
+        from dplg_tf.saved_models import saved_model_versions
 
         return saved_model_versions(self.base_path)
 

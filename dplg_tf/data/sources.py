@@ -1,0 +1,102 @@
+"""Where dplg-build-tfrecords finds its images: a folder with one sub-folder
+per class, or Google Landmarks v2 (train.csv or train_clean.csv)."""
+
+import csv
+import os
+
+from dplg_tf.cli import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class BuildError(UserError):
+    """A problem with the builder's input or output folder."""
+
+
+def list_image_dir(image_dir, problems=None):
+    """[(path, image_id, class_name)] from a folder with one sub-folder per class.
+
+    Names that are not valid UTF-8 (the record schema stores text) and
+    symbolic links that loop or lead nowhere are left out and appended to
+    `problems` as [path, reason]."""
+    from dplg_tf.images import is_text_name, display_name
+
+    problems = problems if problems is not None else []
+    if not os.path.isdir(image_dir):
+        raise BuildError(f"--image_dir {image_dir!r} is not a folder.")
+    items, ignored = [], 0
+
+    def usable(path, name):
+        if not is_text_name(name):
+            problems.append([display_name(path), "name is not valid UTF-8"])
+            return False
+        if os.path.islink(path) and not os.path.exists(path):
+            problems.append([display_name(path), "broken or looping symbolic link"])
+            return False
+        return not name.startswith(".")
+
+    classes = sorted(d for d in os.listdir(image_dir)
+                     if usable(os.path.join(image_dir, d), d)
+                     and os.path.isdir(os.path.join(image_dir, d)))
+    if not classes:
+        raise BuildError(f"--image_dir {image_dir!r} has no class sub-folders.")
+    for cls in classes:
+        folder = os.path.join(image_dir, cls)
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if not usable(path, name) or not os.path.isfile(path):
+                continue
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                ignored += 1
+                continue
+            items.append((path, f"{cls}/{os.path.splitext(name)[0]}", cls))
+    return items, ignored
+
+
+def list_gldv2(csv_path, image_dir):
+    """[(path, image_id, landmark_id)] from GLDv2 train.csv or train_clean.csv."""
+    if not os.path.isfile(csv_path):
+        raise BuildError(f"--gldv2_csv {csv_path!r} does not exist.")
+    items = []
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = set(reader.fieldnames or ())
+        if {"id", "landmark_id"} <= fields:
+            pairs = ((row["id"], row["landmark_id"]) for row in reader)
+        elif {"landmark_id", "images"} <= fields:
+            pairs = ((image_id, row["landmark_id"]) for row in reader
+                     for image_id in row["images"].split())
+        else:
+            raise BuildError(
+                f"{csv_path!r} has columns {sorted(fields)}; expected GLDv2 train.csv "
+                "(id,url,landmark_id) or train_clean.csv (landmark_id,images).")
+        for image_id, landmark in pairs:
+            path = os.path.join(image_dir, image_id[0], image_id[1], image_id[2],
+                                image_id + ".jpg")
+            items.append((path, image_id, int(landmark)))
+    if not items:
+        raise BuildError(f"{csv_path!r} lists no images.")
+    return items
+
+
+def present(items):
+    """(items whose file exists and is non-empty, [[path, reason]] of the others).
+
+    A stat per file, so that a missing or empty file never takes a place in
+    the validation split; other bad files are found when shards are written.
+    """
+    kept, missing = [], []
+    for item in items:
+        try:
+            size = os.stat(item[0]).st_size
+        except FileNotFoundError:
+            missing.append([item[0], "missing"])
+            continue
+        except OSError as e:
+            missing.append([item[0], f"unreadable: {e.strerror or e}"])
+            continue
+        if size == 0:
+            missing.append([item[0], "empty file"])
+        else:
+            kept.append(item)
+    return kept, missing

@@ -1,0 +1,136 @@
+"""The traced functions of the exported signatures (graph side).
+
+`DescriptorExtractor` wraps a Keras descriptor model: `describe_bytes` is
+serving_default (encoded images -> descriptors at fixed scales) and
+`multiscale` the signature of the same name. `frozen(model)` gives the
+model with its weights as graph constants. Everything is bounded by
+dplg_tf.images.Limits and checked inside the graph, so TensorFlow Serving
+enforces the same limits as dplg-serve.
+"""
+
+from dplg_tf.images import DEFAULT_LIMITS
+
+
+def frozen(model):
+    """`model` as a function of images [1, H, W, 3] -> {descriptor, attention}, with
+    its weights as graph constants (inference only)."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2)
+
+    def forward(images):
+        out = model(images, training=False)
+        return out["descriptor"], out["attention"]
+
+    spec = tf.TensorSpec([1, None, None, 3], tf.float32)
+    fn = convert_variables_to_constants_v2(tf.function(forward).get_concrete_function(spec))
+
+    def call(images, training=False):
+        del training
+        descriptor, attention = fn(images)
+        return {"descriptor": descriptor, "attention": attention}
+
+    return call
+
+
+class DescriptorExtractor:
+    """The traced functions around a Keras descriptor model, bounded by `limits`
+    (dplg_tf.images.Limits: images per request, scales, pixels, minimum side)."""
+
+    def __init__(self, model, scales, max_image_side=1024, min_scaled_side=64,
+                 limits=DEFAULT_LIMITS, freeze=False):
+        self.model = frozen(model) if freeze else model
+        self.limits = limits
+        self.scales = limits.check_scales(scales)
+        self.max_image_side = float(max_image_side)
+        self.min_scaled_side = int(min_scaled_side)
+        self.dim = int(model.output["descriptor"].shape[-1])
+
+    def multiscale(self, image, scales):
+        """uint8 [H, W, 3], float32 [S] -> dict of descriptor, per-scale, attention."""
+        import tensorflow as tf
+
+        image = tf.convert_to_tensor(image)
+        n = tf.size(scales)
+        lim = self.limits
+        valid = tf.debugging.Assert(tf.logical_and(tf.logical_and(
+            n > 0, n <= lim.max_scales), tf.reduce_all(tf.logical_and(
+                scales > 0.0, scales <= lim.max_scale))), [
+            f"scales must be 1 to {lim.max_scales} values in (0, {lim.max_scale:g}]; got",
+            scales])
+        shape = tf.shape(image, out_type=tf.int64)
+        large = tf.debugging.Assert(shape[0] * shape[1] <= lim.max_pixels, [
+            "The image has", shape[0] * shape[1], "pixels; the limit is", lim.max_pixels])
+        with tf.control_dependencies([valid, large]):
+            base = self._base(image)
+        nearest = tf.argmin(tf.abs(scales - 1.0), output_type=tf.int32)
+
+        def body(i, descriptors, attention):
+            d, a = self._describe_scaled(base, scales[i])
+            attention = tf.cond(i == nearest, lambda: a, lambda: attention)
+            return i + 1, descriptors.write(i, d), attention
+
+        _, descriptors, attention = tf.while_loop(
+            lambda i, *_: i < n, body,
+            (tf.constant(0), tf.TensorArray(tf.float32, size=n, element_shape=[self.dim]),
+             tf.zeros([0, 0], tf.float32)),
+            shape_invariants=(tf.TensorShape([]), tf.TensorShape(None),
+                              tf.TensorShape([None, None])))
+        per_scale = descriptors.stack()
+        fused = tf.math.l2_normalize(tf.reduce_mean(per_scale, axis=0))
+        return {"global_descriptor": fused, "scale_descriptors": per_scale,
+                "attention": attention}
+
+    def _base(self, image):
+        """The image as float32, limited to max_image_side; too small ones fail."""
+        import tensorflow as tf
+
+        from dplg_tf.graph_decode import limit_side
+
+        shape = tf.shape(image)
+        small = tf.debugging.Assert(tf.reduce_min(shape[:2]) >= self.limits.min_side, [
+            "The image is", shape[0], "x", shape[1], "pixels; the shorter side must be "
+            "at least", self.limits.min_side])
+        with tf.control_dependencies([small]):
+            return limit_side(image, self.max_image_side)
+
+    def _describe_scaled(self, base, scale):
+        """(L2-normalised descriptor [D], attention [H4, W4]) of `base` resized by `scale`."""
+        import tensorflow as tf
+
+        size = tf.cast(tf.shape(base)[:2], tf.float32)
+        new = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), self.min_scaled_side)
+        scaled = tf.image.resize(base, new, antialias=True)
+        out = self.model(scaled[None], training=False)
+        return (tf.math.l2_normalize(tf.cast(out["descriptor"][0], tf.float32)),
+                tf.cast(out["attention"][0], tf.float32))
+
+    def describe_image(self, image):
+        """uint8 [H, W, 3] -> descriptor [D] at the configured scales, laid out
+        one after another in the graph (no loop); equal to multiscale()."""
+        import tensorflow as tf
+
+        base = self._base(image)
+        per_scale = [self._describe_scaled(base, scale)[0] for scale in self.scales]
+        return tf.math.l2_normalize(tf.reduce_mean(tf.stack(per_scale), axis=0))
+
+    def describe_bytes(self, image_bytes):
+        """string [N] -> {"global_descriptor": float32 [N, D]} at the configured scales."""
+        import tensorflow as tf
+
+        from dplg_tf.graph_decode import decode
+
+        lim = self.limits
+        count = tf.debugging.Assert(tf.size(image_bytes) <= lim.max_images, [
+            "A request may hold at most", lim.max_images, "images; it holds",
+            tf.size(image_bytes)])
+
+        def one(data):
+            return self.describe_image(decode(data, lim.max_pixels, lim.min_side))
+
+        with tf.control_dependencies([count]):
+            image_bytes = tf.identity(image_bytes)
+        # two images at a time at most: each decoded frame may be max_pixels large
+        descriptors = tf.map_fn(one, image_bytes, parallel_iterations=2,
+                                fn_output_signature=tf.TensorSpec([self.dim], tf.float32))
+        return {"global_descriptor": tf.reshape(descriptors, [-1, self.dim])}
