@@ -5,5 +5,7 @@ from dplg_tf.config import base_config
 
 def get_config():
     config = base_config()
+    config.model.backbone_weights = "imagenet"  # as the paper's recipe
+    config.train.weight_decay_mode = "coupled"
     config.model.head = "no_rfb"
     return config

@@ -81,6 +81,12 @@ def build_backbone(name, weights=None):
     if name == SMALL:
         return small_backbone(), "unit"
     ctor, tap4, tap5 = RESNETS[name]
+    if weights is None:
+        from absl import logging
+
+        logging.warning("%s starts from random weights: the paper's recipe fine-tunes "
+                        "ImageNet weights; set config.model.backbone_weights to "
+                        "'imagenet' or the path of a local .h5 file.", name)
     full = getattr(keras.applications, ctor)(
         include_top=False, weights=weights, input_shape=(None, None, 3))
     model = keras.Model(full.inputs,

@@ -70,6 +70,7 @@ def _train_config():
     t.lr_schedule = "cosine"
     t.warmup_steps = 0
     t.weight_decay = 1e-4
+    t.weight_decay_mode = "decoupled"  # "coupled": L2 in the loss (DOLG, pycls)
     t.clip_norm = 10.0
     t.mixed_precision = ""             # "" | mixed_float16 | mixed_bfloat16
     t.jit_compile = False

@@ -162,13 +162,27 @@ def load_distractors(path, dim):
     return array.astype(np.float32)
 
 
+EXPANSION_OFF = {"qe_k": 0, "qe_alpha": 3.0, "dba_k": 0, "dba_alpha": 3.0}
+
+
+def expand(queries, database, settings):
+    """(database after DBA, queries after alpha-QE against it)."""
+    from dplg_tf import expansion
+
+    database = expansion.dba(database, settings["dba_k"], settings["dba_alpha"])
+    queries = expansion.alpha_qe(queries, database, settings["qe_k"], settings["qe_alpha"])
+    return database, queries
+
+
 def run_eval(dataset_name, data_root, model=None, server=None, model_name="dplg",
              scales=None, cache_dir=None, distractors=None, figures=0, output_dir=None,
-             progress=True, workers=4):
-    """Extract, rank, score; returns (results, ranks, dataset, db, queries)."""
+             progress=True, workers=4, expansion=None):
+    """Extract, rank, score; returns (results, ranks, dataset, db, queries).
+
+    `expansion` {qe_k, qe_alpha, dba_k, dba_alpha}: alpha-QE of the queries
+    and DBA of the database (distractors included) before ranking."""
     from dplg_tf.config import PAPER_SCALES
     from dplg_tf.data.revisited import load_dataset
-
     from dplg_tf.describer import Describer
 
     dataset = load_dataset(data_root, dataset_name)
@@ -185,22 +199,33 @@ def run_eval(dataset_name, data_root, model=None, server=None, model_name="dplg"
     full_db = db
     if distractors:
         full_db = np.concatenate([db, load_distractors(distractors, db.shape[1])])
-    ranks = rank(queries, full_db)
+    expansion = dict(EXPANSION_OFF, **(expansion or {}))
+    full_db, expanded = expand(queries, full_db, expansion)
+    ranks = rank(expanded, full_db)
     results = evaluate(ranks, dataset)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump({"dataset": dataset_name, "model": describer.identity,
-                   "distractors": int(full_db.shape[0] - db.shape[0]), "results": results},
+                   "distractors": int(full_db.shape[0] - db.shape[0]), "scales": scales,
+                   "expansion": expansion, "results": results},
                   f, indent=1)
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write(markdown_table(results, dataset_name) + "\n")
     if figures:
         from dplg_tf import pictures
 
+        from dplg_tf.diagnostics import attention_entropy
+
+        entropies = []
+
         def attention(image):
-            return describer.multiscale(image, scales)["attention"]
+            a = describer.multiscale(image, scales)["attention"]
+            entropies.append(float(attention_entropy(a)[0]))
+            return a
 
         pictures.write_figures(dataset, ranks, attention, output_dir, figures)
+        print(f"attention entropy of the drawn images: {np.mean(entropies):.3f} "
+              "(1 = uniform: the local branch then averages)", file=sys.stderr)
     return results, ranks, dataset, db, queries
 
 
@@ -220,6 +245,12 @@ def _define_flags():
     flags.DEFINE_string("distractors", None, "An .npz/.npy of distractor descriptors (+1M).")
     flags.DEFINE_integer("figures", 0, "Write ranked-result and attention pictures for N queries.")
     flags.DEFINE_integer("workers", 4, "Images extracted at once.")
+    flags.DEFINE_integer("qe_k", 0, "alpha-QE: database neighbours added to each query "
+                         "(0: off).", lower_bound=0)
+    flags.DEFINE_float("qe_alpha", 3.0, "alpha-QE: similarity exponent.", lower_bound=0.0)
+    flags.DEFINE_integer("dba_k", 0, "DBA: neighbours averaged into each database vector, "
+                         "itself included (0: off).", lower_bound=0)
+    flags.DEFINE_float("dba_alpha", 3.0, "DBA: similarity exponent.", lower_bound=0.0)
 
 
 def main(argv):
@@ -229,7 +260,9 @@ def main(argv):
     f = flags.FLAGS
     results, *_ = run_eval(f.dataset, f.data_root, f.model, f.server, f.model_name,
                            [float(s) for s in f.scales] if f.scales else None,
-                           None, f.distractors, f.figures, f.output_dir, workers=f.workers)
+                           None, f.distractors, f.figures, f.output_dir, workers=f.workers,
+                           expansion={"qe_k": f.qe_k, "qe_alpha": f.qe_alpha,
+                                      "dba_k": f.dba_k, "dba_alpha": f.dba_alpha})
     print(markdown_table(results, f.dataset))
     out = f.output_dir or os.path.join(f.data_root, f.dataset, "eval")
     print(f"results in {out}/results.json and results.md", file=sys.stderr)

@@ -49,11 +49,13 @@ GRAPH_LIMITS = ("max_images_per_request", "max_scales", "max_scale", "max_pixels
 
 
 def export(model, export_dir, version=None, scales=None, max_image_side=1024,
-           min_scaled_side=64, limits=DEFAULT_LIMITS, freeze=True):
+           min_scaled_side=64, limits=DEFAULT_LIMITS, freeze=True, whitening=None):
     """Write `model` as BASE/<version>/ with both signatures; returns the path.
 
     With `freeze`, the weights are graph constants (faster; no variables in
-    the SavedModel); without it they are variables, as Keras exports them."""
+    the SavedModel); without it they are variables, as Keras exports them.
+    `whitening`, a dplg-whiten file, ends both signatures with its
+    layers.Whitening (the descriptor may then be shorter)."""
     import tensorflow as tf
 
     from dplg_tf.config import PAPER_SCALES
@@ -64,11 +66,17 @@ def export(model, export_dir, version=None, scales=None, max_image_side=1024,
     if os.path.exists(final):
         raise FileExistsError(f"{final} exists; choose another --version or leave it out "
                               "to take the next one.")
-    extractor = DescriptorExtractor(model, scales or PAPER_SCALES, max_image_side,
-                                    min_scaled_side, limits, freeze=freeze)
+    scales = scales or PAPER_SCALES
+    layer = None
+    if whitening:
+        layer = whitening_layer(whitening, model, scales, max_image_side, min_scaled_side)
+    extractor = DescriptorExtractor(model, scales, max_image_side, min_scaled_side, limits,
+                                    freeze=freeze, whitening=layer)
     module = tf.Module()
     if not freeze:
         module.model = model  # its variables go into the SavedModel
+    if layer is not None:
+        module.whitening = layer
     module.serving_default = tf.function(
         extractor.describe_bytes,
         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
@@ -85,6 +93,28 @@ def export(model, export_dir, version=None, scales=None, max_image_side=1024,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def whitening_layer(path, model, scales, max_image_side, min_scaled_side):
+    """The layers.Whitening of a dplg-whiten file, refused when the file was
+    learned on another model (its probe descriptor differs from this one's)."""
+    from dplg_tf import whitening
+    from dplg_tf.descriptor_files import same_probe
+    from dplg_tf.images import probe_image
+    from dplg_tf.layers import Whitening
+
+    mean, projection, metadata = whitening.load(path)
+    plain = DescriptorExtractor(model, scales, max_image_side, min_scaled_side)
+    if mean.shape[0] != plain.dim:
+        raise UserError(f"{path} whitens {mean.shape[0]}-d descriptors but the model "
+                        f"gives {plain.dim}-d ones; learn it on this model.")
+    probe = metadata.get("probe")
+    if probe is not None and not same_probe(plain.describe_image(probe_image()).numpy(),
+                                            probe):
+        raise UserError(f"{path} was learned on another model (or other scales) than the "
+                        "one exported: its probe descriptor differs; run dplg-whiten on a "
+                        "SavedModel of this model.")
+    return Whitening.from_arrays(mean, projection, name="whitening")
 
 
 def load_for_export(workdir=None, model_path=None, config=None, allow_random_init=False):
@@ -108,23 +138,18 @@ def load_for_export(workdir=None, model_path=None, config=None, allow_random_ini
 
 def _from_checkpoint(workdir, config):
     """The descriptor model of the latest checkpoint of an unfinished run."""
-    import json
-
-    import ml_collections
     import tensorflow as tf
 
     from dplg_tf.model import build_training_model
 
     latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
-    if not latest:
-        raise InputNotFound(f"{workdir} has neither model.keras nor a checkpoint; "
-                                "is it a dplg-train work dir?")
-    if config is None:
-        with open(os.path.join(workdir, "config.json")) as f:
-            config = ml_collections.ConfigDict(json.load(f))
+    config = config if config is not None else run_config(workdir)
+    if not latest or config is None:
+        raise InputNotFound(f"{workdir} has neither model.keras nor a checkpoint with its "
+                            "config.json; is it a dplg-train work dir?")
     if not config.loss.num_classes:
         raise UserError(f"{workdir}/config.json does not say how many classes the run "
-                         "had; export from its model.keras instead.")
+                        "had; export from its model.keras instead.")
     model = build_training_model(config)
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
     return model.get_layer("dplg")
@@ -142,8 +167,11 @@ def _define_flags():
                         "OUTPUT_DIR/<version>/.", required=True)
     flags.DEFINE_alias("export_dir", "output_dir")
     flags.DEFINE_integer("version", None, "Version number (default: the next one).")
-    flags.DEFINE_list("scales", None, "Scales of serving_default (default: the paper's 5).")
-    flags.DEFINE_integer("max_image_side", 1024, "Longest side before the scales.")
+    flags.DEFINE_list("scales", None, "Scales of serving_default (default: the config's "
+                      "eval.scales, the paper's 5).")
+    flags.DEFINE_integer("max_image_side", None, "Longest side before the scales (default: "
+                         "the config's eval.max_image_side, 1024).")
+    flags.DEFINE_string("whitening", None, "A dplg-whiten file to end both signatures with.")
     images.define_limit_flags(GRAPH_LIMITS)
     flags.DEFINE_bool("freeze", True, "Write the weights into the graph as constants "
                       "(faster on CPU); --nofreeze keeps them as variables.")
@@ -153,11 +181,27 @@ def main(argv):
     del argv
     f = flags.FLAGS
     model = load_for_export(f.workdir, f.keras_model, f.config, f.allow_random_init)
-    scales = [float(s) for s in f.scales] if f.scales else None
-    min_side = f.config.model.min_image_size if f.config is not None else 64
-    path = export(model, f.output_dir, f.version, scales, f.max_image_side, min_side,
-                  images.limits_from_flags(GRAPH_LIMITS), f.freeze)
+    config = f.config if f.config is not None else run_config(f.workdir)
+    scales = [float(s) for s in f.scales] if f.scales else (
+        list(config.eval.scales) if config is not None else None)
+    max_side = f.max_image_side or (config.eval.max_image_side if config is not None else 1024)
+    min_side = config.model.min_image_size if config is not None else 64
+    path = export(model, f.output_dir, f.version, scales, max_side, min_side,
+                  images.limits_from_flags(GRAPH_LIMITS), f.freeze, f.whitening)
     print(path)
+
+
+def run_config(workdir):
+    """The config a dplg-train run recorded (workdir/config.json), or None."""
+    import json
+
+    import ml_collections
+
+    path = os.path.join(workdir or "", "config.json")
+    if not workdir or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
 
 
 def run():

@@ -38,13 +38,25 @@ class DescriptorExtractor:
     (dplg_tf.images.Limits: images per request, scales, pixels, minimum side)."""
 
     def __init__(self, model, scales, max_image_side=1024, min_scaled_side=64,
-                 limits=DEFAULT_LIMITS, freeze=False):
+                 limits=DEFAULT_LIMITS, freeze=False, whitening=None):
         self.model = frozen(model) if freeze else model
         self.limits = limits
         self.scales = limits.check_scales(scales)
         self.max_image_side = float(max_image_side)
         self.min_scaled_side = int(min_scaled_side)
-        self.dim = int(model.output["descriptor"].shape[-1])
+        # an optional layers.Whitening at the end of both signatures
+        self.whitening = whitening
+        self.dim = int(whitening.output_dim if whitening is not None
+                       else model.output["descriptor"].shape[-1])
+        self.model_dim = int(model.output["descriptor"].shape[-1])
+
+    def _whiten(self, descriptors):
+        """[N, D] -> [N, dim]: the whitening layer, or nothing."""
+        import tensorflow as tf
+
+        if self.whitening is None:
+            return descriptors
+        return tf.cast(self.whitening(descriptors), tf.float32)
 
     def multiscale(self, image, scales):
         """uint8 [H, W, 3], float32 [S] -> dict of descriptor, per-scale, attention."""
@@ -72,14 +84,15 @@ class DescriptorExtractor:
 
         _, descriptors, attention = tf.while_loop(
             lambda i, *_: i < n, body,
-            (tf.constant(0), tf.TensorArray(tf.float32, size=n, element_shape=[self.dim]),
+            (tf.constant(0), tf.TensorArray(tf.float32, size=n,
+                                            element_shape=[self.model_dim]),
              tf.zeros([0, 0], tf.float32)),
             shape_invariants=(tf.TensorShape([]), tf.TensorShape(None),
                               tf.TensorShape([None, None])))
         per_scale = descriptors.stack()
         fused = tf.math.l2_normalize(tf.reduce_mean(per_scale, axis=0))
-        return {"global_descriptor": fused, "scale_descriptors": per_scale,
-                "attention": attention}
+        return {"global_descriptor": self._whiten(fused[None])[0],
+                "scale_descriptors": self._whiten(per_scale), "attention": attention}
 
     def _base(self, image):
         """The image as float32, limited to max_image_side; too small ones fail."""
@@ -95,11 +108,14 @@ class DescriptorExtractor:
             return limit_side(image, self.max_image_side)
 
     def _describe_scaled(self, base, scale):
-        """(L2-normalised descriptor [D], attention [H4, W4]) of `base` resized by `scale`."""
+        """(L2-normalised descriptor [D], attention [H4, W4]) of `base` resized by
+        `scale`, or by the larger factor that brings its shorter side to
+        min_scaled_side (both sides alike: the aspect ratio is kept)."""
         import tensorflow as tf
 
         size = tf.cast(tf.shape(base)[:2], tf.float32)
-        new = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), self.min_scaled_side)
+        factor = tf.maximum(scale, self.min_scaled_side / tf.reduce_min(size))
+        new = tf.maximum(tf.cast(tf.round(size * factor), tf.int32), self.min_scaled_side)
         scaled = tf.image.resize(base, new, antialias=True)
         out = self.model(scaled[None], training=False)
         return (tf.math.l2_normalize(tf.cast(out["descriptor"][0], tf.float32)),
@@ -112,7 +128,8 @@ class DescriptorExtractor:
 
         base = self._base(image)
         per_scale = [self._describe_scaled(base, scale)[0] for scale in self.scales]
-        return tf.math.l2_normalize(tf.reduce_mean(tf.stack(per_scale), axis=0))
+        fused = tf.math.l2_normalize(tf.reduce_mean(tf.stack(per_scale), axis=0))
+        return self._whiten(fused[None])[0]
 
     def describe_bytes(self, image_bytes):
         """string [N] -> {"global_descriptor": float32 [N, D]} at the configured scales."""

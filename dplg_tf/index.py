@@ -43,7 +43,8 @@ def _normalise(x):
 
 class DescriptorIndex:
     def __init__(self, dim, kind="exact", probe=None, hnsw_m=32, ef_search=128,
-                 nlist=1024, pq_m=64, nprobe=32, refine=10, fs_m=None):
+                 nlist=1024, pq_m=64, nprobe=32, refine=10, fs_m=None, dba_k=0,
+                 dba_alpha=3.0):
         import faiss
 
         if kind not in KINDS:
@@ -54,8 +55,12 @@ class DescriptorIndex:
             fs_m = self.dim // 2 if self.dim % 2 == 0 else self.dim
         if self.dim % fs_m:
             raise cli.UserError(f"fs_m={fs_m} must divide the dimension {self.dim}.")
+        if dba_k < 0 or dba_alpha < 0:
+            raise cli.UserError(f"DBA needs k >= 0 and alpha >= 0, got {dba_k}, {dba_alpha}.")
+        # DBA (dplg_tf.expansion) of every vector added, kept with the index
         self.params = dict(hnsw_m=hnsw_m, ef_search=ef_search, nlist=nlist, pq_m=pq_m,
-                           nprobe=nprobe, refine=refine, fs_m=fs_m)
+                           nprobe=nprobe, refine=refine, fs_m=fs_m, dba_k=int(dba_k),
+                           dba_alpha=float(dba_alpha))
         self.names = []
         if kind == "exact":
             self.index = faiss.IndexFlatIP(self.dim)
@@ -104,6 +109,10 @@ class DescriptorIndex:
                               f"{self.dim}-d index; they come from another model.")
         if len(names) != len(x):
             raise cli.UserError(f"{len(x)} descriptors but {len(names)} names.")
+        if self.params["dba_k"]:
+            from dplg_tf.expansion import augment_for_index
+
+            x = augment_for_index(self, x, self.params["dba_k"], self.params["dba_alpha"])
         if self.index is None:
             if len(x) < 256:
                 raise IndexMismatch(f"A {self.kind} index needs at least 256 descriptors "
@@ -113,6 +122,15 @@ class DescriptorIndex:
             self._build(sample)
         self.index.add(x)
         self.names += [str(n) for n in names]
+
+    def vectors(self, ids):
+        """The stored vectors of `ids` (any shape) -> ids.shape + (dim,)."""
+        ids = np.asarray(ids, np.int64)
+        flat = ids.ravel()
+        if len(flat) == 0 or self.index is None:
+            return np.zeros(ids.shape + (self.dim,), np.float32)
+        rows = np.stack([self.index.reconstruct(int(i)) for i in flat])
+        return rows.reshape(ids.shape + (self.dim,)).astype(np.float32)
 
     def tune(self, refine=None, nprobe=None, ef_search=None):
         """Change the search-time knobs (more = slower and closer to exact)."""
@@ -323,8 +341,13 @@ def index_main(argv):
         index = DescriptorIndex.load(f.index_dir)
         if probe is not None:
             index.check_probe(probe)
+        if f["dba_k"].present and f.dba_k != index.params["dba_k"]:
+            raise cli.UserError(f"{f.index_dir} was built with --dba_k="
+                                f"{index.params['dba_k']}; appends use the index's own "
+                                "setting, so leave --dba_k out.")
     else:
-        index = DescriptorIndex(descriptors.shape[1], f.kind, probe)
+        index = DescriptorIndex(descriptors.shape[1], f.kind, probe, dba_k=f.dba_k,
+                                dba_alpha=f.dba_alpha)
     index.add(descriptors, names)
     index.save(f.index_dir)
     print(f"{f.index_dir}: {len(index)} descriptors ({index.kind}, {index.dim}-d)")
@@ -340,6 +363,9 @@ def run_index():
     flags.DEFINE_enum("kind", "exact", list(KINDS), "Index kind.")
     flags.DEFINE_bool("append", False, "Add to an existing index.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing index.")
+    flags.DEFINE_integer("dba_k", 0, "DBA: store each vector averaged with its k nearest "
+                         "(itself included; 0: off); kept for appends.", lower_bound=0)
+    flags.DEFINE_float("dba_alpha", 3.0, "DBA: similarity exponent.", lower_bound=0.0)
     cli.run(index_main, "dplg-index")
 
 

@@ -9,7 +9,11 @@ import math
 import keras
 from keras import ops
 
+from dplg_tf.arcface import ArcFaceMargin
+
 PACKAGE = "dplg_tf"
+__all__ = ["GeM", "ReceptiveFieldBlock", "DotProductFusion", "OrthogonalFusion",
+           "ArcFaceMargin", "ImagePreprocessing", "Whitening"]
 
 
 def _float32(x):
@@ -275,70 +279,6 @@ class OrthogonalFusion(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class ArcFaceMargin(keras.layers.Layer):
-    """ArcFace logits, Eq. 4-5: `arcface(embeddings, labels=None)` -> (B, N_c).
-
-    Embeddings and class proxies are L2-normalised, u = cos(theta). Without
-    labels the logits are scale * u. With labels, the label's class gets
-    scale * cos(theta + m), computed as u cos m - sin(theta) sin m with a
-    square root whose gradient is held at zero at u = +-1 (no NaN or Inf).
-    Where theta + m > pi, cos(theta + m) would rise again as theta grows and
-    reward a worse angle; there the target is u - (1 - cos m), which meets
-    cos(theta + m) = -1 at theta = pi - m and keeps falling with theta.
-    """
-
-    def __init__(self, num_classes, margin=0.15, scale=30.0, **kwargs):
-        super().__init__(**kwargs)
-        if num_classes <= 0:
-            raise ValueError(f"ArcFaceMargin needs num_classes > 0, got {num_classes}.")
-        if not 0.0 <= margin < math.pi / 2:
-            raise ValueError(f"ArcFace margin must lie in [0, pi/2), got {margin}.")
-        self.num_classes = int(num_classes)
-        self.margin = float(margin)
-        self.scale = float(scale)
-
-    def build(self, embeddings_shape, labels_shape=None):
-        self.proxies = self.add_weight(
-            name="proxies", shape=(embeddings_shape[-1], self.num_classes),
-            initializer=keras.initializers.GlorotNormal(), dtype="float32")
-
-    def cosine(self, embeddings):
-        """u = cos(theta) between each embedding and each class proxy."""
-        e = _float32(embeddings)
-        e = e / ops.sqrt(ops.maximum(ops.sum(e * e, axis=-1, keepdims=True), 1e-12))
-        w = ops.cast(self.proxies, "float32")
-        w = w / ops.sqrt(ops.maximum(ops.sum(w * w, axis=0, keepdims=True), 1e-12))
-        return ops.clip(ops.matmul(e, w), -1.0, 1.0)
-
-    def margin_cosine(self, u):
-        """cos(arccos(u) + m) for theta + m <= pi, the falling extension beyond."""
-        one_minus = 1.0 - u * u
-        safe = ops.where(one_minus > 1e-12, one_minus, ops.ones_like(one_minus))
-        sin_t = ops.where(one_minus > 1e-12, ops.sqrt(safe), ops.zeros_like(u))
-        shifted = u * math.cos(self.margin) - sin_t * math.sin(self.margin)
-        beyond = u - (1.0 - math.cos(self.margin))
-        return ops.where(u >= -math.cos(self.margin), shifted, beyond)
-
-    def call(self, embeddings, labels=None):
-        u = self.cosine(embeddings)
-        if labels is None:
-            return self.scale * u
-        labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
-        one_hot = ops.one_hot(labels, self.num_classes, dtype="float32")
-        logits = ops.where(one_hot > 0, self.margin_cosine(u), u)
-        return self.scale * logits
-
-    def compute_output_shape(self, embeddings_shape, labels_shape=None):
-        return (embeddings_shape[0], self.num_classes)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(num_classes=self.num_classes, margin=self.margin,
-                      scale=self.scale)
-        return config
-
-
-@keras.saving.register_keras_serializable(package=PACKAGE)
 class ImagePreprocessing(keras.layers.Layer):
     """RGB images in [0, 255] -> the backbone's input convention.
 
@@ -368,4 +308,51 @@ class ImagePreprocessing(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(mode=self.mode)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Whitening(keras.layers.Layer):
+    """Learned whitening at the end of the descriptor: normalise(P (x - m)).
+
+    `mean` [D] and `projection` (stored as P transposed, [D, output_dim]) are
+    fixed weights, learned by dplg-whiten (dplg_tf.whitening) and set with
+    `Whitening.from_arrays(mean, projection)`; output_dim may be below D.
+    """
+
+    def __init__(self, output_dim, eps=1e-12, **kwargs):
+        super().__init__(**kwargs)
+        if output_dim <= 0:
+            raise ValueError(f"Whitening needs output_dim > 0, got {output_dim}.")
+        self.output_dim = int(output_dim)
+        self.eps = float(eps)
+
+    @classmethod
+    def from_arrays(cls, mean, projection, **kwargs):
+        import numpy as np
+
+        projection = np.asarray(projection, np.float32)
+        layer = cls(projection.shape[0], **kwargs)
+        layer.build((None, projection.shape[1]))
+        layer.set_weights([np.asarray(mean, np.float32), projection.T])
+        return layer
+
+    def build(self, input_shape):
+        dim = int(input_shape[-1])
+        self.mean = self.add_weight(shape=(dim,), initializer="zeros", trainable=False,
+                                    name="mean")
+        self.projection = self.add_weight(shape=(dim, self.output_dim),
+                                          initializer="identity", trainable=False,
+                                          name="projection")
+
+    def call(self, x):
+        y = ops.matmul(ops.cast(x, self.mean.dtype) - self.mean, self.projection)
+        return y / ops.maximum(ops.sqrt(ops.sum(y * y, axis=-1, keepdims=True)), self.eps)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.output_dim,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(output_dim=self.output_dim, eps=self.eps)
         return config

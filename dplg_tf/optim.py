@@ -38,8 +38,9 @@ def no_decay_variables(model):
 
 
 def make_optimizer(config, model, max_steps):
-    """SGD (momentum, decoupled weight decay) for gradients the trainer has
-    already summed over replicas and clipped by their true global norm.
+    """SGD (momentum; weight decay decoupled, or coupled through the loss by
+    build_train_step) for gradients the trainer has already summed over
+    replicas and clipped by their true global norm.
 
     Keras clips each replica's partial gradient before its own all-reduce,
     which is not clipping by the global norm; so the trainer reduces and
@@ -54,14 +55,45 @@ def make_optimizer(config, model, max_steps):
     t = config.train
     if t.optimizer != "sgd":
         raise UserError(f"config.train.optimizer={t.optimizer!r} is unknown; use 'sgd'.")
+    decoupled = weight_decay_mode(t) == "decoupled" and t.weight_decay
     optimizer = PreReducedSGD(
         learning_rate=learning_rate_schedule(t, max_steps), momentum=t.momentum,
-        weight_decay=t.weight_decay or None)
-    if t.weight_decay:
+        weight_decay=t.weight_decay if decoupled else None)
+    if decoupled:
         optimizer.exclude_from_weight_decay(var_list=no_decay_variables(model))
     if t.mixed_precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
+
+
+def weight_decay_mode(t):
+    """config.train.weight_decay_mode: "decoupled" (Keras: w -= lr * wd * w after
+    the momentum update) or "coupled" (the L2 term wd/2 |w|^2 in the loss, so
+    its gradient goes through the momentum, as in PyTorch's SGD used by DOLG
+    and pycls; with momentum 0.9 that decays about 10x more strongly)."""
+    mode = t.get("weight_decay_mode", "decoupled")
+    if mode not in ("decoupled", "coupled"):
+        raise UserError(f"config.train.weight_decay_mode={mode!r} is unknown; use "
+                        "'decoupled' or 'coupled'.")
+    return mode
+
+
+def l2_term(model, t, replicas):
+    """`() -> wd/2 * sum |w|^2 / replicas` over the decayed variables for the
+    coupled mode (each replica's share: the all-reduce sums them), else None."""
+    import tensorflow as tf
+
+    if weight_decay_mode(t) != "coupled" or not t.weight_decay:
+        return None
+    skip = {id(v) for v in no_decay_variables(model)}
+    decayed = [v for v in model.trainable_variables if id(v) not in skip]
+    factor = 0.5 * float(t.weight_decay) / replicas
+
+    def term():
+        return factor * tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32)))
+                                  for v in decayed])
+
+    return term
 
 
 def freeze_batchnorm(model):
@@ -85,6 +117,7 @@ def build_train_step(strategy, model, optimizer, t, global_batch, step):
     nan_step = int(t.debug_nan_step)
     float16 = t.mixed_precision == "mixed_float16"
     clip_norm = float(t.clip_norm or 0.0)
+    l2 = l2_term(model, t, strategy.num_replicas_in_sync)
 
     def forward_backward(images, labels, step_now):
         with tf.GradientTape() as tape:
@@ -94,7 +127,8 @@ def build_train_step(strategy, model, optimizer, t, global_batch, step):
             loss = tf.reduce_sum(per_example) / global_batch
             if nan_step >= 0:  # fault injection for tests of the NaN guard
                 loss = loss * tf.where(step_now + 1 == nan_step, float("nan"), 1.0)
-            scaled = optimizer.scale_loss(loss) if float16 else loss
+            total = loss + l2() if l2 is not None else loss
+            scaled = optimizer.scale_loss(total) if float16 else total
         grads = tape.gradient(scaled, model.trainable_variables)  # scaled if float16
         correct = tf.cast(tf.equal(tf.argmax(out["cosine_logits"], -1, output_type=tf.int32),
                                    labels), tf.float32)

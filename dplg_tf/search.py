@@ -28,6 +28,11 @@ def search_main(argv):
     if probe is not None:
         index.check_probe(probe)
     index.tune(f.refine, f.nprobe, f.ef_search)
+    if f.qe_k and len(queries):
+        from dplg_tf.expansion import alpha_qe, index_neighbours
+
+        queries = alpha_qe(queries, k=f.qe_k, alpha=f.qe_alpha,
+                           neighbours=index_neighbours(index))
     scores, ids = index.search(queries, f.top_k) if len(queries) else ([], [])
     results = []
     for name, row_scores, row_ids in zip(names, scores, ids):
@@ -55,6 +60,9 @@ def run_search():
                          "multiple of top_k (default: the index's).")
     flags.DEFINE_integer("nprobe", None, "ivfpq: inverted lists scanned per query.")
     flags.DEFINE_integer("ef_search", None, "hnsw: size of the search frontier.")
+    flags.DEFINE_integer("qe_k", 0, "alpha-QE: indexed neighbours added to each query "
+                         "(0: off).", lower_bound=0)
+    flags.DEFINE_float("qe_alpha", 3.0, "alpha-QE: similarity exponent.", lower_bound=0.0)
     cli.run(search_main, "dplg-search")
 
 

@@ -180,9 +180,23 @@ class Trainer:
             return None
         if writer is not None:
             step = int(self.step.numpy())
-            writer.scalars(step, {"accuracy": correct / total})
+            writer.scalars(step, {"accuracy": correct / total, **self._fusion(first[0])})
             writer.attention(step, *first, max_outputs=t.summary_images)
         return correct / total
+
+    def _fusion(self, images):
+        """fusion/attention_entropy and fusion/local_to_global_norm of a batch
+        (dplg_tf.diagnostics), for the heads that fuse a local vector."""
+        from dplg_tf.diagnostics import fusion_probe, fusion_stats
+
+        if not hasattr(self, "_probe"):
+            self._probe = fusion_probe(self.embedder)
+        if self._probe is None:
+            return {}
+        stats = fusion_stats(self._probe, images)
+        logging.info("fusion: attention entropy %.3f (1 = uniform), |Vl| / |V'g| %.3f",
+                     stats["attention_entropy"], stats["local_to_global_norm"])
+        return {f"fusion/{k}": v for k, v in stats.items()}
 
     # -- the loop
     def run(self):

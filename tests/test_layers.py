@@ -227,6 +227,7 @@ NON_DEFAULT_ARGUMENTS = {
     layers.OrthogonalFusion: dict(eps=1e-4),
     layers.ArcFaceMargin: dict(num_classes=9, margin=0.2, scale=16.0),
     layers.ImagePreprocessing: dict(mode="unit"),
+    layers.Whitening: dict(output_dim=3, eps=1e-9),
 }
 
 
@@ -236,7 +237,7 @@ def test_every_layer_of_the_package_is_in_the_round_trip_test():
     import keras
 
     ours = {c for _, c in inspect.getmembers(layers, inspect.isclass)
-            if issubclass(c, keras.layers.Layer) and c.__module__ == layers.__name__}
+            if issubclass(c, keras.layers.Layer) and c.__module__.startswith("dplg_tf.")}
     assert ours == set(NON_DEFAULT_ARGUMENTS)
 
 
@@ -258,6 +259,25 @@ def test_layer_config_round_trip(cls):
     assert clone.name == "probe_layer"
     for name, value in args.items():
         assert clone.get_config()[name] == value, name
+
+
+def test_whitening_layer_matches_numpy_and_survives_keras_save(tmp_path):
+    import keras
+
+    from dplg_tf import whitening
+
+    x = RNG.normal(size=(40, 6)).astype("float32")
+    labels = np.repeat(np.arange(8), 5)
+    mean, projection = whitening.learn_supervised(x, labels, 4)
+    layer = layers.Whitening.from_arrays(mean, projection)
+    out = np.asarray(layer(x))
+    np.testing.assert_allclose(out, whitening.apply(x, mean, projection), rtol=1e-5, atol=1e-6)
+    assert out.shape == (40, 4) and layer.trainable_weights == []
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, layer(inputs))
+    model.save(tmp_path / "w.keras")
+    again = keras.models.load_model(tmp_path / "w.keras")
+    np.testing.assert_allclose(np.asarray(again(x)), out, rtol=1e-6)
 
 
 def test_bad_arguments_fail_clearly():

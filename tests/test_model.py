@@ -135,6 +135,9 @@ def test_configs_directory_builds_and_matches_the_paper():
             loaded[name[:-3]] = config_lib.validate(module.get_config())
     paper = loaded["dplg_r50_gldv2"]
     assert (paper.model.backbone, paper.model.head) == ("resnet50", "dplg")
+    for name in ("dplg_r50_gldv2", "ablation_no_rfb", "ablation_no_fusion", "ablation_gem",
+                 "ablation_dolg"):  # the recipe fine-tunes ImageNet weights
+        assert loaded[name].model.backbone_weights == "imagenet", name
     assert paper.model.descriptor_dim == 512 and paper.data.image_size == 512
     assert paper.train.learning_rate == 0.03 and paper.train.lr_schedule == "cosine"
     assert paper.train.optimizer == "sgd" and paper.train.momentum == 0.9
@@ -176,9 +179,11 @@ def test_mac_counter_counts_the_fusion_matmuls(small_config):
 
 
 @pytest.mark.slow
-def test_resnet50_at_512_gives_the_documented_outputs():
+def test_resnet50_at_512_gives_the_documented_outputs(caplog):
     c = config_lib.base_config()
-    model = build_dplg(c)
+    with caplog.at_level("WARNING"):
+        model = build_dplg(c)
+    assert "resnet50 starts from random weights" in caplog.text  # no silent random start
     out = model(_images(1, 512, 512))
     assert out["descriptor"].shape == (1, 512)
     assert out["attention"].shape == (1, 32, 32)

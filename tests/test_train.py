@@ -74,7 +74,8 @@ def test_mirrored_training_lowers_the_loss_and_logs_everything(shards, tmp_path)
     assert os.path.isfile(os.path.join(workdir, "model.keras"))
     assert {"loss", "accuracy", "learning_rate", "gradient_norm", "gem_p", "steps_per_sec",
             "images_per_sec"} <= _event_tags(os.path.join(workdir, "train"))
-    assert {"accuracy", "attention"} <= _event_tags(os.path.join(workdir, "validation"))
+    assert {"accuracy", "attention", "fusion/attention_entropy",
+            "fusion/local_to_global_norm"} <= _event_tags(os.path.join(workdir, "validation"))
     traces = glob.glob(os.path.join(workdir, "train", "plugins", "profile", "*", "*.xplane.pb"))
     assert traces and os.path.getsize(traces[0]) > 0
     assert "step 30/30 loss" in proc.stderr  # the progress line

@@ -3,7 +3,7 @@
 Python:
     from dplg_tf.serving.client import Client
     client = Client("127.0.0.1:8500")
-    descriptors = client.describe_files(["a.jpg", "b.png"])      # (2, 512)
+    names, rows, errors = client.describe_files(["a.jpg", "b.png"])  # rows (2, 512)
     out = client.multiscale(image_uint8, scales=[0.5, 1.0])      # dict of arrays
 
 CLI:

@@ -1,0 +1,109 @@
+"""Whitening, alpha-QE and DBA on descriptors the tests make themselves."""
+
+import numpy as np
+import pytest
+
+from dplg_tf import expansion, whitening
+from dplg_tf.cli import UserError
+
+
+def _unit(x):
+    x = np.asarray(x, np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_exact_search_returns_the_best_first():
+    rng = np.random.default_rng(0)
+    db, q = _unit(rng.normal(size=(50, 8))), _unit(rng.normal(size=(7, 8)))
+    scores, ids = expansion.exact_search(db, chunk=3)(q, 4)
+    want = np.argsort(-(q @ db.T), axis=1)[:, :4]
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ db.T, want, 1), rtol=1e-6)
+
+
+def test_alpha_qe_adds_the_weighted_neighbours():
+    db = _unit([[1, 0, 0], [0.8, 0.6, 0], [0, 0, 1], [-1, 0, 0]])
+    q = _unit([[1, 0.1, 0]])
+    s = (q @ db.T)[0]
+    np.testing.assert_allclose(expansion.alpha_qe(q, db, k=0), q)
+    # average QE (alpha 0) of the 2 nearest: the query plus db[0] and db[1]
+    np.testing.assert_allclose(expansion.alpha_qe(q, db, k=2, alpha=0),
+                               _unit(q + db[0] + db[1]), atol=1e-6)
+    want = _unit(q + s[0] ** 3 * db[0] + s[1] ** 3 * db[1])
+    np.testing.assert_allclose(expansion.alpha_qe(q, db, k=2, alpha=3), want, atol=1e-6)
+    # a neighbour with negative similarity adds nothing when alpha > 0
+    two = db[[1, 3]]  # one similar, one opposite
+    np.testing.assert_allclose(expansion.alpha_qe(q, two, k=2, alpha=3),
+                               _unit(q + s[1] ** 3 * db[1]), atol=1e-6)
+
+
+def test_dba_with_k_1_changes_nothing_and_k_2_pulls_neighbours_together():
+    rng = np.random.default_rng(1)
+    db = _unit(rng.normal(size=(30, 16)))
+    np.testing.assert_allclose(expansion.dba(db, k=1, alpha=0), db, atol=1e-6)
+    out = expansion.dba(db, k=2, alpha=0, chunk=7)
+    nearest = np.argsort(-(db @ db.T), axis=1)[:, 1]
+    np.testing.assert_allclose(out, _unit(db + db[nearest]), atol=1e-5)
+    with pytest.raises(UserError, match="k >= 0"):
+        expansion.dba(db, k=-1)
+
+
+def _classes(n_classes=20, per_class=10, dim=16, nuisance=10.0, views=0):
+    """Unit descriptors whose classes differ in all directions but whose views
+    vary most along two nuisance directions; `views` seeds the views."""
+    centres = np.random.default_rng(0).normal(size=(n_classes, dim))
+    rng = np.random.default_rng(100 + views)
+    labels = np.repeat(np.arange(n_classes), per_class)
+    noise = rng.normal(size=(len(labels), dim)) * 0.3
+    noise[:, :2] += rng.normal(size=(len(labels), 2)) * nuisance
+    return _unit(centres[labels] + noise), labels
+
+
+def _nn_accuracy(x, labels):
+    s = x @ x.T
+    np.fill_diagonal(s, -np.inf)
+    return float(np.mean(labels[np.argmax(s, axis=1)] == labels))
+
+
+def test_pca_whitening_decorrelates_the_training_descriptors():
+    x, _ = _classes()
+    mean, projection = whitening.learn_pca(x, 8, shrinkage=0.0)
+    assert mean.shape == (16,) and projection.shape == (8, 16)
+    y = (x - mean) @ projection.T
+    np.testing.assert_allclose(np.cov(y, rowvar=False), np.eye(8), atol=1e-3)
+    out = whitening.apply(x, mean, projection)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+
+
+def test_supervised_whitening_learns_to_ignore_the_nuisance():
+    x, labels = _classes(views=0)
+    mean, projection = whitening.learn_supervised(x, labels, 16)
+    other, other_labels = _classes(views=1)  # the same classes, other views
+    raw = _nn_accuracy(other, other_labels)
+    white = _nn_accuracy(whitening.apply(other, mean, projection), other_labels)
+    assert raw < 0.7 and white > 0.95, (raw, white)
+    assert whitening.learn_supervised(x, labels, 4)[1].shape == (4, 16)
+    with pytest.raises(UserError, match="two images"):
+        whitening.learn_supervised(x[:3], [0, 1, 2], 4)
+    with pytest.raises(UserError, match="1..16"):
+        whitening.learn_pca(x, 17)
+
+
+def test_whitening_file_round_trip_and_refusals(tmp_path):
+    x, labels = _classes()
+    mean, projection = whitening.learn_supervised(x, labels, 8)
+    path = str(tmp_path / "w.npz")
+    whitening.save(path, mean, projection, kind="supervised", probe=[0.5, 0.5])
+    m, p, meta = whitening.load(path)
+    np.testing.assert_array_equal(m, mean)
+    np.testing.assert_array_equal(p, projection)
+    assert meta == {"kind": "supervised", "probe": [0.5, 0.5]}
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="not a whitening file"):
+        whitening.load(str(tmp_path / "bad.npz"))
+    np.savez(tmp_path / "shape.npz", mean=np.zeros(3), projection=np.zeros((2, 4)),
+             metadata=np.array("{}"))
+    with pytest.raises(UserError, match="do not fit together"):
+        whitening.load(str(tmp_path / "shape.npz"))
+    with pytest.raises(FileNotFoundError):
+        whitening.load(str(tmp_path / "missing.npz"))
