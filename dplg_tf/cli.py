@@ -22,6 +22,10 @@ class InputNotFound(UserError, FileNotFoundError):
     """A file or folder the user named does not exist or is not what it should be."""
 
 
+class OutputExists(UserError, FileExistsError):
+    """An output the command would write is already there."""
+
+
 def fail(name, message, code=BAD_INPUT):
     """Print `name: error: message` on stderr and exit with `code`."""
     print(f"{name}: error: {message}", file=sys.stderr)

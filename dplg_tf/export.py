@@ -64,7 +64,7 @@ def export(model, export_dir, version=None, scales=None, max_image_side=1024,
     version = version or next_version(export_dir)
     final = os.path.join(export_dir, str(version))
     if os.path.exists(final):
-        raise FileExistsError(f"{final} exists; choose another --version or leave it out "
+        raise cli.OutputExists(f"{final} exists; choose another --version or leave it out "
                               "to take the next one.")
     scales = scales or PAPER_SCALES
     layer = None

@@ -87,7 +87,9 @@ def _train_map(data_config):
             image = tf.io.decode_and_crop_jpeg(encoded, window, channels=3)
         else:
             image = tf.io.decode_jpeg(encoded, channels=3)
-        image = tf.image.resize(image, (size, size), antialias=True)
+        # antialiased as at extraction; the filter can overshoot [0, 255] slightly
+        image = tf.clip_by_value(tf.image.resize(image, (size, size), antialias=True),
+                                 0.0, 255.0)
         if data_config.random_flip:
             image = tf.image.random_flip_left_right(image)
         if data_config.colour_jitter > 0:
@@ -107,7 +109,7 @@ def _eval_map(data_config):
         shape = tf.cast(tf.shape(image)[:2], tf.float32)
         scale = size / tf.reduce_min(shape)
         new = tf.cast(tf.math.ceil(shape * scale), tf.int32)
-        image = tf.image.resize(image, new, antialias=True)
+        image = tf.clip_by_value(tf.image.resize(image, new, antialias=True), 0.0, 255.0)
         image = tf.image.resize_with_crop_or_pad(image, size, size)
         image = tf.ensure_shape(image, (size, size, 3))
         return image, tf.cast(parsed["image/class/label"], tf.int32)
