@@ -69,6 +69,9 @@ def test_whitening_in_both_signatures_and_refused_for_another_model(plain_export
     white = loaded.signatures["serving_default"](image_bytes=tf.constant(blobs))[
         "global_descriptor"].numpy()
     assert white.shape == (3, 32)
+    # the signature (what GetModelMetadata shows) declares the whitened dimension
+    declared = loaded.signatures["serving_default"].structured_outputs["global_descriptor"]
+    assert declared.shape.as_list() == [None, 32]
     np.testing.assert_allclose(white, whitening.apply(raw, mean, projection), atol=2e-5)
     image = tf.io.decode_jpeg(blobs[0], channels=3)
     ms = loaded.signatures["multiscale"](image=image, scales=tf.constant([1.0]))
