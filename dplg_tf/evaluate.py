@@ -232,6 +232,8 @@ def run_eval(dataset_name, data_root, model=None, server=None, model_name="dplg"
 def _define_flags():
     from absl import flags
 
+    from dplg_tf import expansion
+
     flags.DEFINE_string("dataset", None, "Data set: roxford5k, rparis6k, synthetic or any "
                         "folder <data_root>/NAME in the Revisited layout.", required=True)
     flags.DEFINE_string("data_root", None, "Folder holding <dataset>/jpg and the gnd file.",
@@ -245,12 +247,7 @@ def _define_flags():
     flags.DEFINE_string("distractors", None, "An .npz/.npy of distractor descriptors (+1M).")
     flags.DEFINE_integer("figures", 0, "Write ranked-result and attention pictures for N queries.")
     flags.DEFINE_integer("workers", 4, "Images extracted at once.")
-    flags.DEFINE_integer("qe_k", 0, "alpha-QE: database neighbours added to each query "
-                         "(0: off).", lower_bound=0)
-    flags.DEFINE_float("qe_alpha", 3.0, "alpha-QE: similarity exponent.", lower_bound=0.0)
-    flags.DEFINE_integer("dba_k", 0, "DBA: neighbours averaged into each database vector, "
-                         "itself included (0: off).", lower_bound=0)
-    flags.DEFINE_float("dba_alpha", 3.0, "DBA: similarity exponent.", lower_bound=0.0)
+    expansion.define_flags(qe=True, dba=True)
 
 
 def main(argv):

@@ -63,8 +63,9 @@ def index_neighbours(index):
 
 
 def _weighted_sum(vectors, scores, neighbour_vectors, alpha, include_self):
-    scores = np.where(np.isfinite(scores), scores, 0.0)
-    weights = np.maximum(scores, 0.0) ** alpha if alpha else (scores != 0).astype(np.float32)
+    # similarity^alpha, negatives as 0 (0^0 = 1: alpha 0 averages); missing (-inf) as 0
+    found = np.isfinite(scores)
+    weights = np.where(found, np.maximum(np.where(found, scores, 0.0), 0.0) ** alpha, 0.0)
     expanded = np.einsum("nk,nkd->nd", weights.astype(np.float32), neighbour_vectors)
     if include_self:
         expanded = expanded + vectors
@@ -97,6 +98,20 @@ def dba(database, k=2, alpha=3.0, neighbours=None, chunk=4096):
         out[start:start + chunk] = _weighted_sum(part, scores, found, alpha,
                                                  include_self=False)
     return out
+
+
+def define_flags(qe=False, dba=False):
+    """The --qe_k/--qe_alpha and --dba_k/--dba_alpha flags of the commands."""
+    from absl import flags
+
+    if qe:
+        flags.DEFINE_integer("qe_k", 0, "alpha-QE: nearest database vectors added to each "
+                             "query (0: off).", lower_bound=0)
+        flags.DEFINE_float("qe_alpha", 3.0, "alpha-QE: similarity exponent.", lower_bound=0.0)
+    if dba:
+        flags.DEFINE_integer("dba_k", 0, "DBA: nearest database vectors averaged into each "
+                             "database vector, itself included (0: off).", lower_bound=0)
+        flags.DEFINE_float("dba_alpha", 3.0, "DBA: similarity exponent.", lower_bound=0.0)
 
 
 def _check(k, alpha, database):

@@ -28,17 +28,12 @@ import numpy as np
 
 from dplg_tf import cli
 from dplg_tf.descriptor_files import same_probe
+from dplg_tf.expansion import augment_for_index, define_flags, normalise
 from dplg_tf.files import StateFolder
 
 KINDS = ("exact", "pq", "hnsw", "ivfpq")
 class IndexMismatch(cli.UserError):
     """The index and the request do not fit together."""
-
-
-def _normalise(x):
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
 
 
 class DescriptorIndex:
@@ -103,15 +98,13 @@ class DescriptorIndex:
         self.index = refined
 
     def add(self, descriptors, names):
-        x = _normalise(descriptors)
+        x = normalise(descriptors)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise IndexMismatch(f"Descriptors of shape {x.shape} cannot go into a "
                               f"{self.dim}-d index; they come from another model.")
         if len(names) != len(x):
             raise cli.UserError(f"{len(x)} descriptors but {len(names)} names.")
         if self.params["dba_k"]:
-            from dplg_tf.expansion import augment_for_index
-
             x = augment_for_index(self, x, self.params["dba_k"], self.params["dba_alpha"])
         if self.index is None:
             if len(x) < 256:
@@ -158,7 +151,7 @@ class DescriptorIndex:
 
     def search(self, queries, k=10):
         """(scores [n, k], ids [n, k]) with ids -1 where fewer than k exist."""
-        q = _normalise(queries)
+        q = normalise(queries)
         if q.shape[1] != self.dim:
             raise IndexMismatch(f"Queries are {q.shape[1]}-d but the index holds {self.dim}-d "
                               "descriptors; use the model the index was built with.")
@@ -363,9 +356,7 @@ def run_index():
     flags.DEFINE_enum("kind", "exact", list(KINDS), "Index kind.")
     flags.DEFINE_bool("append", False, "Add to an existing index.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing index.")
-    flags.DEFINE_integer("dba_k", 0, "DBA: store each vector averaged with its k nearest "
-                         "(itself included; 0: off); kept for appends.", lower_bound=0)
-    flags.DEFINE_float("dba_alpha", 3.0, "DBA: similarity exponent.", lower_bound=0.0)
+    define_flags(dba=True)  # kept in the index for appends
     cli.run(index_main, "dplg-index")
 
 

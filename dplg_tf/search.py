@@ -14,6 +14,7 @@ import json
 import sys
 
 from dplg_tf import cli
+from dplg_tf.expansion import define_flags
 from dplg_tf.index import DescriptorIndex, define_common_flags, read_inputs
 
 
@@ -60,9 +61,7 @@ def run_search():
                          "multiple of top_k (default: the index's).")
     flags.DEFINE_integer("nprobe", None, "ivfpq: inverted lists scanned per query.")
     flags.DEFINE_integer("ef_search", None, "hnsw: size of the search frontier.")
-    flags.DEFINE_integer("qe_k", 0, "alpha-QE: indexed neighbours added to each query "
-                         "(0: off).", lower_bound=0)
-    flags.DEFINE_float("qe_alpha", 3.0, "alpha-QE: similarity exponent.", lower_bound=0.0)
+    define_flags(qe=True)
     cli.run(search_main, "dplg-search")
 
 
