@@ -6,8 +6,11 @@ Revisited protocol at the paper's 5 scales, raw and with a supervised
 whitening (128-d) learned on the training records; mAP Medium/Hard per head
 and seed, their mean and 95% t-interval over seeds. The result is recorded
 whatever it shows.
+Runs go seed by seed (every head for seed 0, then seed 1, ...) so that a
+stopped run still compares the heads on the same seeds; with --work a rerun
+keeps the finished runs (one result.json each) and does only the others.
 Usage: python benchmarks/ablation.py [--steps 1200] [--seeds 0,1,2,3,4]
-           [--heads gem,no_fusion,dplg] [--data DIR]
+           [--heads gem,no_fusion,dplg] [--work DIR]
 """
 
 import argparse
@@ -60,14 +63,16 @@ def main():
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--heads", default=",".join(HEADS))
-    parser.add_argument("--data", default=None, help="reuse a synthetic data folder")
+    parser.add_argument("--work", default=None,
+                        help="keep data and runs here; a rerun skips the finished runs")
     args = parser.parse_args()
 
     from dplg_tf import evaluate, export
     from dplg_tf.data import synthetic, tfrecords
 
-    work = tempfile.mkdtemp(prefix="dplg_ablation_")
-    data = args.data or os.path.join(work, "data")
+    work = args.work or tempfile.mkdtemp(prefix="dplg_ablation_")
+    os.makedirs(work, exist_ok=True)
+    data = os.path.join(work, "data")
     try:
         if not os.path.isfile(os.path.join(data, "synthetic.json")):
             synthetic.generate(data, num_landmarks=60, views_per_landmark=20,
@@ -75,12 +80,21 @@ def main():
                                db_per_landmark=12, num_distractors=120, width=192,
                                height=144, seed=0, progress=False)
         shards = os.path.join(work, "shards")
-        items, _ = tfrecords.list_image_dir(os.path.join(data, "train"))
-        tfrecords.build(shards, items, num_shards=4, progress=False)
+        if not os.path.isdir(shards):
+            items, _ = tfrecords.list_image_dir(os.path.join(data, "train"))
+            tfrecords.build(shards + ".tmp", items, num_shards=4, progress=False)
+            os.replace(shards + ".tmp", shards)
         scores = {}
-        for head in args.heads.split(","):
-            for seed in [int(s) for s in args.seeds.split(",")]:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for head in args.heads.split(","):
                 run = os.path.join(work, f"{head}_{seed}")
+                done = os.path.join(run, "ablation_result.json")
+                if os.path.isfile(done):
+                    with open(done) as f:
+                        scores.setdefault(head, []).append(tuple(json.load(f)))
+                    print(f"{head} seed {seed}: kept from an earlier run", flush=True)
+                    continue
+                shutil.rmtree(run, ignore_errors=True)
                 cmd = [sys.executable, "-m", "dplg_tf.train", f"--workdir={run}",
                        "--cpu_devices=1", f"--config={os.path.join(ROOT, 'configs', 'demo_cpu.py')}",
                        f"--config.model.head={head}", f"--config.train.seed={seed}",
@@ -99,6 +113,8 @@ def main():
                 raw = (results["medium"]["mAP"], results["hard"]["mAP"])
                 white = whitened_scores(run, shards, dataset, db, queries)
                 scores.setdefault(head, []).append(raw + white)
+                with open(done, "w") as f:
+                    json.dump(raw + white, f)
                 print(f"{head} seed {seed}: mAP medium/hard {raw[0]:.2f}/{raw[1]:.2f}, "
                       f"whitened {white[0]:.2f}/{white[1]:.2f}", flush=True)
         rows = []
@@ -119,10 +135,11 @@ demo_cpu config (small backbone, 128x128 crops, batch 32, one replica),
 +- the half-width of the 95% t-interval over seeds; whitened: supervised, 128-d,
 learned on the training records.
 Raw scores: `{json.dumps(scores)}`.
-Command: `python benchmarks/ablation.py --steps {args.steps} --seeds {args.seeds}`.
+Command: `python benchmarks/ablation.py --steps {args.steps} --seeds {args.seeds} --heads {args.heads}`.
 """)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
