@@ -152,8 +152,19 @@ def extract(describer, scales, jobs, cache_dir, name, chunk=32, progress=True, w
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def load_distractors(path, dim):
-    """Descriptors from an .npz (`descriptors`) or .npy file."""
+def load_distractors(path, dim, probe=None):
+    """Descriptors from a dplg-extract folder (checked against the model's
+    `probe`), an .npz (`descriptors`) or an .npy file."""
+    if os.path.isdir(path):
+        from dplg_tf import shards
+        from dplg_tf.descriptor_files import same_probe
+
+        rows, _, theirs = shards.read_all(path, dim)
+        if probe is not None and not same_probe(probe, theirs):
+            raise cli.UserError(f"The distractors in {path} were described by another model "
+                                "or at other scales (the probe descriptor differs); "
+                                "extract them with this model.")
+        return rows
     data = np.load(path)
     array = data["descriptors"] if hasattr(data, "files") else data
     if array.ndim != 2 or array.shape[1] != dim:
@@ -198,7 +209,8 @@ def run_eval(dataset_name, data_root, model=None, server=None, model_name="dplg"
                       cache_dir, "queries", progress=progress, workers=workers)
     full_db = db
     if distractors:
-        full_db = np.concatenate([db, load_distractors(distractors, db.shape[1])])
+        full_db = np.concatenate([db, load_distractors(distractors, db.shape[1],
+                                                       describer.probe())])
     expansion = dict(EXPANSION_OFF, **(expansion or {}))
     full_db, expanded = expand(queries, full_db, expansion)
     ranks = rank(expanded, full_db)
@@ -244,7 +256,8 @@ def _define_flags():
     flags.DEFINE_list("scales", None, "Extraction scales (default: the paper's 5).")
     flags.DEFINE_string("output_dir", None, "Results, cache and figures "
                         "(default: <data_root>/<dataset>/eval).")
-    flags.DEFINE_string("distractors", None, "An .npz/.npy of distractor descriptors (+1M).")
+    flags.DEFINE_string("distractors", None, "Distractor descriptors (+1M): a dplg-extract "
+                        "folder, or an .npz/.npy.")
     flags.DEFINE_integer("figures", 0, "Write ranked-result and attention pictures for N queries.")
     flags.DEFINE_integer("workers", 4, "Images extracted at once.")
     expansion.define_flags(qe=True, dba=True)

@@ -13,6 +13,11 @@ half a model. Signatures (DESIGN.md):
 - multiscale: image uint8 [H, W, 3], scales float32 [S] -> global_descriptor
   [D], scale_descriptors [S, D], attention [H4, W4] at the scale nearest 1.
 
+Not signatures (TF Serving does not see them), for dplg-extract in-process:
+`decode_limited` (one image's bytes -> float32 [h, w, 3], limited),
+`describe_batch` (same-size images [N, h, w, 3], scales [S] -> [N, D]) and
+the variable `scales` (serving_default's scales).
+
 Preprocessing is in the graph: an image is first limited to a longest side of
 `max_image_side` (1024), each scaled copy is at least `min_scaled_side` px a
 side (the model's minimum), per-scale descriptors are L2-normalised,
@@ -84,6 +89,14 @@ def export(model, export_dir, version=None, scales=None, max_image_side=1024,
         extractor.multiscale,
         input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image"),
                          tf.TensorSpec([None], tf.float32, name="scales")])
+    module.decode_limited = tf.function(
+        extractor.decode_limited,
+        input_signature=[tf.TensorSpec([], tf.string, name="image_bytes")])
+    module.describe_batch = tf.function(
+        extractor.describe_batch,
+        input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images"),
+                         tf.TensorSpec([None], tf.float32, name="scales")])
+    module.scales = tf.Variable(extractor.scales, trainable=False, dtype=tf.float32)
     tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -2,7 +2,9 @@
 
 `DescriptorExtractor` wraps a Keras descriptor model: `describe_bytes` is
 serving_default (encoded images -> descriptors at fixed scales) and
-`multiscale` the signature of the same name. `frozen(model)` gives the
+`multiscale` the signature of the same name; `decode_limited` and
+`describe_batch` are the bulk path (dplg-extract: decode, then same-size
+images through the model together). `frozen(model)` gives the
 model with its weights as graph constants. Everything is bounded by
 dplg_tf.images.Limits and checked inside the graph, so TensorFlow Serving
 enforces the same limits as dplg-serve.
@@ -12,7 +14,7 @@ from dplg_tf.images import DEFAULT_LIMITS
 
 
 def frozen(model):
-    """`model` as a function of images [1, H, W, 3] -> {descriptor, attention}, with
+    """`model` as a function of images [N, H, W, 3] -> {descriptor, attention}, with
     its weights as graph constants (inference only)."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import (
@@ -22,7 +24,7 @@ def frozen(model):
         out = model(images, training=False)
         return out["descriptor"], out["attention"]
 
-    spec = tf.TensorSpec([1, None, None, 3], tf.float32)
+    spec = tf.TensorSpec([None, None, None, 3], tf.float32)
     fn = convert_variables_to_constants_v2(tf.function(forward).get_concrete_function(spec))
 
     def call(images, training=False):
@@ -120,6 +122,50 @@ class DescriptorExtractor:
         out = self.model(scaled[None], training=False)
         return (tf.math.l2_normalize(tf.cast(out["descriptor"][0], tf.float32)),
                 tf.cast(out["attention"][0], tf.float32))
+
+    def decode_limited(self, image_bytes):
+        """string [] -> float32 [h, w, 3]: decoded, checked and limited to
+        max_image_side, as serving_default does before its scales."""
+        from dplg_tf.graph_decode import decode
+
+        lim = self.limits
+        return self._base(decode(image_bytes, lim.max_pixels, lim.min_side))
+
+    def describe_batch(self, images, scales):
+        """float32 [N, h, w, 3] images of one size, each from decode_limited, and
+        scales [S] -> {"global_descriptor": [N, D]}: one model call per scale for
+        the whole batch; equal to serving_default image by image."""
+        import tensorflow as tf
+
+        lim = self.limits
+        shape = tf.shape(images)
+        ok = tf.debugging.Assert(tf.logical_and(tf.logical_and(
+            shape[0] <= lim.max_images, tf.reduce_max(shape[1:3]) <= int(self.max_image_side)),
+            tf.reduce_min(shape[1:3]) >= 1), [
+            "describe_batch takes at most", lim.max_images, "images from decode_limited, "
+            "with sides up to", int(self.max_image_side), "; got shape", shape])
+        scales = tf.convert_to_tensor(scales, tf.float32)
+        n = tf.size(scales)
+        valid = tf.debugging.Assert(tf.logical_and(tf.logical_and(
+            n > 0, n <= lim.max_scales), tf.reduce_all(tf.logical_and(
+                scales > 0.0, scales <= lim.max_scale))), [
+            f"scales must be 1 to {lim.max_scales} values in (0, {lim.max_scale:g}]; got",
+            scales])
+        with tf.control_dependencies([ok, valid]):
+            images = tf.identity(images)
+        size = tf.cast(shape[1:3], tf.float32)
+
+        def body(i, total):
+            factor = tf.maximum(scales[i], self.min_scaled_side / tf.reduce_min(size))
+            new = tf.maximum(tf.cast(tf.round(size * factor), tf.int32), self.min_scaled_side)
+            out = self.model(tf.image.resize(images, new, antialias=True), training=False)
+            return i + 1, total + tf.math.l2_normalize(
+                tf.cast(out["descriptor"], tf.float32), axis=-1)
+
+        _, total = tf.while_loop(lambda i, _: i < n, body, (
+            tf.constant(0), tf.zeros([shape[0], self.model_dim], tf.float32)))
+        fused = tf.math.l2_normalize(total / tf.cast(n, tf.float32), axis=-1)
+        return {"global_descriptor": self._whiten(fused)}
 
     def describe_image(self, image):
         """uint8 [H, W, 3] -> descriptor [D] at the configured scales, laid out

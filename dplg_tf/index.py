@@ -4,6 +4,7 @@ is in dplg_tf.search).
     dplg-index --index_dir=idx --images=photos/ --server=127.0.0.1:8500
     dplg-index --index_dir=idx --descriptors=desc.npz --kind=hnsw
     dplg-index --index_dir=idx --descriptors=more.npz --append
+    dplg-index --index_dir=idx --descriptors=extracted/ --kind=ivfpq   # dplg-extract's
 
 An index folder holds `index.faiss`, `names.json` (the id -> name mapping)
 and `meta.json` (dimension, kind, and the model's "probe": its descriptor of
@@ -19,6 +20,7 @@ with 8-bit product quantisation, candidates re-ranked exactly: scans only
 `pq` and `ivfpq` are trained on (up to 100,000 of) the first descriptors added.
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -276,7 +278,8 @@ def define_common_flags():
     flags.DEFINE_string("server", None, "host:port of dplg-serve or TF Serving.")
     flags.DEFINE_string("model", None, "A SavedModel base path or version folder.")
     flags.DEFINE_string("model_name", "dplg", "Model name on the server.")
-    flags.DEFINE_string("descriptors", None, "An .npz with descriptors (and names, probe).")
+    flags.DEFINE_string("descriptors", None, "An .npz with descriptors (and names, probe), "
+                        "or a dplg-extract output folder.")
     flags.DEFINE_bool("allow_unverified", False, "Accept a descriptor file without a probe "
                       "descriptor (the model that made it is then not checked).")
 
@@ -296,6 +299,11 @@ def read_inputs(f, argv, command):
     paths = list(getattr(f, "images", None) or []) + argv[1:]
     if bool(paths) == bool(f.descriptors):
         raise cli.UserError("Give either --descriptors or image files / folders.")
+    if f.descriptors and os.path.isdir(f.descriptors):
+        from dplg_tf import shards
+
+        manifest = shards.check_complete(f.descriptors)
+        return None, None, np.asarray(manifest["probe"], np.float32), []
     if f.descriptors:
         descriptors, names, probe = read_descriptor_file(f.descriptors)
         if probe is None and not f.allow_unverified:
@@ -330,6 +338,9 @@ def index_main(argv):
         raise cli.UserError(f"{f.index_dir} already holds an index; pass --append to add "
                          "to it or --overwrite to replace it.")
     descriptors, names, probe, errors = read_inputs(f, argv, "dplg-index")
+    chunks = iter([(descriptors, names)]) if names is not None else _folder_chunks(
+        f.descriptors)
+    first = next(chunks, None)
     if f.append:
         index = DescriptorIndex.load(f.index_dir)
         if probe is not None:
@@ -339,13 +350,31 @@ def index_main(argv):
                                 f"{index.params['dba_k']}; appends use the index's own "
                                 "setting, so leave --dba_k out.")
     else:
-        index = DescriptorIndex(descriptors.shape[1], f.kind, probe, dba_k=f.dba_k,
-                                dba_alpha=f.dba_alpha)
-    index.add(descriptors, names)
+        index = DescriptorIndex(len(probe) if first is None else first[0].shape[1],
+                                f.kind, probe, dba_k=f.dba_k, dba_alpha=f.dba_alpha)
+    for descriptors, names in itertools.chain([first] if first else [], chunks):
+        index.add(descriptors, names)  # one chunk in memory at a time
     index.save(f.index_dir)
     print(f"{f.index_dir}: {len(index)} descriptors ({index.kind}, {index.dim}-d)")
     if errors:
         sys.exit(1)
+
+
+def _folder_chunks(folder, first=100_000):
+    """(descriptors, names) of a dplg-extract folder, shard by shard; the first
+    chunk gathers up to `first` rows (what a pq / ivfpq index trains on)."""
+    from dplg_tf import shards
+
+    rows, names = [], []
+    stream = shards.iter_descriptors(folder)
+    for shard_names, shard_rows in stream:
+        rows.append(shard_rows)
+        names += shard_names
+        if len(names) >= first:
+            break
+    if names:
+        yield np.concatenate(rows), names
+    yield from ((r, n) for n, r in stream if len(n))
 
 
 def run_index():

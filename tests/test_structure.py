@@ -2,6 +2,7 @@
 
 import ast
 import pathlib
+import re
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "dplg_tf"
 MAX_MODULE_LINES = 400
@@ -97,3 +98,9 @@ def test_modules_and_functions_stay_small():
                 if length > MAX_FUNCTION_LINES:
                     too_long.append(f"{name}.{node.name}: {length} lines")
     assert too_long == []
+
+
+def test_bazel_lists_every_test_file():
+    tests = pathlib.Path(__file__).parent
+    listed = set(re.findall(r'"(test_\w+)"', (tests / "BUILD").read_text()))
+    assert listed == {p.stem for p in tests.glob("test_*.py")}

@@ -1,0 +1,227 @@
+"""Bulk extraction (dplg-extract on Ray Data), its Parquet shards, and their
+use by dplg-index and dplg-eval."""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from conftest import free_ports, image_bytes, small_dplg
+
+ENV = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", TF_CPP_MIN_LOG_LEVEL="2")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from dplg_tf import export
+
+    base = tmp_path_factory.mktemp("extract_model")
+    return export.export(small_dplg(0), str(base / "m"), version=1)
+
+
+def mixed_blobs():
+    """Images of mixed sizes: 4:3, 3:4, 16:9, and two originals that the
+    1024 limit brings to one size, plus two bad ones."""
+    sizes = [(120, 160), (160, 120), (90, 160), (120, 160), (2000, 1500), (1600, 1200),
+             (160, 120), (90, 160), (120, 160)]
+    blobs = [image_bytes(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    return blobs + [b"\xff\xd8\xff not a jpeg", image_bytes(10, 10, fmt="PNG")]
+
+
+def reference(model, blobs):
+    from dplg_tf.describer import Describer
+
+    describer = Describer(model=model)
+    return np.stack([describer.describe_bytes([b])[0] for b in blobs])
+
+
+def test_batches_equal_serving_default(model):
+    from dplg_tf.bulk import BatchDescriber
+
+    blobs = mixed_blobs()
+    worker = BatchDescriber(model, batch_size=8)
+    rows, errors = worker.describe(blobs)
+    assert worker.batched
+    np.testing.assert_allclose(rows[:9], reference(model, blobs[:9]), atol=1e-5)
+    # sizes 120x160 (3), 160x120 (2), 90x160 (2), 768x1024 (2 originals): 4 calls
+    assert (worker.calls, worker.described) == (4, 9)
+    assert errors[:9] == [None] * 9
+    assert errors[9][0] == "undecodable" and errors[10][0] == "too small"
+    assert "shorter side" in errors[10][1]
+
+
+def test_model_info_names_the_model(model):
+    from dplg_tf.bulk import model_info
+    from dplg_tf.describer import Describer
+
+    info = model_info(model)
+    assert info["identity"] == model and info["dim"] == 512 and info["batched"]
+    assert len(info["fingerprint"]) > 8
+    np.testing.assert_allclose(info["probe"], Describer(model=model).probe(), atol=1e-5)
+    assert model_info(model, scales=[1.0])["probe"] != info["probe"]
+
+
+def write_images(folder, count, size=(96, 128)):
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        h, w = size if i % 3 else size[::-1]
+        with open(os.path.join(folder, f"im{i:03d}.jpg"), "wb") as f:
+            f.write(image_bytes(h, w, seed=i))
+
+
+def extract_cmd(model, out, inputs, *extra):
+    return [sys.executable, "-m", "dplg_tf.extract", f"--model={model}",
+            f"--output_dir={out}", "--num_cpus=2", *extra, *inputs]
+
+
+def shard_rows(out):
+    from dplg_tf import shards
+
+    rows, names, _ = shards.read_all(out)
+    return dict(zip(names, rows))
+
+
+@pytest.mark.slow
+def test_resume_after_driver_sigkill(model, tmp_path):
+    """Killed halfway, the rerun keeps the finished shards untouched and does
+    the rest; each image is there once; bad images are listed."""
+    from dplg_tf import shards
+
+    images = tmp_path / "images"
+    write_images(str(images), 40, size=(480, 640))
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
+    out = str(tmp_path / "out")
+    cmd = extract_cmd(model, out, [str(images)], "--shard_size=4", "--batch_size=2")
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            done = shards.done_shards(out, 11) if os.path.isdir(out + "/shards") else set()
+            if len(done) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    kept = {i: (open(shards.shard_path(out, i), "rb").read(),
+                os.stat(shards.shard_path(out, i)).st_mtime_ns)
+            for i in shards.done_shards(out, 11)}
+    assert 3 <= len(kept) < 11
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]   # one bad image
+    for i, (data, mtime) in kept.items():
+        assert open(shards.shard_path(out, i), "rb").read() == data
+        assert os.stat(shards.shard_path(out, i)).st_mtime_ns == mtime
+    rows = shard_rows(out)
+    assert len(rows) == 40 and len(set(rows)) == 40
+    errors = shards.read_errors(out)
+    assert [n for n, _ in errors] == [str(images / "broken.jpg")]
+    progress = json.load(open(os.path.join(out, "progress.json")))
+    assert progress["state"] == "done" and progress["shards_done"] == 11
+    names = sorted(rows)[:3]
+    np.testing.assert_allclose(np.stack([rows[n] for n in names]), reference(
+        model, [open(n, "rb").read() for n in names]), atol=1e-5)
+
+    # another model, other scales: refused, the folder untouched
+    from dplg_tf import export
+
+    other = export.export(small_dplg(1), str(tmp_path / "other"), version=1)
+    refused = subprocess.run(extract_cmd(other, out, [str(images)], "--shard_size=4"),
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "another model" in refused.stderr
+    refused = subprocess.run(cmd + ["--scales=1.0"], env=ENV, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2 and "other scales" in refused.stderr
+
+
+def test_index_and_eval_read_an_extraction_folder(model, tmp_path):
+    """dplg-index --descriptors OUT streams the shards and checks the probe;
+    evaluate.load_distractors takes the folder for the +1M setting."""
+    from dplg_tf import cli, evaluate, shards
+    from dplg_tf.bulk import model_info
+    from dplg_tf.index import DescriptorIndex
+
+    out = str(tmp_path / "out")
+    info = model_info(model)
+    names = [f"img{i}.jpg" for i in range(7)]
+    manifest = {"model": model, "fingerprint": info["fingerprint"], "probe": info["probe"],
+                "dim": 512, "scales": info["scales"], "limits": {}, "shard_size": 3,
+                "listing_sha256": shards.listing_hash(names), "images": 7, "num_shards": 3}
+    shards.open_folder(out, manifest, names)
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(7, 512)).astype(np.float32)
+    for s in range(2):
+        part = slice(3 * s, 3 * s + 3)
+        errors = [None, ("too small", "too small: x"), None] if s == 1 else [None] * 3
+        shards.write_shard(out, s, names[part], rows[part], errors, manifest)
+    with pytest.raises(cli.UserError, match="1 of 3 shards are missing"):
+        shards.read_all(out)
+    shards.write_shard(out, 2, names[6:], rows[6:], [None], manifest)
+
+    index_dir = str(tmp_path / "idx")
+    run = subprocess.run([sys.executable, "-m", "dplg_tf.index", f"--index_dir={index_dir}",
+                          f"--descriptors={out}"], env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    index = DescriptorIndex.load(index_dir)
+    assert index.names == [n for n in names if n != "img4.jpg"]
+    np.testing.assert_allclose(index.vectors(np.arange(6)), np.delete(
+        rows, 4, 0) / np.linalg.norm(np.delete(rows, 4, 0), axis=1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(index.probe, info["probe"], atol=1e-6)
+
+    loaded = evaluate.load_distractors(out, 512, np.asarray(info["probe"]))
+    assert loaded.shape == (6, 512)
+    with pytest.raises(cli.UserError, match="another model"):
+        evaluate.load_distractors(out, 512, -np.asarray(info["probe"]))
+    # a rerun into the folder with other inputs is refused
+    with pytest.raises(cli.UserError, match="another input listing"):
+        shards.open_folder(out, dict(manifest, listing_sha256="0"), names)
+
+
+@pytest.mark.slow
+def test_two_node_cluster_matches_local_run(model, tmp_path):
+    """A head and a second node (both `ray start` on 127.0.0.1, one actor
+    each), joined with --ray_address, give serving_default's descriptors."""
+    images = tmp_path / "images"
+    write_images(str(images), 12)
+    port = free_ports(1)[0]
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    # a short temp dir (Unix socket paths are limited to ~107 bytes); every
+    # process of the cluster and its driver share one token
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    env = dict(ENV, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    common = ["--num-cpus=2", "--disable-usage-stats"]
+    try:
+        subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1",
+                        f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=false",
+                        *common], env=env,
+                       check=True, capture_output=True, timeout=120)
+        subprocess.run([ray, "start", f"--address=127.0.0.1:{port}",
+                        "--node-ip-address=127.0.0.1", *common], env=env, check=True,
+                       capture_output=True, timeout=120)
+        cluster = str(tmp_path / "cluster")
+        run = subprocess.run(
+            [sys.executable, "-m", "dplg_tf.extract", f"--model={model}",
+             f"--output_dir={cluster}", f"--ray_address=127.0.0.1:{port}", "--workers=2",
+             "--cpus_per_worker=1.5", "--shard_size=5", str(images)],
+            env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert json.load(open(os.path.join(cluster, "progress.json")))["state"] == "done"
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+    rows = shard_rows(cluster)
+    names = sorted(str(p) for p in images.iterdir())
+    assert sorted(rows) == names
+    np.testing.assert_allclose(np.stack([rows[n] for n in names]), reference(
+        model, [open(n, "rb").read() for n in names]), atol=1e-5)
