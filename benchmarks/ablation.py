@@ -58,6 +58,18 @@ def whitened_scores(run, shards, dataset, db, queries):
     return r["medium"]["mAP"], r["hard"]["mAP"]
 
 
+def train(run, head, seed, shards, steps):
+    cmd = [sys.executable, "-m", "dplg_tf.train", f"--workdir={run}",
+           "--cpu_devices=1", f"--config={os.path.join(ROOT, 'configs', 'demo_cpu.py')}",
+           f"--config.model.head={head}", f"--config.train.seed={seed}",
+           f"--config.train.max_steps={steps}", f"--config.train.log_every={steps}",
+           f"--config.train.checkpoint_every={steps}",
+           f"--config.data.train_pattern={shards}/train-*",
+           f"--config.data.validation_pattern={shards}/validation-*"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   cwd=ROOT)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=1200)
@@ -94,17 +106,10 @@ def main():
                         scores.setdefault(head, []).append(tuple(json.load(f)))
                     print(f"{head} seed {seed}: kept from an earlier run", flush=True)
                     continue
-                shutil.rmtree(run, ignore_errors=True)
-                cmd = [sys.executable, "-m", "dplg_tf.train", f"--workdir={run}",
-                       "--cpu_devices=1", f"--config={os.path.join(ROOT, 'configs', 'demo_cpu.py')}",
-                       f"--config.model.head={head}", f"--config.train.seed={seed}",
-                       f"--config.train.max_steps={args.steps}",
-                       f"--config.train.log_every={args.steps}",
-                       f"--config.train.checkpoint_every={args.steps}",
-                       f"--config.data.train_pattern={shards}/train-*",
-                       f"--config.data.validation_pattern={shards}/validation-*"]
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                if not os.path.isfile(os.path.join(run, "model.keras")):  # not trained yet
+                    shutil.rmtree(run, ignore_errors=True)
+                    train(run, head, seed, shards, args.steps)
+                shutil.rmtree(os.path.join(run, "export"), ignore_errors=True)
                 base = os.path.join(run, "export")
                 export.export(export.load_for_export(workdir=run), base, version=1)
                 results, _, dataset, db, queries = evaluate.run_eval(

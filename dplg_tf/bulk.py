@@ -16,6 +16,8 @@ import numpy as np
 
 from dplg_tf import images
 
+PROBE = "<dplg probe image>"
+
 
 def read_bytes(path, limits):
     """Checked bytes of a local path or a URI any pyarrow filesystem reads."""
@@ -38,9 +40,14 @@ def read_bytes(path, limits):
 
 
 def read_rows(paths, limits):
-    """(list of bytes or None, list of (status, reason) or None) for `paths`."""
+    """(list of bytes or None, list of (status, reason) or None) for `paths`;
+    the name PROBE stands for the probe image."""
     blobs, errors = [], []
     for path in paths:
+        if path == PROBE:
+            blobs.append(images.probe_bytes())
+            errors.append(None)
+            continue
         try:
             blobs.append(read_bytes(path, limits))
             errors.append(None)
@@ -170,23 +177,3 @@ def fingerprint(model):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def model_info(model=None, server=None, model_name="dplg", scales=None):
-    """What identifies the describing model: {identity, fingerprint, probe, dim,
-    scales, batched}; computed where TensorFlow is (a Ray task). `model` is
-    a SavedModel version folder."""
-    if server:
-        worker = ServerDescriber(server, model_name)
-        identity = worker.describer.identity
-        scales = None
-    else:
-        identity = model
-        worker = BatchDescriber(model, scales)
-        scales = worker.scales
-    probe, errors = worker.describe([images.probe_bytes()])
-    if errors[0] is not None:
-        raise RuntimeError(f"The model refused the probe image: {errors[0][1]}")
-    return {"identity": identity, "fingerprint": fingerprint(model) if model else identity,
-            "dim": worker.dim, "probe": [float(v) for v in probe[0]], "scales": scales,
-            "batched": bool(getattr(worker, "batched", False))}

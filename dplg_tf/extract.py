@@ -20,7 +20,6 @@ import fnmatch
 import glob
 import json
 import os
-import resource
 import sys
 import time
 
@@ -101,14 +100,11 @@ def _expand(row):
 
 def _read(batch, limits):
     """A Ray task: the bytes of a batch of paths, checked."""
-    from dplg_tf.bulk import read_rows
-
     paths = [str(p) for p in batch["path"]]
-    blobs, errors = read_rows(paths, limits)
+    blobs, errors = bulk.read_rows(paths, limits)
     return {"shard": batch["shard"], "index": batch["index"], "path": paths,
-                "data": [b or b"" for b in blobs],
-                "reason": [e[1] if e else "" for e in errors],
-                "status": [e[0] if e else "" for e in errors]}
+            "data": [b or b"" for b in blobs], "reason": [e[1] if e else "" for e in errors],
+            "status": [e[0] if e else "" for e in errors]}
 
 
 class _Describe:
@@ -131,11 +127,13 @@ class _Describe:
             out[i] = rows[k]
             if errors[k] is not None:
                 status[i], reason[i] = errors[k]
+            elif batch["shard"][i] < 0:   # the probe row also tells the scales used
+                reason[i] = json.dumps(getattr(self.worker, "scales", None))
         return {"shard": batch["shard"], "index": batch["index"], "path": batch["path"],
                 "descriptor": out, "status": status, "reason": reason}
 
 
-def _dataset(names, todo, size, limits, info, threads, cpus):
+def _dataset(names, todo, size, limits, scales, threads, cpus):
     import logging
 
     import ray.data
@@ -144,14 +142,16 @@ def _dataset(names, todo, size, limits, info, threads, cpus):
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    items = [{"shard": s, "paths": names[s * size:(s + 1) * size]} for s in todo]
+    # shard -1: the probe image, described by the same actors (the model's identity)
+    items = [{"shard": -1, "paths": [bulk.PROBE]}] + [
+        {"shard": s, "paths": names[s * size:(s + 1) * size]} for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(_expand, num_cpus=0.05)
     ds = ds.map_batches(_read, fn_kwargs={"limits": limits}, batch_size=FLAGS.batch_size,
                         num_cpus=0.05)
     return ds.map_batches(
-        _Describe, fn_constructor_args=(info["identity"] if not FLAGS.server else None,
-                                        FLAGS.server, FLAGS.model_name, info["scales"],
+        _Describe, fn_constructor_args=(FLAGS.model and resolve_saved_model(FLAGS.model),
+                                        FLAGS.server, FLAGS.model_name, scales,
                                         FLAGS.batch_size, threads),
         batch_size=FLAGS.batch_size * 4, num_cpus=cpus,
         compute=ray.data.ActorPoolStrategy(size=FLAGS.workers),
@@ -159,6 +159,16 @@ def _dataset(names, todo, size, limits, info, threads, cpus):
 
 
 # ------------------------------------------------------------------ driver
+
+def _peak_rss_mb():
+    """This process's peak RSS (VmHWM: unlike ru_maxrss, not the parent's
+    before exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return None
+
 
 class _Progress:
     """The console bar and OUT/progress.json."""
@@ -169,10 +179,12 @@ class _Progress:
         self.path = os.path.join(out, "progress.json")
         self.total, self.done, self.errors = total, 0, 0
         self.shards_total, self.shards_done = shards_total, shards_done
-        self.start, self.last = time.time(), 0.0
+        self.start, self.last, self.first = time.time(), 0.0, None
         self.bar = progress_bar(total, "images")
 
     def update(self, images_done, errors, shard_finished=False):
+        if images_done and self.first is None:   # the steady rate starts here
+            self.first = (time.time(), images_done)
         self.done += images_done
         self.errors += errors
         self.shards_done += int(shard_finished)
@@ -187,46 +199,68 @@ class _Progress:
 
         elapsed = time.time() - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
+        steady = None
+        if self.first and self.done > self.first[1] and time.time() > self.first[0]:
+            steady = (self.done - self.first[1]) / (time.time() - self.first[0])
         write_atomic(self.path, json.dumps({
             "state": state, "images_done": self.done, "images_total": self.total,
             "images_per_sec": round(rate, 3), "shards_done": self.shards_done,
+            "steady_images_per_sec": steady and round(steady, 3),
             "shards_total": self.shards_total, "errors": self.errors,
             "elapsed_s": round(elapsed, 1),
             "eta_s": round((self.total - self.done) / rate, 1) if rate else None,
-            "driver_peak_rss_mb": round(
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
+            "driver_peak_rss_mb": _peak_rss_mb()},
             indent=1).encode())
         self.last = time.time()
 
 
-def _collect(ds, out, names, todo, size, manifest, progress):
-    """Gather the described rows by shard; commit each shard when complete."""
+def _collect(ds, out, names, size, manifest, progress):
+    """Gather the described rows by shard; once the probe row has settled the
+    manifest (dplg_tf.shards.open_folder), commit each shard when complete."""
+    pending, written, ready = {}, set(), False
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        new = bad_new = 0
+        for k in range(len(batch["shard"])):
+            shard, index = int(batch["shard"][k]), int(batch["index"][k])
+            bad = str(batch["status"][k])
+            if shard < 0:
+                if bad:
+                    raise RuntimeError(f"The model refused the probe image: "
+                                       f"{batch['reason'][k]}")
+                if not ready:
+                    probe = batch["descriptor"][k]
+                    manifest.update(probe=[float(v) for v in probe], dim=len(probe),
+                                    scales=json.loads(str(batch["reason"][k])))
+                    shards.open_folder(out, manifest, names)
+                ready = True
+                continue
+            rows = pending.setdefault(shard, {}) if shard not in written else None
+            if rows is None or index in rows:   # a retried batch (a lost worker) repeats rows
+                continue
+            rows[index] = (batch["descriptor"][k], (bad, str(batch["reason"][k]))
+                           if bad else None)
+            new, bad_new = new + 1, bad_new + bool(bad)
+        progress.update(new, bad_new)
+        for s in [s for s, rows in pending.items() if ready
+                  and len(rows) == len(names[s * size:(s + 1) * size])]:
+            _commit(out, s, names[s * size:(s + 1) * size], pending.pop(s), manifest)
+            written.add(s)
+            progress.update(0, 0, shard_finished=True)
+
+
+def _commit(out, shard, names, rows, manifest):
     import numpy as np
 
-    pending = {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for k in range(len(batch["shard"])):
-            shard = int(batch["shard"][k])
-            rows = pending.setdefault(shard, {})
-            bad = batch["status"][k]
-            rows[int(batch["index"][k])] = (batch["descriptor"][k], (
-                str(bad), str(batch["reason"][k])) if bad else None)
-        finished = [s for s, rows in pending.items()
-                    if len(rows) == len(names[s * size:(s + 1) * size])]
-        progress.update(len(batch["shard"]), sum(1 for s in batch["status"] if s))
-        for s in finished:
-            rows = pending.pop(s)
-            order = sorted(rows)
-            shards.write_shard(out, s, names[s * size:(s + 1) * size],
-                               np.stack([rows[j][0] for j in order]),
-                               [rows[j][1] for j in order], manifest)
-            progress.update(0, 0, shard_finished=True)
+    order = sorted(rows)
+    shards.write_shard(out, shard, names, np.stack([rows[j][0] for j in order]),
+                       [rows[j][1] for j in order], manifest)
 
 
 def _start_ray():
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # local workers inherit it
     common = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=True)
     if FLAGS.ray_address:
         ray.init(address=FLAGS.ray_address, **common)
@@ -250,31 +284,25 @@ def extract_main(argv):
     if not names:
         raise cli.UserError("No image files found in " + ", ".join(inputs) + ".")
     limits = images.limits_from_flags(READ_LIMITS)
-    model = resolve_saved_model(FLAGS.model) if FLAGS.model else None
+    scales = images.DEFAULT_LIMITS.check_scales(FLAGS.scales) if FLAGS.scales else None
     manifest = {"limits": {k: getattr(limits, images.LIMIT_FLAGS[k][0]) for k in READ_LIMITS},
                 "listing_sha256": shards.listing_hash(names), "images": len(names),
-                "shard_size": FLAGS.shard_size}
-    if model:
-        manifest["fingerprint"] = bulk.fingerprint(model)
-    if FLAGS.scales:
-        manifest["scales"] = images.DEFAULT_LIMITS.check_scales(FLAGS.scales)
+                "shard_size": FLAGS.shard_size, "requested_scales": scales,
+                "fingerprint": bulk.fingerprint(resolve_saved_model(FLAGS.model))
+                if FLAGS.model else f"grpc://{FLAGS.server}/{FLAGS.model_name}"}
     shards.check_folder(FLAGS.output_dir, manifest)   # refused before Ray starts
     ray = _start_ray()
     try:
-        return _run(ray, model, names, limits, manifest)
+        return _run(ray, names, limits, manifest)
     finally:
         ray.shutdown()
 
 
-def _run(ray, model, names, limits, manifest):
+def _run(ray, names, limits, manifest):
     out, size = FLAGS.output_dir, FLAGS.shard_size
-    info = ray.get(ray.remote(num_cpus=0.05)(bulk.model_info).remote(
-        model, FLAGS.server, FLAGS.model_name, manifest.get("scales")))
     count = (len(names) + size - 1) // size
-    manifest = dict(manifest, format=1, model=info["identity"],
-                    fingerprint=info["fingerprint"], probe=info["probe"], dim=info["dim"],
-                    scales=info["scales"], num_shards=count)
-    shards.open_folder(out, manifest, names)
+    manifest.update(format=1, model=FLAGS.model and resolve_saved_model(FLAGS.model)
+                    or manifest["fingerprint"], num_shards=count)
     done = shards.done_shards(out, count)
     todo = [s for s in range(count) if s not in done]
     total = sum(len(names[s * size:(s + 1) * size]) for s in todo)
@@ -284,8 +312,8 @@ def _run(ray, model, names, limits, manifest):
     threads = max(1, round(FLAGS.cpus_per_worker or ray.cluster_resources().get("CPU", 1)
                            / FLAGS.workers))
     if todo:
-        _collect(_dataset(names, todo, size, limits, info, threads, cpus), out, names, todo,
-                 size, manifest, progress)
+        _collect(_dataset(names, todo, size, limits, manifest["requested_scales"], threads,
+                          cpus), out, names, size, manifest, progress)
     progress.bar.close()
     progress.write("done")
     errors = shards.read_errors(out)

@@ -26,7 +26,7 @@ from dplg_tf.descriptor_files import same_probe
 from dplg_tf.files import write_atomic
 
 # what must match for a rerun to resume into the same folder
-KEYS = ("fingerprint", "scales", "limits", "listing_sha256", "shard_size", "dim")
+KEYS = ("fingerprint", "requested_scales", "limits", "listing_sha256", "shard_size", "dim")
 
 
 def shard_path(out, i, table="shards"):
@@ -79,7 +79,7 @@ def open_folder(out, manifest, names):
 
 
 def _what(key):
-    return {"fingerprint": "another model", "scales": "other scales",
+    return {"fingerprint": "another model", "requested_scales": "other scales",
             "limits": "other limits", "listing_sha256": "another input listing",
             "shard_size": "another --shard_size", "dim": "another descriptor size"}[key]
 

@@ -58,15 +58,13 @@ def test_batches_equal_serving_default(model):
     assert "shorter side" in errors[10][1]
 
 
-def test_model_info_names_the_model(model):
-    from dplg_tf.bulk import model_info
-    from dplg_tf.describer import Describer
+def test_fingerprint_names_the_model(model, tmp_path):
+    from dplg_tf import export
+    from dplg_tf.bulk import fingerprint
 
-    info = model_info(model)
-    assert info["identity"] == model and info["dim"] == 512 and info["batched"]
-    assert len(info["fingerprint"]) > 8
-    np.testing.assert_allclose(info["probe"], Describer(model=model).probe(), atol=1e-5)
-    assert model_info(model, scales=[1.0])["probe"] != info["probe"]
+    other = export.export(small_dplg(1), str(tmp_path / "other"), version=1)
+    assert fingerprint(model) == fingerprint(model) != fingerprint(other)
+    assert len(fingerprint(model)) == 64
 
 
 def write_images(folder, count, size=(96, 128)):
@@ -96,7 +94,7 @@ def test_resume_after_driver_sigkill(model, tmp_path):
     from dplg_tf import shards
 
     images = tmp_path / "images"
-    write_images(str(images), 40, size=(480, 640))
+    write_images(str(images), 40, size=(768, 1024))
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
     out = str(tmp_path / "out")
     cmd = extract_cmd(model, out, [str(images)], "--shard_size=4", "--batch_size=2")
@@ -106,7 +104,7 @@ def test_resume_after_driver_sigkill(model, tmp_path):
     try:
         while time.time() < deadline and proc.poll() is None:
             done = shards.done_shards(out, 11) if os.path.isdir(out + "/shards") else set()
-            if len(done) >= 3:
+            if len(done) >= 2:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -116,7 +114,7 @@ def test_resume_after_driver_sigkill(model, tmp_path):
     kept = {i: (open(shards.shard_path(out, i), "rb").read(),
                 os.stat(shards.shard_path(out, i)).st_mtime_ns)
             for i in shards.done_shards(out, 11)}
-    assert 3 <= len(kept) < 11
+    assert 2 <= len(kept) < 11, sorted(kept)
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]   # one bad image
     for i, (data, mtime) in kept.items():
@@ -148,14 +146,15 @@ def test_index_and_eval_read_an_extraction_folder(model, tmp_path):
     """dplg-index --descriptors OUT streams the shards and checks the probe;
     evaluate.load_distractors takes the folder for the +1M setting."""
     from dplg_tf import cli, evaluate, shards
-    from dplg_tf.bulk import model_info
+    from dplg_tf.bulk import fingerprint
+    from dplg_tf.describer import Describer
     from dplg_tf.index import DescriptorIndex
 
     out = str(tmp_path / "out")
-    info = model_info(model)
+    info = {"probe": Describer(model=model).probe().tolist()}
     names = [f"img{i}.jpg" for i in range(7)]
-    manifest = {"model": model, "fingerprint": info["fingerprint"], "probe": info["probe"],
-                "dim": 512, "scales": info["scales"], "limits": {}, "shard_size": 3,
+    manifest = {"model": model, "fingerprint": fingerprint(model), "probe": info["probe"],
+                "dim": 512, "requested_scales": None, "limits": {}, "shard_size": 3,
                 "listing_sha256": shards.listing_hash(names), "images": 7, "num_shards": 3}
     shards.open_folder(out, manifest, names)
     rng = np.random.default_rng(0)
@@ -225,3 +224,50 @@ def test_two_node_cluster_matches_local_run(model, tmp_path):
     assert sorted(rows) == names
     np.testing.assert_allclose(np.stack([rows[n] for n in names]), reference(
         model, [open(n, "rb").read() for n in names]), atol=1e-5)
+
+
+def test_inputs_are_listed_sorted_once(tmp_path):
+    """Folders, globs, single files and .txt listings, sorted, each name once."""
+    from dplg_tf import cli
+    from dplg_tf.extract import list_inputs
+
+    write_images(str(tmp_path / "a"), 3)
+    write_images(str(tmp_path / "b" / "deep"), 2)
+    (tmp_path / "a" / "notes.md").write_text("not an image")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# a comment\n{tmp_path}/b/deep/im000.jpg\n\n/elsewhere/x.jpg\n")
+    names, problems = list_inputs([str(tmp_path / "a"), str(tmp_path / "b" / "*" / "*.jpg"),
+                                   str(listing), str(tmp_path / "a" / "im001.jpg")])
+    expected = sorted([f"{tmp_path}/a/im00{i}.jpg" for i in range(3)]
+                      + [f"{tmp_path}/b/deep/im00{i}.jpg" for i in range(2)]
+                      + ["/elsewhere/x.jpg"])
+    assert names == expected and problems == []
+    with pytest.raises(cli.UserError, match="matches no file"):
+        list_inputs([str(tmp_path / "c" / "*.jpg")])
+    with pytest.raises(cli.UserError, match="neither an image file nor a folder"):
+        list_inputs([str(tmp_path / "missing")])
+
+
+def test_read_rows_sorts_bad_files_by_reason(tmp_path):
+    """Each bad file gets its reason under the same Limits as the server."""
+    import dataclasses
+
+    from dplg_tf.bulk import read_rows
+    from dplg_tf.images import DEFAULT_LIMITS
+
+    good = tmp_path / "good.jpg"
+    good.write_bytes(image_bytes(64, 64))
+    big = tmp_path / "big.png"
+    big.write_bytes(image_bytes(300, 300, fmt="PNG"))
+    small = tmp_path / "small.png"
+    small.write_bytes(image_bytes(8, 40, fmt="PNG"))
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"GIF87a")
+    limits = dataclasses.replace(DEFAULT_LIMITS, max_pixels=200 * 200)
+    paths = [str(p) for p in (good, big, small, junk, tmp_path / "gone.jpg")]
+    blobs, errors = read_rows(paths, limits)
+    assert blobs[0] == good.read_bytes() and errors[0] is None
+    assert [e[0] for e in errors[1:]] == ["too large", "too small", "undecodable",
+                                          "unreadable"]
+    assert all(b is None for b in blobs[1:])
+    assert "the limit is 40000" in errors[1][1]
