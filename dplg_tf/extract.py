@@ -94,8 +94,9 @@ def _list_uri(uri):
 # ------------------------------------------------------------- Ray stages
 
 def _expand(row):
-    """One shard row -> one row per image."""
-    return [{"shard": row["shard"], "index": j, "path": p} for j, p in enumerate(row["paths"])]
+    """One row of paths -> one row per image."""
+    return [{"shard": row["shard"], "index": row["start"] + j, "path": p}
+            for j, p in enumerate(row["paths"])]
 
 
 def _read(batch, limits):
@@ -142,9 +143,13 @@ def _dataset(names, todo, size, limits, scales, threads, cpus):
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    # shard -1: the probe image, described by the same actors (the model's identity)
-    items = [{"shard": -1, "paths": [bulk.PROBE]}] + [
-        {"shard": s, "paths": names[s * size:(s + 1) * size]} for s in todo]
+    # shard -1: the probe image, described by the same actors (the model's identity);
+    # then blocks of one actor batch each, so results stream back as they are made
+    chunk = FLAGS.batch_size * 4
+    items = [{"shard": -1, "start": 0, "paths": [bulk.PROBE]}] + [
+        {"shard": s, "start": k, "paths": names[s * size + k:min((s + 1) * size,
+                                                                  len(names), s * size + k + chunk)]}
+        for s in todo for k in range(0, min(size, len(names) - s * size), chunk)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(_expand, num_cpus=0.05)
     ds = ds.map_batches(_read, fn_kwargs={"limits": limits}, batch_size=FLAGS.batch_size,
@@ -153,7 +158,7 @@ def _dataset(names, todo, size, limits, scales, threads, cpus):
         _Describe, fn_constructor_args=(FLAGS.model and resolve_saved_model(FLAGS.model),
                                         FLAGS.server, FLAGS.model_name, scales,
                                         FLAGS.batch_size, threads),
-        batch_size=FLAGS.batch_size * 4, num_cpus=cpus,
+        batch_size=chunk, num_cpus=cpus,
         compute=ray.data.ActorPoolStrategy(size=FLAGS.workers),
         num_gpus=FLAGS.gpus_per_worker or None)
 
@@ -303,6 +308,7 @@ def _run(ray, names, limits, manifest):
     count = (len(names) + size - 1) // size
     manifest.update(format=1, model=FLAGS.model and resolve_saved_model(FLAGS.model)
                     or manifest["fingerprint"], num_shards=count)
+    os.makedirs(out, exist_ok=True)   # progress.json goes here before the manifest
     done = shards.done_shards(out, count)
     todo = [s for s in range(count) if s not in done]
     total = sum(len(names[s * size:(s + 1) * size]) for s in todo)

@@ -126,6 +126,15 @@ def test_resume_after_driver_sigkill(model, tmp_path):
     assert [n for n, _ in errors] == [str(images / "broken.jpg")]
     progress = json.load(open(os.path.join(out, "progress.json")))
     assert progress["state"] == "done" and progress["shards_done"] == 11
+    import pyarrow.parquet as pq
+
+    from dplg_tf.bulk import fingerprint
+
+    meta = pq.read_schema(shards.shard_path(out, 0)).metadata
+    assert meta[b"dplg.fingerprint"].decode() == fingerprint(model)
+    manifest = shards.read_manifest(out)
+    assert manifest["fingerprint"] == fingerprint(model) and manifest["dim"] == 512
+    np.testing.assert_allclose(json.loads(meta[b"dplg.probe"]), manifest["probe"])
     names = sorted(rows)[:3]
     np.testing.assert_allclose(np.stack([rows[n] for n in names]), reference(
         model, [open(n, "rb").read() for n in names]), atol=1e-5)
@@ -271,3 +280,32 @@ def test_read_rows_sorts_bad_files_by_reason(tmp_path):
                                           "unreadable"]
     assert all(b is None for b in blobs[1:])
     assert "the limit is 40000" in errors[1][1]
+
+
+@pytest.mark.slow
+def test_server_describer_matches_the_local_batches(model):
+    """--server: the same descriptors through dplg-serve; a batch holding an
+    image the model refuses is retried image by image."""
+    from dplg_tf.bulk import BatchDescriber, ServerDescriber
+    from dplg_tf.serving import batching
+    from dplg_tf.serving.server import Server
+
+    params = dict(batching.DEFAULTS, max_batch_size=4, batch_timeout_micros=2000)
+    srv = Server(os.path.dirname(model), "dplg", "127.0.0.1", 0, params,
+                 poll_seconds=0.2).start()
+    try:
+        deadline = time.time() + 60
+        while srv.manager.current is None and time.time() < deadline:
+            time.sleep(0.1)
+        # the header check passes; the decoder refuses what follows it
+        cut = image_bytes(96, 128, seed=5)[:200]
+        blobs = [image_bytes(96, 128, seed=1), cut, image_bytes(128, 96, seed=2)]
+        worker = ServerDescriber(srv.address, batch_size=8)
+        rows, errors = worker.describe(blobs)
+        local, _ = BatchDescriber(model).describe([blobs[0], blobs[2]])
+        np.testing.assert_allclose(rows[[0, 2]], local, atol=1e-5)
+        assert errors[0] is None and errors[2] is None
+        assert errors[1][0] == "undecodable" and "refused by the model" in errors[1][1]
+        worker.describer.close()
+    finally:
+        srv.stop(5)
