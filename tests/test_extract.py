@@ -309,3 +309,20 @@ def test_server_describer_matches_the_local_batches(model):
         worker.describer.close()
     finally:
         srv.stop(5)
+
+
+def test_uris_are_listed_and_read_through_pyarrow(tmp_path):
+    """A URI input (here file://, the same code as s3:// or gs://) is listed
+    recursively and read through pyarrow's filesystem."""
+    from dplg_tf.bulk import read_rows
+    from dplg_tf.extract import list_inputs
+    from dplg_tf.images import DEFAULT_LIMITS
+
+    write_images(str(tmp_path / "a" / "b"), 2)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    names, _ = list_inputs([f"file://{tmp_path}/a"])
+    assert names == [f"file://{tmp_path}/a/b/im00{i}.jpg" for i in range(2)]
+    assert list_inputs([f"file://{tmp_path}/a/b/*1.jpg"])[0] == names[1:]
+    blobs, errors = read_rows(names + [f"file://{tmp_path}/gone.jpg"], DEFAULT_LIMITS)
+    assert blobs[0] == (tmp_path / "a" / "b" / "im000.jpg").read_bytes()
+    assert errors[:2] == [None, None] and errors[2][0] == "unreadable"
