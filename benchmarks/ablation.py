@@ -10,7 +10,7 @@ Runs go seed by seed (every head for seed 0, then seed 1, ...) so that a
 stopped run still compares the heads on the same seeds; with --work a rerun
 keeps the finished runs (one result.json each) and does only the others.
 Usage: python benchmarks/ablation.py [--steps 1200] [--seeds 0,1,2,3,4]
-           [--heads gem,no_fusion,dplg] [--work DIR]
+           [--heads gem,no_fusion,dplg,dplg_gate] [--work DIR]
 """
 
 import argparse
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import record  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEADS = ("gem", "no_fusion", "dplg")
+HEADS = ("gem", "no_fusion", "dplg")  # and dplg_gate: dplg with config.model.local_gate
 # two-sided 95% Student t quantiles by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
        9: 2.262}
@@ -61,7 +61,8 @@ def whitened_scores(run, shards, dataset, db, queries):
 def train(run, head, seed, shards, steps):
     cmd = [sys.executable, "-m", "dplg_tf.train", f"--workdir={run}",
            "--cpu_devices=1", f"--config={os.path.join(ROOT, 'configs', 'demo_cpu.py')}",
-           f"--config.model.head={head}", f"--config.train.seed={seed}",
+           f"--config.model.head={head.removesuffix('_gate')}",
+           f"--config.model.local_gate={head.endswith('_gate')}", f"--config.train.seed={seed}",
            f"--config.train.max_steps={steps}", f"--config.train.log_every={steps}",
            f"--config.train.checkpoint_every={steps}",
            f"--config.data.train_pattern={shards}/train-*",
