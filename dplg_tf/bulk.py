@@ -127,24 +127,19 @@ class ServerDescriber:
         out = np.zeros((len(blobs), self.dim), np.float32)
         errors = [None] * len(blobs)
 
-        def send(indices):
-            try:
-                rows = self.describer.describe_bytes([blobs[i] for i in indices])
-            except Exception as e:  # noqa: BLE001 - sorted by refusal()
-                reason = refusal(e)
-                if reason is None:
-                    raise
-                if len(indices) == 1:
-                    errors[indices[0]] = ("undecodable", f"refused by the model: {reason}")
-                    return
-                for i in indices:
-                    send([i])
-                return
-            self.calls, self.described = self.calls + 1, self.described + len(indices)
-            out[indices] = rows
+        def counted(batch):
+            rows = self.describer.describe_bytes(batch)
+            self.calls, self.described = self.calls + 1, self.described + len(batch)
+            return rows
 
         for start in range(0, len(blobs), self.batch_size):
-            send(list(range(start, min(len(blobs), start + self.batch_size))))
+            stop = min(len(blobs), start + self.batch_size)
+            rows = images.send_or_split(counted, blobs[start:stop], refusal)
+            for i, (row, reason) in enumerate(rows, start):
+                if reason is None:
+                    out[i] = row
+                else:
+                    errors[i] = ("undecodable", f"refused by the model: {reason}")
         return out, errors
 
 

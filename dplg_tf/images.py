@@ -313,6 +313,21 @@ def tf_refusal(error):
     return None
 
 
+def send_or_split(describe, blobs, refusal=tf_refusal):
+    """[(row, None) or (None, reason)] per blob through `describe(list of bytes)
+    -> rows`: a batch the model refuses is retried image by image; other
+    errors (server gone, deadline) are raised."""
+    try:
+        return [(row, None) for row in describe(list(blobs))]
+    except Exception as e:  # noqa: BLE001 - sorted by refusal()
+        reason = refusal(e)
+        if reason is None:
+            raise
+        if len(blobs) == 1:
+            return [(None, reason)]
+        return [row for blob in blobs for row in send_or_split(describe, [blob], refusal)]
+
+
 def describe_files(describe, paths, batch_size=8, concurrency=4, limits=None,
                    progress=None, refusal=tf_refusal):
     """(names, descriptors [n, D], [(name, reason)]) of image files, through
@@ -333,16 +348,8 @@ def describe_files(describe, paths, batch_size=8, concurrency=4, limits=None,
                 progress.update(1)
 
     def send(batch):
-        try:
-            rows = describe([b for _, b in batch])
-            return [(p, r, None) for (p, _), r in zip(batch, rows)]
-        except Exception as e:  # noqa: BLE001 - sorted by refusal()
-            reason = refusal(e)
-            if reason is None:
-                raise
-            if len(batch) == 1:
-                return [(batch[0][0], None, reason)]
-            return [row for item in batch for row in send([item])]
+        rows = send_or_split(describe, [b for _, b in batch], refusal)
+        return [(p, row, error) for (p, _), (row, error) in zip(batch, rows)]
 
     batches = [blobs[i:i + batch_size] for i in range(0, len(blobs), batch_size)]
     done = {}
