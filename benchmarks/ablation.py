@@ -71,6 +71,55 @@ def train(run, head, seed, shards, steps):
                    cwd=ROOT)
 
 
+def run_one(run, head, seed, data, shards, steps):
+    """(Medium, Hard, Medium whitened, Hard whitened) of one head and seed;
+    kept from an earlier run when its result file is there."""
+    from dplg_tf import evaluate, export
+
+    done = os.path.join(run, "ablation_result.json")
+    if os.path.isfile(done):
+        print(f"{head} seed {seed}: kept from an earlier run", flush=True)
+        with open(done) as f:
+            return tuple(json.load(f))
+    if not os.path.isfile(os.path.join(run, "model.keras")):  # not trained yet
+        shutil.rmtree(run, ignore_errors=True)
+        train(run, head, seed, shards, steps)
+    base = os.path.join(run, "export")
+    shutil.rmtree(base, ignore_errors=True)
+    export.export(export.load_for_export(workdir=run), base, version=1)
+    results, _, dataset, db, queries = evaluate.run_eval(
+        "synthetic", data, model=base, progress=False, output_dir=os.path.join(run, "eval"))
+    raw = (results["medium"]["mAP"], results["hard"]["mAP"])
+    white = whitened_scores(run, shards, dataset, db, queries)
+    with open(done, "w") as f:
+        json.dump(raw + white, f)
+    print(f"{head} seed {seed}: mAP medium/hard {raw[0]:.2f}/{raw[1]:.2f}, "
+          f"whitened {white[0]:.2f}/{white[1]:.2f}", flush=True)
+    return raw + white
+
+
+def tables(scores):
+    """Markdown: each head's mean and interval over seeds, then each head
+    minus the first head paired by seed. `scores` is {head: {seed: 4 scores}}."""
+    columns = "| mAP Medium | mAP Hard | Medium, whitened | Hard, whitened | seeds |"
+    rule = "|---|---:|---:|---:|---:|---:|"
+    rows = ["| head " + columns, rule]
+    for head, by_seed in scores.items():
+        v = np.array(list(by_seed.values()))
+        rows.append(f"| {head} | " + " | ".join(interval(v[:, i]) for i in range(4))
+                    + f" | {len(v)} |")
+    reference, *others = scores
+    paired = ["| paired difference " + columns, rule]
+    for head in others:
+        seeds = [s for s in scores[head] if s in scores[reference]]
+        if len(seeds) < 2:
+            continue
+        d = np.array([np.subtract(scores[head][s], scores[reference][s]) for s in seeds])
+        paired.append(f"| {head} - {reference} | "
+                      + " | ".join(interval(d[:, i]) for i in range(4)) + f" | {len(d)} |")
+    return "\n".join(rows) + ("\n\n" + "\n".join(paired) if len(paired) > 2 else "")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=1200)
@@ -80,7 +129,6 @@ def main():
                         help="keep data and runs here; a rerun skips the finished runs")
     args = parser.parse_args()
 
-    from dplg_tf import evaluate, export
     from dplg_tf.data import synthetic, tfrecords
 
     work = args.work or tempfile.mkdtemp(prefix="dplg_ablation_")
@@ -100,37 +148,9 @@ def main():
         scores = {}
         for seed in [int(s) for s in args.seeds.split(",")]:
             for head in args.heads.split(","):
-                run = os.path.join(work, f"{head}_{seed}")
-                done = os.path.join(run, "ablation_result.json")
-                if os.path.isfile(done):
-                    with open(done) as f:
-                        scores.setdefault(head, []).append(tuple(json.load(f)))
-                    print(f"{head} seed {seed}: kept from an earlier run", flush=True)
-                    continue
-                if not os.path.isfile(os.path.join(run, "model.keras")):  # not trained yet
-                    shutil.rmtree(run, ignore_errors=True)
-                    train(run, head, seed, shards, args.steps)
-                shutil.rmtree(os.path.join(run, "export"), ignore_errors=True)
-                base = os.path.join(run, "export")
-                export.export(export.load_for_export(workdir=run), base, version=1)
-                results, _, dataset, db, queries = evaluate.run_eval(
-                    "synthetic", data, model=base, progress=False,
-                    output_dir=os.path.join(run, "eval"))
-                raw = (results["medium"]["mAP"], results["hard"]["mAP"])
-                white = whitened_scores(run, shards, dataset, db, queries)
-                scores.setdefault(head, []).append(raw + white)
-                with open(done, "w") as f:
-                    json.dump(raw + white, f)
-                print(f"{head} seed {seed}: mAP medium/hard {raw[0]:.2f}/{raw[1]:.2f}, "
-                      f"whitened {white[0]:.2f}/{white[1]:.2f}", flush=True)
-        rows = []
-        for head, values in scores.items():
-            v = np.array(values)
-            rows.append(f"| {head} | " + " | ".join(interval(v[:, i]) for i in range(4))
-                        + f" | {len(v)} |")
-        table = "\n".join(["| head | mAP Medium | mAP Hard | Medium, whitened | "
-                           "Hard, whitened | seeds |",
-                           "|---|---:|---:|---:|---:|---:|"] + rows)
+                scores.setdefault(head, {})[seed] = run_one(
+                    os.path.join(work, f"{head}_{seed}"), head, seed, data, shards, args.steps)
+        table = tables(scores)
         print(table)
         record("Ablation on synthetic landmarks (benchmarks/ablation.py)", f"""
 {table}
@@ -140,7 +160,9 @@ demo_cpu config (small backbone, 128x128 crops, batch 32, one replica),
 12 other landmarks (24 queries, 264 database images) at the paper's 5 scales; mean
 +- the half-width of the 95% t-interval over seeds; whitened: supervised, 128-d,
 learned on the training records.
-Raw scores: `{json.dumps(scores)}`.
+Paired: the head minus the first head, seed by seed (only the seeds both have), which
+takes out what a seed does to every head alike.
+Raw scores by seed: `{json.dumps(scores)}`.
 Command: `python benchmarks/ablation.py --steps {args.steps} --seeds {args.seeds} --heads {args.heads}`.
 """)
     finally:
