@@ -98,6 +98,40 @@ def run_one(run, head, seed, data, shards, steps):
     return raw + white
 
 
+def fusion_scalars(run):
+    """The last validation fusion/... scalars the trainer wrote (entropy of the
+    attention, |Vl| / |V'g|, the gate), {} for heads without fusion."""
+    import glob
+
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    out = {}
+    for path in sorted(glob.glob(os.path.join(run, "validation", "events.out.tfevents.*"))):
+        for raw in tf.data.TFRecordDataset(path):
+            for v in event_pb2.Event.FromString(raw.numpy()).summary.value:
+                if v.tag.startswith("fusion/"):
+                    out[v.tag[len("fusion/"):]] = float(tf.make_ndarray(v.tensor))
+    return out
+
+
+def diagnostics_table(work, heads, seeds):
+    """Markdown: each head's fusion diagnostics, mean (min..max) over seeds."""
+    rows = ["| head | attention entropy (1 = uniform) | abs(Vl) / abs(V'g) | local gate |",
+            "|---|---:|---:|---:|"]
+    for head in heads:
+        found = [fusion_scalars(os.path.join(work, f"{head}_{s}")) for s in seeds]
+        found = [f for f in found if f]
+        if not found:
+            continue
+        cells = []
+        for key in ("attention_entropy", "local_to_global_norm", "local_gate"):
+            v = [f[key] for f in found if key in f]
+            cells.append(f"{np.mean(v):.3f} ({min(v):.3f}..{max(v):.3f})" if v else "-")
+        rows.append(f"| {head} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def tables(scores):
     """Markdown: each head's mean and interval over seeds, then each head
     minus the first head paired by seed. `scores` is {head: {seed: 4 scores}}."""
@@ -146,11 +180,13 @@ def main():
             tfrecords.build(shards + ".tmp", items, num_shards=4, progress=False)
             os.replace(shards + ".tmp", shards)
         scores = {}
-        for seed in [int(s) for s in args.seeds.split(",")]:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        for seed in seeds:
             for head in args.heads.split(","):
                 scores.setdefault(head, {})[seed] = run_one(
                     os.path.join(work, f"{head}_{seed}"), head, seed, data, shards, args.steps)
-        table = tables(scores)
+        table = tables(scores) + "\n\nFusion diagnostics at the end of training (validation " \
+            "batch):\n\n" + diagnostics_table(work, list(scores), seeds)
         print(table)
         record("Ablation on synthetic landmarks (benchmarks/ablation.py)", f"""
 {table}
