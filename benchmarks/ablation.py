@@ -134,7 +134,8 @@ def diagnostics_table(work, heads, seeds):
 
 def tables(scores):
     """Markdown: each head's mean and interval over seeds, then each head
-    minus the first head paired by seed. `scores` is {head: {seed: 4 scores}}."""
+    minus the first head (and X_gate minus X) paired by seed. `scores` is
+    {head: {seed: 4 scores}}."""
     columns = "| mAP Medium | mAP Hard | Medium, whitened | Hard, whitened | seeds |"
     rule = "|---|---:|---:|---:|---:|---:|"
     rows = ["| head " + columns, rule]
@@ -142,9 +143,12 @@ def tables(scores):
         v = np.array(list(by_seed.values()))
         rows.append(f"| {head} | " + " | ".join(interval(v[:, i]) for i in range(4))
                     + f" | {len(v)} |")
-    reference, *others = scores
+    first, *others = scores
+    pairs = [(head, first) for head in others]
+    pairs += [(head, head[:-len("_gate")]) for head in others
+              if head.endswith("_gate") and head[:-len("_gate")] in others]
     paired = ["| paired difference " + columns, rule]
-    for head in others:
+    for head, reference in pairs:
         seeds = [s for s in scores[head] if s in scores[reference]]
         if len(seeds) < 2:
             continue
@@ -196,7 +200,7 @@ demo_cpu config (small backbone, 128x128 crops, batch 32, one replica),
 12 other landmarks (24 queries, 264 database images) at the paper's 5 scales; mean
 +- the half-width of the 95% t-interval over seeds; whitened: supervised, 128-d,
 learned on the training records.
-Paired: the head minus the first head, seed by seed (only the seeds both have), which
+Paired: the head minus the first head (and dplg_gate minus dplg), seed by seed (only the seeds both have), which
 takes out what a seed does to every head alike.
 Raw scores by seed: `{json.dumps(scores)}`.
 Command: `python benchmarks/ablation.py --steps {args.steps} --seeds {args.seeds} --heads {args.heads}`.
