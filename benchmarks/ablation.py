@@ -10,7 +10,7 @@ Runs go seed by seed (every head for seed 0, then seed 1, ...) so that a
 stopped run still compares the heads on the same seeds; with --work a rerun
 keeps the finished runs (one result.json each) and does only the others.
 Usage: python benchmarks/ablation.py [--steps 1200] [--seeds 0,1,2,3,4]
-           [--heads gem,no_fusion,dplg,dplg_gate] [--work DIR]
+           [--heads gem,no_fusion,dplg] [--work DIR]
 """
 
 import argparse
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import record  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEADS = ("gem", "no_fusion", "dplg")  # and dplg_gate: dplg with config.model.local_gate
+HEADS = ("gem", "no_fusion", "dplg")
 # two-sided 95% Student t quantiles by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
        9: 2.262}
@@ -61,8 +61,7 @@ def whitened_scores(run, shards, dataset, db, queries):
 def train(run, head, seed, shards, steps):
     cmd = [sys.executable, "-m", "dplg_tf.train", f"--workdir={run}",
            "--cpu_devices=1", f"--config={os.path.join(ROOT, 'configs', 'demo_cpu.py')}",
-           f"--config.model.head={head.removesuffix('_gate')}",
-           f"--config.model.local_gate={head.endswith('_gate')}", f"--config.train.seed={seed}",
+           f"--config.model.head={head}", f"--config.train.seed={seed}",
            f"--config.train.max_steps={steps}", f"--config.train.log_every={steps}",
            f"--config.train.checkpoint_every={steps}",
            f"--config.data.train_pattern={shards}/train-*",
@@ -100,7 +99,7 @@ def run_one(run, head, seed, data, shards, steps):
 
 def fusion_scalars(run):
     """The last validation fusion/... scalars the trainer wrote (entropy of the
-    attention, |Vl| / |V'g|, the gate), {} for heads without fusion."""
+    attention, |Vl| / |V'g|), {} for heads without fusion."""
     import glob
 
     import tensorflow as tf
@@ -117,15 +116,15 @@ def fusion_scalars(run):
 
 def diagnostics_table(work, heads, seeds):
     """Markdown: each head's fusion diagnostics, mean (min..max) over seeds."""
-    rows = ["| head | attention entropy (1 = uniform) | abs(Vl) / abs(V'g) | local gate |",
-            "|---|---:|---:|---:|"]
+    rows = ["| head | attention entropy (1 = uniform) | abs(Vl) / abs(V'g) |",
+            "|---|---:|---:|"]
     for head in heads:
         found = [fusion_scalars(os.path.join(work, f"{head}_{s}")) for s in seeds]
         found = [f for f in found if f]
         if not found:
             continue
         cells = []
-        for key in ("attention_entropy", "local_to_global_norm", "local_gate"):
+        for key in ("attention_entropy", "local_to_global_norm"):
             v = [f[key] for f in found if key in f]
             cells.append(f"{np.mean(v):.3f} ({min(v):.3f}..{max(v):.3f})" if v else "-")
         rows.append(f"| {head} | " + " | ".join(cells) + " |")
@@ -134,7 +133,7 @@ def diagnostics_table(work, heads, seeds):
 
 def tables(scores):
     """Markdown: each head's mean and interval over seeds, then each head
-    minus the first head (and X_gate minus X) paired by seed. `scores` is
+    minus the first head paired by seed. `scores` is
     {head: {seed: 4 scores}}."""
     columns = "| mAP Medium | mAP Hard | Medium, whitened | Hard, whitened | seeds |"
     rule = "|---|---:|---:|---:|---:|---:|"
@@ -145,8 +144,6 @@ def tables(scores):
                     + f" | {len(v)} |")
     first, *others = scores
     pairs = [(head, first) for head in others]
-    pairs += [(head, head[:-len("_gate")]) for head in others
-              if head.endswith("_gate") and head[:-len("_gate")] in others]
     paired = ["| paired difference " + columns, rule]
     for head, reference in pairs:
         seeds = [s for s in scores[head] if s in scores[reference]]
@@ -200,7 +197,7 @@ demo_cpu config (small backbone, 128x128 crops, batch 32, one replica),
 12 other landmarks (24 queries, 264 database images) at the paper's 5 scales; mean
 +- the half-width of the 95% t-interval over seeds; whitened: supervised, 128-d,
 learned on the training records.
-Paired: the head minus the first head (and dplg_gate minus dplg), seed by seed (only the seeds both have), which
+Paired: the head minus the first head, seed by seed (only the seeds both have), which
 takes out what a seed does to every head alike.
 Raw scores by seed: `{json.dumps(scores)}`.
 Command: `python benchmarks/ablation.py --steps {args.steps} --seeds {args.seeds} --heads {args.heads}`.

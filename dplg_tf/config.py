@@ -30,7 +30,6 @@ def base_config():
     c.model.rfb_branch_filters = 0           # 0 means local_dim // 4
     c.model.rfb_batchnorm = True
     c.model.min_image_size = 64              # smaller images are refused
-    c.model.local_gate = False               # True: Vl x a learned scalar from 0 (not in the paper)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.num_classes = 81313               # GLDv2-clean; 0 = read from the data
@@ -101,9 +100,6 @@ def validate(config):
               f"use one of {', '.join(BACKBONES)}.")
     if m.head not in HEADS:
         _fail(f"config.model.head={m.head!r} is unknown; use one of {', '.join(HEADS)}.")
-    if m.get("local_gate", False) and m.head not in ("dplg", "no_rfb", "no_fusion"):
-        _fail(f"config.model.local_gate needs a head that adds a local vector "
-              f"(dplg, no_rfb or no_fusion), not {m.head!r}.")
     for field in ("descriptor_dim", "local_dim"):
         value = m[field]
         if not isinstance(value, int) or value <= 0:

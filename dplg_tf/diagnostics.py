@@ -4,8 +4,7 @@
   uniform (the local vector is then a plain average of V), near 0 when A
   picks a few positions.
 - The ratio |Vl| / |V'g| of the fused local vector to the global one: near 0
-  when the descriptor is in effect GeM alone (with config.model.local_gate,
-  Vl is the gated vector, and the gate's value is reported too).
+  when the descriptor is in effect GeM alone.
 
 The trainer writes both to TensorBoard (`fusion/...`, with the validation
 scalars); dplg-eval --figures reports the entropy of the drawn queries.
@@ -42,8 +41,5 @@ def fusion_stats(probe, images):
     out = probe(images, training=False)
     vg, vl = np.asarray(out["global"], np.float64), np.asarray(out["local"], np.float64)
     ratio = np.linalg.norm(vl, axis=1) / np.maximum(np.linalg.norm(vg, axis=1), 1e-12)
-    stats = {"attention_entropy": float(attention_entropy(out["attention"]).mean()),
-             "local_to_global_norm": float(ratio.mean())}
-    if "local_gate" in {layer.name for layer in probe.layers}:
-        stats["local_gate"] = float(probe.get_layer("local_gate").gate.numpy())
-    return stats
+    return {"attention_entropy": float(attention_entropy(out["attention"]).mean()),
+            "local_to_global_norm": float(ratio.mean())}

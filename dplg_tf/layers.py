@@ -13,7 +13,7 @@ from dplg_tf.arcface import ArcFaceMargin
 
 PACKAGE = "dplg_tf"
 __all__ = ["GeM", "ReceptiveFieldBlock", "DotProductFusion", "OrthogonalFusion",
-           "ArcFaceMargin", "ImagePreprocessing", "Whitening", "ScalarGate"]
+           "ArcFaceMargin", "ImagePreprocessing", "Whitening"]
 
 
 def _float32(x):
@@ -308,32 +308,6 @@ class ImagePreprocessing(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(mode=self.mode)
-        return config
-
-
-@keras.saving.register_keras_serializable(package=PACKAGE)
-class ScalarGate(keras.layers.Layer):
-    """x times one learned scalar that starts at `initial` (0: the input is
-    switched off until training turns it on). The scalar is float32."""
-
-    def __init__(self, initial=0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.initial = float(initial)
-
-    def build(self, input_shape):
-        self.gate = self.add_weight(
-            name="gate", shape=(), dtype="float32",
-            initializer=keras.initializers.Constant(self.initial))
-
-    def call(self, x):
-        return x * ops.cast(self.gate, x.dtype)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(initial=self.initial)
         return config
 
 

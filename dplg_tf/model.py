@@ -12,9 +12,6 @@ Heads (config.model.head), the rows of the paper's Table 2 and DOLG:
 - dolg:      X'4 = RFB(X4); F = FC(OrthogonalFusion(X'4, V'g)); A is the
              normalised norm of the orthogonal parts
 with V'g = FC(GeM(X5)) of width config.model.local_dim.
-config.model.local_gate (dplg, no_rfb, no_fusion; off in the paper's recipe)
-adds Vl times a learned scalar that starts at 0: the head starts as GeM + FC
-and training decides how much of the local branch to use.
 """
 
 import keras
@@ -78,19 +75,6 @@ def _local_refinement(m, x4):
         use_batchnorm=m.rfb_batchnorm, gem_p=m.gem_p, name="rfb")(x4)
 
 
-def _fused(m, x4, vg):
-    """(V'g + Vl, attention) for the dplg, no_rfb and no_fusion heads."""
-    local = _local_refinement(m, x4)
-    if m.head in ("dplg", "no_rfb"):
-        vl, attention = layers.DotProductFusion(m.local_dim, name="fusion")(local, vg)
-    else:
-        vl = layers.GeM(p=m.gem_p, name="local_gem")(local)
-        attention = UniformAttention(name="attention")(x4)
-    if m.get("local_gate", False):
-        vl = layers.ScalarGate(0.0, name="local_gate")(vl)
-    return keras.layers.Add(name="fuse_add")([vg, vl]), attention
-
-
 def build_dplg(config, name=None):
     """The descriptor model of `config` (a full config or its `model` part)."""
     validate(config)
@@ -108,11 +92,16 @@ def build_dplg(config, name=None):
         attention = UniformAttention(name="attention")(x4)
     else:
         vg = keras.layers.Dense(m.local_dim, name="global_reduction")(vg)
-        if m.head == "dolg":
-            features, attention = layers.OrthogonalFusion(name="fusion")(
-                _local_refinement(m, x4), vg)
-        else:
-            features, attention = _fused(m, x4, vg)
+        local = _local_refinement(m, x4)
+        if m.head in ("dplg", "no_rfb"):
+            vl, attention = layers.DotProductFusion(m.local_dim, name="fusion")(local, vg)
+            features = keras.layers.Add(name="fuse_add")([vg, vl])
+        elif m.head == "no_fusion":
+            vl = layers.GeM(p=m.gem_p, name="local_gem")(local)
+            features = keras.layers.Add(name="fuse_add")([vg, vl])
+            attention = UniformAttention(name="attention")(x4)
+        else:  # dolg
+            features, attention = layers.OrthogonalFusion(name="fusion")(local, vg)
     f = keras.layers.Dense(m.descriptor_dim, name="descriptor_fc")(features)
     descriptor = keras.layers.UnitNormalization(name="descriptor", dtype="float32")(f)
     attention = keras.layers.Identity(name="attention_map", dtype="float32")(attention)

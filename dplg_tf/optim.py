@@ -1,7 +1,7 @@
 """The optimiser and the compiled training step of dplg-train.
 
 SGD with momentum, cosine decay with linear warm-up, decoupled weight decay
-that skips BatchNorm, biases, GeM p and the local gate; the step sums the per-replica loss
+that skips BatchNorm, biases and GeM p; the step sums the per-replica loss
 over the global batch, all-reduces the gradient once, clips it by its true
 global norm and applies it.
 """
@@ -24,15 +24,14 @@ def learning_rate_schedule(t, max_steps):
 
 
 def no_decay_variables(model):
-    """BatchNorm parameters, biases, GeM p and the local gate: excluded from
-    weight decay (which would pull the gate back to 0)."""
+    """BatchNorm parameters, biases and GeM p: excluded from weight decay."""
     import keras
 
-    from dplg_tf.layers import GeM, ScalarGate
+    from dplg_tf.layers import GeM
 
     skip = []
     for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, (keras.layers.BatchNormalization, GeM, ScalarGate)):
+        if isinstance(layer, (keras.layers.BatchNormalization, GeM)):
             skip += list(layer.trainable_variables)
     skip += [v for v in model.trainable_variables if v.name == "bias"]
     return skip

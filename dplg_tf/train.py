@@ -194,9 +194,8 @@ class Trainer:
         if self._probe is None:
             return {}
         stats = fusion_stats(self._probe, images)
-        logging.info("fusion: attention entropy %.3f (1 = uniform), |Vl| / |V'g| %.3f%s",
-                     stats["attention_entropy"], stats["local_to_global_norm"],
-                     f", local gate {stats['local_gate']:.3f}" if "local_gate" in stats else "")
+        logging.info("fusion: attention entropy %.3f (1 = uniform), |Vl| / |V'g| %.3f",
+                     stats["attention_entropy"], stats["local_to_global_norm"])
         return {f"fusion/{k}": v for k, v in stats.items()}
 
     # -- the loop

@@ -228,7 +228,6 @@ NON_DEFAULT_ARGUMENTS = {
     layers.ArcFaceMargin: dict(num_classes=9, margin=0.2, scale=16.0),
     layers.ImagePreprocessing: dict(mode="unit"),
     layers.Whitening: dict(output_dim=3, eps=1e-9),
-    layers.ScalarGate: dict(initial=0.25),
 }
 
 

@@ -89,47 +89,6 @@ def test_keras_save_load_round_trip(small_config, head, tmp_path):
                       (layers.DotProductFusion, layers.OrthogonalFusion))
 
 
-def test_local_gate_starts_as_the_head_without_local_branch(small_config, tmp_path):
-    """local_gate: the descriptor starts as FC(V'g) alone; one SGD step moves the
-    gate off 0 and the local branch then changes the descriptor."""
-    from dplg_tf.diagnostics import fusion_probe, fusion_stats
-
-    small_config.model.local_gate = True
-    keras.utils.set_random_seed(3)
-    model = build_training_model(small_config)
-    embedder = model.get_layer("dplg")
-    images, labels = tf.constant(_images(4, 64, 96)), tf.constant([0, 3, 5, 6])
-    fusion = embedder.get_layer("fusion")
-    before = embedder(images)["descriptor"].numpy()
-    for w in fusion.weights:  # the local branch is switched off: nothing changes
-        w.assign(w + 0.5)
-    np.testing.assert_array_equal(embedder(images)["descriptor"].numpy(), before)
-    stats = fusion_stats(fusion_probe(embedder), images)
-    assert stats["local_gate"] == 0.0 and stats["local_to_global_norm"] == 0.0
-
-    gate = embedder.get_layer("local_gate").gate
-    with tf.GradientTape() as tape:
-        out = model([images, labels], training=True)
-        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels, out["logits"]))
-    grad = tape.gradient(loss, gate)
-    assert abs(float(grad)) > 0
-    gate.assign(gate - 0.1 * grad)
-    after = embedder(images)["descriptor"].numpy()
-    assert np.abs(after - before).max() > 1e-4
-    assert fusion_stats(fusion_probe(embedder), images)["local_to_global_norm"] > 0
-
-    path = str(tmp_path / "gated.keras")
-    embedder.save(path)
-    loaded = keras.models.load_model(path)
-    assert float(loaded.get_layer("local_gate").gate) == float(gate)
-    np.testing.assert_allclose(loaded(images)["descriptor"].numpy(), after, atol=1e-6)
-
-    small_config.model.head = "gem"
-    with pytest.raises(ValueError, match="local_gate needs a head"):
-        build_dplg(small_config)
-
-
 def test_model_refuses_tiny_images(small_config):
     with pytest.raises(ValueError, match="at least 64 px"):
         build_dplg(small_config)(_images(1, 48, 100))

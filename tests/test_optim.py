@@ -20,9 +20,8 @@ def test_cosine_schedule_with_warmup(small_config):
                                [0.03, 0.015, 0.0], atol=1e-6)
 
 
-def test_weight_decay_skips_batchnorm_biases_gem_p_and_the_gate(small_config):
+def test_weight_decay_skips_batchnorm_biases_and_gem_p(small_config):
     small_config.model.gem_trainable = True
-    small_config.model.local_gate = True
     small_config.train.weight_decay = 1e-4
     model = build_training_model(small_config)
     optimizer = make_optimizer(small_config, model, 100)
@@ -31,8 +30,6 @@ def test_weight_decay_skips_batchnorm_biases_gem_p_and_the_gate(small_config):
     decayed = [v for v in model.trainable_variables if id(v) not in skipped]
     gem_p = [v for v in model.trainable_variables if v.name == "p"]
     assert gem_p and all(id(v) in skipped for v in gem_p)
-    gate = [v for v in model.trainable_variables if v.name == "gate"]
-    assert len(gate) == 1 and id(gate[0]) in skipped
     for v in model.trainable_variables:
         assert optimizer._use_weight_decay(v) == (id(v) not in skipped), v.path
     names = {v.name for v in decayed}
