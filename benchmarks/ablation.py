@@ -133,8 +133,7 @@ def diagnostics_table(work, heads, seeds):
 
 def tables(scores):
     """Markdown: each head's mean and interval over seeds, then each head
-    minus the first head paired by seed. `scores` is
-    {head: {seed: 4 scores}}."""
+    minus the first head paired by seed. `scores` is {head: {seed: 4 scores}}."""
     columns = "| mAP Medium | mAP Hard | Medium, whitened | Hard, whitened | seeds |"
     rule = "|---|---:|---:|---:|---:|---:|"
     rows = ["| head " + columns, rule]
@@ -142,10 +141,9 @@ def tables(scores):
         v = np.array(list(by_seed.values()))
         rows.append(f"| {head} | " + " | ".join(interval(v[:, i]) for i in range(4))
                     + f" | {len(v)} |")
-    first, *others = scores
-    pairs = [(head, first) for head in others]
+    reference, *others = scores
     paired = ["| paired difference " + columns, rule]
-    for head, reference in pairs:
+    for head in others:
         seeds = [s for s in scores[head] if s in scores[reference]]
         if len(seeds) < 2:
             continue
