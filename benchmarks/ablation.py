@@ -46,10 +46,10 @@ def interval(values):
 def whitened_scores(run, shards, dataset, db, queries):
     """(Medium, Hard) mAP with a 128-d supervised whitening learned on the
     training records by the run's own export."""
-    from dplg_tf import whitening
-    from dplg_tf.describer import Describer
-    from dplg_tf.evaluate import evaluate, rank
-    from dplg_tf.whiten import learn
+    from dplg_tf.retrieval import whitening
+    from dplg_tf.retrieval.describers import Describer
+    from dplg_tf.retrieval.evaluation import evaluate, rank
+    from dplg_tf.cli.whiten import learn
 
     mean, proj, _ = learn(Describer(model=os.path.join(run, "export")),
                           os.path.join(shards, "train-*"), "supervised", 128, progress=False)
@@ -59,7 +59,7 @@ def whitened_scores(run, shards, dataset, db, queries):
 
 
 def train(run, head, seed, shards, steps):
-    cmd = [sys.executable, "-m", "dplg_tf.train", f"--workdir={run}",
+    cmd = [sys.executable, "-m", "dplg_tf.training.trainer", f"--workdir={run}",
            "--cpu_devices=1", f"--config={os.path.join(ROOT, 'configs', 'demo_cpu.py')}",
            f"--config.model.head={head}", f"--config.train.seed={seed}",
            f"--config.train.max_steps={steps}", f"--config.train.log_every={steps}",
@@ -73,7 +73,8 @@ def train(run, head, seed, shards, steps):
 def run_one(run, head, seed, data, shards, steps):
     """(Medium, Hard, Medium whitened, Hard whitened) of one head and seed;
     kept from an earlier run when its result file is there."""
-    from dplg_tf import evaluate, export
+    from dplg_tf.retrieval import evaluation as evaluate
+    from dplg_tf.export import export
 
     done = os.path.join(run, "ablation_result.json")
     if os.path.isfile(done):

@@ -5,7 +5,7 @@ One run, on this machine:
 2. the paper's 5-scale extraction of a 1024x768 JPEG through the exported
    SavedModel (ResNet50 + DPLG, random weights: the cost does not depend on
    them): s/image and achieved GFLOP/s (2 x multiply-adds of backbone + head
-   at every scale, counted by dplg_tf.costs), and its share of the peak; also
+   at every scale, counted by dplg_tf.nn.costs), and its share of the peak; also
    the same model exported with --nofreeze (weights as variables);
 3. the same request through dplg-serve at batch 1 (p50 latency, ratio to the
    in-process p50) and from 8 concurrent clients (throughput, ratio to the
@@ -48,7 +48,7 @@ def matmul_peak(n=2048, repeats=10):
 
 
 def multiscale_gflop(model, height, width, scales, max_side=1024, min_side=64):
-    from dplg_tf.costs import count_macs
+    from dplg_tf.nn.costs import count_macs
 
     s = min(1.0, max_side / max(height, width))
     h0, w0 = round(height * s), round(width * s)
@@ -71,10 +71,10 @@ def main():
     import tensorflow as tf
     from PIL import Image
 
-    from dplg_tf import export as export_lib
+    from dplg_tf.export import export as export_lib
     from dplg_tf.config import PAPER_SCALES, base_config
     from dplg_tf.data.synthetic import facade_image
-    from dplg_tf.model import build_dplg
+    from dplg_tf.nn.model import build_dplg
     from dplg_tf.serving import batching
     from dplg_tf.serving.client import Client
     from dplg_tf.serving.server import Server

@@ -6,7 +6,7 @@ on them) at the paper's 5 scales:
 
 - serial: one process loads the SavedModel and calls serving_default once
   per image (what dplg-client / dplg-eval did);
-- batched, in-process: dplg_tf.bulk.BatchDescriber without Ray (how much the
+- batched, in-process: dplg_tf.bulk.reading.BatchDescriber without Ray (how much the
   same-size batches alone give);
 - dplg-extract with 1 and 2 workers (whole command: Ray start, model load,
   shards written).
@@ -39,7 +39,7 @@ SERIAL = """
 import json, sys, time
 t0 = time.time()
 import tensorflow as tf
-from dplg_tf.bulk import BatchDescriber
+from dplg_tf.bulk.reading import BatchDescriber
 paths = sys.argv[3:]
 blobs = [open(p, "rb").read() for p in paths]
 if sys.argv[2] == "serial":
@@ -76,9 +76,9 @@ def make_images(folder, count, side, seed=0):
 
 
 def export_model(base, backbone):
-    from dplg_tf import export
+    from dplg_tf.export import export
     from dplg_tf.config import base_config
-    from dplg_tf.model import build_dplg
+    from dplg_tf.nn.model import build_dplg
 
     config = base_config()
     config.model.backbone = backbone
@@ -96,7 +96,7 @@ def serial(model, paths, mode):
 
 def extract(model, folder, out, workers, images):
     start = time.time()
-    run = subprocess.run([sys.executable, "-m", "dplg_tf.extract", f"--model={model}",
+    run = subprocess.run([sys.executable, "-m", "dplg_tf.bulk.job", f"--model={model}",
                           f"--output_dir={out}", f"--workers={workers}", "--batch_size=8",
                           "--shard_size=100", folder],
                          capture_output=True, text=True)
@@ -146,7 +146,7 @@ def decode_cost(work, repeats=20):
     import tensorflow as tf
 
     from dplg_tf import images
-    from dplg_tf.bulk import read_rows
+    from dplg_tf.bulk.reading import read_rows
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -189,7 +189,7 @@ def main():
 {table}
 
 One thread; mean of 20 calls on the same file (in the page cache). Read: the bytes
-and dplg_tf.bulk's header check; decode: the SavedModel's decode_limited
+and dplg_tf.bulk.reading's header check; decode: the SavedModel's decode_limited
 (decoding, then the antialiased resize to a longest side of 1024).
 Command: `python benchmarks/extraction_bulk.py --decode`.
 """)

@@ -27,7 +27,7 @@ from common import record  # noqa: E402
 
 def evaluation_descriptors(describer, dataset, cache):
     from dplg_tf.config import PAPER_SCALES
-    from dplg_tf.evaluate import extract
+    from dplg_tf.retrieval.evaluation import extract
 
     db = extract(describer, PAPER_SCALES, [(dataset.image_path(i), None)
                                            for i in range(len(dataset.imlist))],
@@ -39,7 +39,7 @@ def evaluation_descriptors(describer, dataset, cache):
 
 
 def score(dataset, queries, db, qe_k=0, dba_k=0, alpha=3.0):
-    from dplg_tf.evaluate import evaluate, expand, rank
+    from dplg_tf.retrieval.evaluation import evaluate, expand, rank
 
     db, queries = expand(queries, db, {"qe_k": qe_k, "qe_alpha": alpha, "dba_k": dba_k,
                                        "dba_alpha": alpha})
@@ -72,10 +72,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
-    from dplg_tf import export, whitening
+    from dplg_tf.export import export
+    from dplg_tf.retrieval import whitening
     from dplg_tf.data.revisited import load_dataset
-    from dplg_tf.describer import Describer
-    from dplg_tf.whiten import describe_records, read_records
+    from dplg_tf.retrieval.describers import Describer
+    from dplg_tf.cli.whiten import describe_records, read_records
 
     work = os.path.abspath(args.workdir)
     model_base = os.path.join(work, "models", "dplg")

@@ -35,7 +35,7 @@ def main():
 
     import numpy as np
 
-    from dplg_tf.index import DescriptorIndex
+    from dplg_tf.search.index import DescriptorIndex
 
     rng = np.random.default_rng(0)
     db = np.empty((args.n, 512), np.float32)

@@ -2,7 +2,7 @@
 
 One run, same machine, same records: generates synthetic landmarks (JPEGs,
 256x256 by default), builds TFRecords, then runs, each in a fresh process,
-(a) the trainer's step (dplg_tf.optim.build_train_step) on one in-memory
+(a) the trainer's step (dplg_tf.training.optim.build_train_step) on one in-memory
 batch, no strategy, (b) `dplg-train` with 1 and with 2 logical CPU
 replicas (MirroredStrategy), and (c) both again with the malloc tuning off
 (DPLG_MALLOC_TUNING=0), which is how the trainer ran before it. The
@@ -45,7 +45,7 @@ def make_records(work, images, size):
 
 def child_step(args):
     """In a fresh process: the in-memory step's images/s and kernel share."""
-    from dplg_tf.host import keep_freed_memory
+    from dplg_tf.training.malloc import keep_freed_memory
 
     keep_freed_memory()
     sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -76,7 +76,7 @@ def run_trainer(args, pattern, work, replicas, env):
     workdir = tempfile.mkdtemp(dir=work, prefix="run_")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", "dplg_tf.train", f"--workdir={workdir}",
+    cmd = [sys.executable, "-m", "dplg_tf.training.trainer", f"--workdir={workdir}",
            f"--cpu_devices={replicas}", f"--config.data.train_pattern={pattern}",
            f"--config.model.head={args.head}", f"--config.train.max_steps={args.steps}",
            "--config.train.log_every=10", "--config.train.checkpoint_every=100000"]

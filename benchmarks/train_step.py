@@ -1,10 +1,10 @@
 """Images/s of one DPLG training step on this machine, per head, in one run.
 
-The step is the trainer's own (dplg_tf.optim.build_train_step: ArcFace loss,
+The step is the trainer's own (dplg_tf.training.optim.build_train_step: ArcFace loss,
 all-reduce, clipping, SGD) on an in-memory batch, so the input pipeline is
 not measured. Two models: the demo_cpu config (small backbone, 128x128) and
 ResNet50 at 224x224; each head's rate is also given as a ratio to `gem`.
-With `--backend jax` the step is dplg_tf.jax_train's (forward, ArcFace
+With `--backend jax` the step is dplg_tf.training.jax_step's (forward, ArcFace
 loss, backward, the same SGD, jitted), which is how a GPU figure is taken
 where TensorFlow is not installed; `--bf16` trains in mixed bfloat16.
 Usage: python benchmarks/train_step.py [--steps N] [--batch N]
@@ -28,8 +28,8 @@ def measure(config, size, batch, steps, warmup):
     import numpy as np
     import tensorflow as tf
 
-    from dplg_tf.model import build_training_model
-    from dplg_tf.optim import build_train_step, make_optimizer
+    from dplg_tf.nn.model import build_training_model
+    from dplg_tf.training.optim import build_train_step, make_optimizer
 
     strategy = tf.distribute.get_strategy()
     model = build_training_model(config, num_classes=1000)
@@ -53,7 +53,7 @@ def measure(config, size, batch, steps, warmup):
 def measure_jax(config, size, batch, steps, warmup):
     import numpy as np
 
-    from dplg_tf.jax_train import setup
+    from dplg_tf.training.jax_step import setup
 
     _, step, state = setup(config, num_classes=1000)
     rng = np.random.default_rng(0)
@@ -122,7 +122,7 @@ def main():
         record(f"Training step, {args.backend} backend, {precision}", f"""
 {table}
 
-The step of dplg_tf.jax_train (or the trainer's) on an in-memory batch, {args.warmup}
+The step of dplg_tf.training.jax_step (or the trainer's) on an in-memory batch, {args.warmup}
 warm-up steps, then {args.steps} timed. Command: `python benchmarks/train_step.py
 {' '.join(sys.argv[1:])}`.
 """)

@@ -1,24 +1,26 @@
 """dplg_tf: DPLG (Hu & Bors, ICIP 2022) in Keras 3 / TensorFlow.
 
-Submodules load on first use (`dplg_tf.model`, `dplg_tf.layers`, ...), so
-tools that need no TensorFlow (data generation, the client) start fast.
+The subpackages, bottom up (each imports only from the layers below it;
+README "Layout"):
+
+- errors, config, progress: user errors and exit codes, the config tree, progress bars
+- storage: atomic files and every file format we write and read back
+- images: limits, header checks, host decoding, listing, the probe image
+- nn: Keras layers, backbones, the head registry, the model, costs
+- data: image sources, the TFRecord builder, the input pipeline, generated data
+- training: the tf.distribute trainer and what it needs
+- export: the SavedModel's signatures, graph decoding, version folders
+- serving: the model server (TF Serving API) and its client
+- retrieval: describers, the one kNN, QE/DBA, whitening, evaluation, pictures
+- search, bulk: the FAISS index and dplg-search; the Ray Data extraction
+- cli: one thin absl module per console script
+
+Nothing is imported here, so tools that need no TensorFlow start fast.
 """
 
-import importlib
 import os as _os
 
 __version__ = "0.1.0"
 
 # TensorFlow's C++ start-up chatter hides our own output; users can override.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-_SUBMODULES = ("backbones", "config", "costs", "data", "evaluate", "export", "index",
-               "layers", "model", "pictures", "serving", "train")
-
-
-def __getattr__(name):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"dplg_tf.{name}")
-    if name in ("build_dplg", "build_training_model"):
-        return getattr(importlib.import_module("dplg_tf.model"), name)
-    raise AttributeError(f"module 'dplg_tf' has no attribute {name!r}")

@@ -9,7 +9,7 @@ import math
 
 import ml_collections
 
-from dplg_tf.cli import UserError
+from dplg_tf.errors import UserError
 
 HEADS = ("dplg", "no_rfb", "no_fusion", "gem", "dolg")
 PAPER_SCALES = (1 / (2 * math.sqrt(2)), 0.5, 1 / math.sqrt(2), 1.0, math.sqrt(2))
@@ -93,7 +93,7 @@ def _fail(message):
 def validate(config):
     """Raise ValueError naming the first wrong field of `config`; return it."""
     m = config.model if "model" in config else config
-    from dplg_tf.backbones import BACKBONES  # local: keeps this module light
+    from dplg_tf.nn.backbones import BACKBONES  # local: keeps this module light
 
     if m.backbone not in BACKBONES:
         _fail(f"config.model.backbone={m.backbone!r} is unknown; "

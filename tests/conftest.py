@@ -5,7 +5,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import pytest  # noqa: E402
 
-from dplg_tf import config as config_lib  # noqa: E402
+from dplg_tf import config as config_lib
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def small_dplg(seed=0):
     """A seeded descriptor model with the small backbone (fast on CPU)."""
     import keras
 
-    from dplg_tf.model import build_dplg
+    from dplg_tf.nn.model import build_dplg
 
     keras.utils.set_random_seed(seed)
     c = config_lib.base_config()

@@ -8,13 +8,13 @@ import sys
 import numpy as np
 import pytest
 
-from dplg_tf.index import DescriptorIndex
+from dplg_tf.search.index import DescriptorIndex
 
 
 def test_describe_a_generated_image(tmp_path):
     out = tmp_path / "demo.npz"
     proc = subprocess.run(
-        [sys.executable, "-m", "dplg_tf.demo", "--describe", f"--output={out}",
+        [sys.executable, "-m", "dplg_tf.cli.demo", "--describe", f"--output={out}",
          "--height=160", "--width=224"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -28,7 +28,7 @@ def test_describe_a_generated_image(tmp_path):
 
 def test_demo_rejects_a_bad_config_value_in_one_sentence():
     proc = subprocess.run(
-        [sys.executable, "-m", "dplg_tf.demo", "--describe", "--config.model.head=transformer"],
+        [sys.executable, "-m", "dplg_tf.cli.demo", "--describe", "--config.model.head=transformer"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "dplg-demo: error: config.model.head='transformer' is unknown" in proc.stderr
@@ -36,7 +36,7 @@ def test_demo_rejects_a_bad_config_value_in_one_sentence():
 
 
 def test_helpfull_lists_the_flags():
-    proc = subprocess.run([sys.executable, "-m", "dplg_tf.demo", "--helpfull"],
+    proc = subprocess.run([sys.executable, "-m", "dplg_tf.cli.demo", "--helpfull"],
                           capture_output=True, text=True, timeout=300)
     assert "--config" in proc.stdout and "--train_steps" in proc.stdout
 
@@ -45,7 +45,7 @@ def test_helpfull_lists_the_flags():
 def test_the_whole_demo_at_a_small_scale(tmp_path):
     workdir = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "dplg_tf.demo", f"--workdir={workdir}", "--train_steps=12",
+        [sys.executable, "-m", "dplg_tf.cli.demo", f"--workdir={workdir}", "--train_steps=12",
          "--num_landmarks=5", "--views_per_landmark=8", "--figures=1",
          "--config.train.batch_size=8", "--config.data.image_size=64"],
         capture_output=True, text=True, timeout=1200)

@@ -6,7 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from dplg_tf import evaluate, index, pictures
+from dplg_tf.retrieval import evaluation as evaluate
+from dplg_tf.search import index
+from dplg_tf.retrieval import pictures
 
 
 # ------------------------------------------------------------- compute_map
@@ -169,14 +171,14 @@ def test_index_and_search_commands_on_descriptor_files(tmp_path):
     np.savez(tmp_path / "q.npz", descriptors=q, names=np.array(["q0", "q1", "q2"]), probe=db[0])
     np.savez(tmp_path / "other.npz", descriptors=q, probe=q[0])
     idx_dir = str(tmp_path / "idx")
-    run = [sys.executable, "-m", "dplg_tf.index", f"--index_dir={idx_dir}"]
+    run = [sys.executable, "-m", "dplg_tf.search.index", f"--index_dir={idx_dir}"]
     proc = subprocess.run(run + [f"--descriptors={tmp_path / 'db.npz'}"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = subprocess.run(run + [f"--descriptors={tmp_path / 'db.npz'}"],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "--append" in again.stderr
-    search = [sys.executable, "-c", "from dplg_tf.search import run_search; run_search()",
+    search = [sys.executable, "-c", "from dplg_tf.cli.search import run_search; run_search()",
               f"--index_dir={idx_dir}", "--top_k=3"]
     out = tmp_path / "hits.json"
     proc = subprocess.run(search + [f"--descriptors={tmp_path / 'q.npz'}", f"--output={out}"],
@@ -198,7 +200,7 @@ def test_pq_index_through_the_commands(tmp_path):
     np.savez(tmp_path / "db.npz", descriptors=db)
     np.savez(tmp_path / "small.npz", descriptors=db[:100])
     np.savez(tmp_path / "q.npz", descriptors=q)
-    run = [sys.executable, "-m", "dplg_tf.index", "--kind=pq", "--allow_unverified"]
+    run = [sys.executable, "-m", "dplg_tf.search.index", "--kind=pq", "--allow_unverified"]
     small = subprocess.run(run + [f"--index_dir={tmp_path / 'small'}",
                                   f"--descriptors={tmp_path / 'small.npz'}"],
                            capture_output=True, text=True, timeout=120)
@@ -207,7 +209,7 @@ def test_pq_index_through_the_commands(tmp_path):
     proc = subprocess.run(run + [f"--index_dir={idx_dir}", f"--descriptors={tmp_path / 'db.npz'}"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "400 descriptors (pq, 32-d)" in proc.stdout, proc.stderr
-    search = [sys.executable, "-c", "from dplg_tf.search import run_search; run_search()",
+    search = [sys.executable, "-c", "from dplg_tf.cli.search import run_search; run_search()",
               f"--index_dir={idx_dir}", "--top_k=5", f"--descriptors={tmp_path / 'q.npz'}",
               "--allow_unverified"]
     out = tmp_path / "hits.json"

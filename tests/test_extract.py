@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 
 from conftest import free_ports, image_bytes, small_dplg
+from dplg_tf.errors import UserError
 
 ENV = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", TF_CPP_MIN_LOG_LEVEL="2")
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from dplg_tf import export
+    from dplg_tf.export import export
 
     base = tmp_path_factory.mktemp("extract_model")
     return export.export(small_dplg(0), str(base / "m"), version=1)
@@ -37,14 +38,14 @@ def mixed_blobs():
 
 
 def reference(model, blobs):
-    from dplg_tf.describer import Describer
+    from dplg_tf.retrieval.describers import Describer
 
     describer = Describer(model=model)
     return np.stack([describer.describe_bytes([b])[0] for b in blobs])
 
 
 def test_batches_equal_serving_default(model):
-    from dplg_tf.bulk import BatchDescriber
+    from dplg_tf.bulk.reading import BatchDescriber
 
     blobs = mixed_blobs()
     worker = BatchDescriber(model, batch_size=8)
@@ -59,8 +60,8 @@ def test_batches_equal_serving_default(model):
 
 
 def test_fingerprint_names_the_model(model, tmp_path):
-    from dplg_tf import export
-    from dplg_tf.bulk import fingerprint
+    from dplg_tf.export import export
+    from dplg_tf.bulk.reading import fingerprint
 
     other = export.export(small_dplg(1), str(tmp_path / "other"), version=1)
     assert fingerprint(model) == fingerprint(model) != fingerprint(other)
@@ -76,12 +77,12 @@ def write_images(folder, count, size=(96, 128)):
 
 
 def extract_cmd(model, out, inputs, *extra):
-    return [sys.executable, "-m", "dplg_tf.extract", f"--model={model}",
+    return [sys.executable, "-m", "dplg_tf.bulk.job", f"--model={model}",
             f"--output_dir={out}", "--num_cpus=2", *extra, *inputs]
 
 
 def shard_rows(out):
-    from dplg_tf import shards
+    from dplg_tf.storage import extraction as shards
 
     rows, names, _ = shards.read_all(out)
     return dict(zip(names, rows))
@@ -91,7 +92,7 @@ def shard_rows(out):
 def test_resume_after_driver_sigkill(model, tmp_path):
     """Killed halfway, the rerun keeps the finished shards untouched and does
     the rest; each image is there once; bad images are listed."""
-    from dplg_tf import shards
+    from dplg_tf.storage import extraction as shards
 
     images = tmp_path / "images"
     write_images(str(images), 40, size=(768, 1024))
@@ -128,7 +129,7 @@ def test_resume_after_driver_sigkill(model, tmp_path):
     assert progress["state"] == "done" and progress["shards_done"] == 11
     import pyarrow.parquet as pq
 
-    from dplg_tf.bulk import fingerprint
+    from dplg_tf.bulk.reading import fingerprint
 
     meta = pq.read_schema(shards.shard_path(out, 0)).metadata
     assert meta[b"dplg.fingerprint"].decode() == fingerprint(model)
@@ -140,7 +141,7 @@ def test_resume_after_driver_sigkill(model, tmp_path):
         model, [open(n, "rb").read() for n in names]), atol=1e-5)
 
     # another model, other scales: refused, the folder untouched
-    from dplg_tf import export
+    from dplg_tf.export import export
 
     other = export.export(small_dplg(1), str(tmp_path / "other"), version=1)
     refused = subprocess.run(extract_cmd(other, out, [str(images)], "--shard_size=4"),
@@ -154,10 +155,12 @@ def test_resume_after_driver_sigkill(model, tmp_path):
 def test_index_and_eval_read_an_extraction_folder(model, tmp_path):
     """dplg-index --descriptors OUT streams the shards and checks the probe;
     evaluate.load_distractors takes the folder for the +1M setting."""
-    from dplg_tf import cli, evaluate, shards
-    from dplg_tf.bulk import fingerprint
-    from dplg_tf.describer import Describer
-    from dplg_tf.index import DescriptorIndex
+    from dplg_tf import cli
+    from dplg_tf.retrieval import evaluation as evaluate
+    from dplg_tf.storage import extraction as shards
+    from dplg_tf.bulk.reading import fingerprint
+    from dplg_tf.retrieval.describers import Describer
+    from dplg_tf.search.index import DescriptorIndex
 
     out = str(tmp_path / "out")
     info = {"probe": Describer(model=model).probe().tolist()}
@@ -172,12 +175,12 @@ def test_index_and_eval_read_an_extraction_folder(model, tmp_path):
         part = slice(3 * s, 3 * s + 3)
         errors = [None, ("too small", "too small: x"), None] if s == 1 else [None] * 3
         shards.write_shard(out, s, names[part], rows[part], errors, manifest)
-    with pytest.raises(cli.UserError, match="1 of 3 shards are missing"):
+    with pytest.raises(UserError, match="1 of 3 shards are missing"):
         shards.read_all(out)
     shards.write_shard(out, 2, names[6:], rows[6:], [None], manifest)
 
     index_dir = str(tmp_path / "idx")
-    run = subprocess.run([sys.executable, "-m", "dplg_tf.index", f"--index_dir={index_dir}",
+    run = subprocess.run([sys.executable, "-m", "dplg_tf.search.index", f"--index_dir={index_dir}",
                           f"--descriptors={out}"], env=ENV, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -189,10 +192,10 @@ def test_index_and_eval_read_an_extraction_folder(model, tmp_path):
 
     loaded = evaluate.load_distractors(out, 512, np.asarray(info["probe"]))
     assert loaded.shape == (6, 512)
-    with pytest.raises(cli.UserError, match="another model"):
+    with pytest.raises(UserError, match="another model"):
         evaluate.load_distractors(out, 512, -np.asarray(info["probe"]))
     # a rerun into the folder with other inputs is refused
-    with pytest.raises(cli.UserError, match="another input listing"):
+    with pytest.raises(UserError, match="another input listing"):
         shards.open_folder(out, dict(manifest, listing_sha256="0"), names)
 
 
@@ -219,7 +222,7 @@ def test_two_node_cluster_matches_local_run(model, tmp_path):
                        capture_output=True, timeout=120)
         cluster = str(tmp_path / "cluster")
         run = subprocess.run(
-            [sys.executable, "-m", "dplg_tf.extract", f"--model={model}",
+            [sys.executable, "-m", "dplg_tf.bulk.job", f"--model={model}",
              f"--output_dir={cluster}", f"--ray_address=127.0.0.1:{port}", "--workers=2",
              "--cpus_per_worker=1.5", "--shard_size=5", str(images)],
             env=env, capture_output=True, text=True, timeout=300)
@@ -238,7 +241,7 @@ def test_two_node_cluster_matches_local_run(model, tmp_path):
 def test_inputs_are_listed_sorted_once(tmp_path):
     """Folders, globs, single files and .txt listings, sorted, each name once."""
     from dplg_tf import cli
-    from dplg_tf.extract import list_inputs
+    from dplg_tf.bulk.job import list_inputs
 
     write_images(str(tmp_path / "a"), 3)
     write_images(str(tmp_path / "b" / "deep"), 2)
@@ -251,9 +254,9 @@ def test_inputs_are_listed_sorted_once(tmp_path):
                       + [f"{tmp_path}/b/deep/im00{i}.jpg" for i in range(2)]
                       + ["/elsewhere/x.jpg"])
     assert names == expected and problems == []
-    with pytest.raises(cli.UserError, match="matches no file"):
+    with pytest.raises(UserError, match="matches no file"):
         list_inputs([str(tmp_path / "c" / "*.jpg")])
-    with pytest.raises(cli.UserError, match="neither an image file nor a folder"):
+    with pytest.raises(UserError, match="neither an image file nor a folder"):
         list_inputs([str(tmp_path / "missing")])
 
 
@@ -261,7 +264,7 @@ def test_read_rows_sorts_bad_files_by_reason(tmp_path):
     """Each bad file gets its reason under the same Limits as the server."""
     import dataclasses
 
-    from dplg_tf.bulk import read_rows
+    from dplg_tf.bulk.reading import read_rows
     from dplg_tf.images import DEFAULT_LIMITS
 
     good = tmp_path / "good.jpg"
@@ -286,7 +289,7 @@ def test_read_rows_sorts_bad_files_by_reason(tmp_path):
 def test_server_describer_matches_the_local_batches(model):
     """--server: the same descriptors through dplg-serve; a batch holding an
     image the model refuses is retried image by image."""
-    from dplg_tf.bulk import BatchDescriber, ServerDescriber
+    from dplg_tf.bulk.reading import BatchDescriber, ServerDescriber
     from dplg_tf.serving import batching
     from dplg_tf.serving.server import Server
 
@@ -314,8 +317,8 @@ def test_server_describer_matches_the_local_batches(model):
 def test_uris_are_listed_and_read_through_pyarrow(tmp_path):
     """A URI input (here file://, the same code as s3:// or gs://) is listed
     recursively and read through pyarrow's filesystem."""
-    from dplg_tf.bulk import read_rows
-    from dplg_tf.extract import list_inputs
+    from dplg_tf.bulk.reading import read_rows
+    from dplg_tf.bulk.job import list_inputs
     from dplg_tf.images import DEFAULT_LIMITS
 
     write_images(str(tmp_path / "a" / "b"), 2)

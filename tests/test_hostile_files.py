@@ -19,8 +19,8 @@ from PIL import Image
 
 from conftest import image_bytes
 from dplg_tf.data import revisited, safe_pickle
-from dplg_tf.descriptor_files import read_npz, write_npz
-from dplg_tf.index import DescriptorIndex
+from dplg_tf.storage.descriptors import read_npz, write_npz
+from dplg_tf.search.index import DescriptorIndex
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
 
@@ -218,11 +218,11 @@ def test_descriptor_file_checks(tmp_path):
 # ------------------------------------------------------------------ index
 
 def _index_cli(*args):
-    return _cli("dplg_tf.index", *args)
+    return _cli("dplg_tf.search.index", *args)
 
 
 def _search_cli(*args):
-    return subprocess.run([sys.executable, "-c", "from dplg_tf.search import run_search; "
+    return subprocess.run([sys.executable, "-c", "from dplg_tf.cli.search import run_search; "
                            "run_search()", *args], capture_output=True, text=True,
                           timeout=120, env=ENV)
 
@@ -314,7 +314,7 @@ def test_sigkill_during_append_never_loses_the_index(tmp_path, index_dir):
     _desc_file(more, n=20_000, seed=5)  # big enough that the save takes a while
     expected = 30
     for attempt in range(8):
-        proc = subprocess.Popen([sys.executable, "-m", "dplg_tf.index",
+        proc = subprocess.Popen([sys.executable, "-m", "dplg_tf.search.index",
                                  f"--index_dir={index_dir}", f"--descriptors={more}",
                                  "--append"], env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
@@ -405,7 +405,7 @@ class _FakeDescriber:
 
 
 def test_evaluation_cache_key_follows_model_and_scales():
-    from dplg_tf.evaluate import cache_key
+    from dplg_tf.retrieval.evaluation import cache_key
 
     jobs = [("a.jpg", None), ("b.jpg", (0, 0, 5, 5))]
     key = cache_key(_FakeDescriber("m/1"), [1.0, 0.5], "database", jobs)

@@ -24,9 +24,9 @@ from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc)
 
-from dplg_tf import export as export_lib
+from dplg_tf.export import export as export_lib
 from dplg_tf import images
-from dplg_tf.descriptor_files import ChunkedOutput, read_npz
+from dplg_tf.storage.descriptors import ChunkedOutput, read_npz
 from dplg_tf.serving import batching
 from dplg_tf.serving.server import Server, tf_error_message
 

@@ -11,7 +11,7 @@ SCRIPT = r"""
 import json, math
 import numpy as np
 from dplg_tf.config import HEADS, base_config
-from dplg_tf.jax_train import setup
+from dplg_tf.training.jax_step import setup
 import keras
 out = {"backend": keras.backend.backend()}
 rng = np.random.default_rng(0)
@@ -38,7 +38,7 @@ print(json.dumps(out))
 def test_every_head_trains_on_the_jax_backend():
     pytest.importorskip("jax")
     from dplg_tf.config import HEADS
-    from dplg_tf.jax_train import backend_environment
+    from dplg_tf.training.jax_step import backend_environment
 
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                           timeout=900, env=backend_environment())

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dplg_tf import layers
+from dplg_tf.nn import layers
 
 RNG = np.random.default_rng(0)
 
@@ -264,7 +264,7 @@ def test_layer_config_round_trip(cls):
 def test_whitening_layer_matches_numpy_and_survives_keras_save(tmp_path):
     import keras
 
-    from dplg_tf import whitening
+    from dplg_tf.retrieval import whitening
 
     x = RNG.normal(size=(40, 6)).astype("float32")
     labels = np.repeat(np.arange(8), 5)

@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dplg_tf import backbones, config as config_lib, costs, layers
-from dplg_tf.model import build_dplg, build_training_model
+from dplg_tf.nn import backbones
+from dplg_tf import config as config_lib
+from dplg_tf.nn import costs
+from dplg_tf.nn import layers
+from dplg_tf.nn.model import build_dplg, build_training_model
 
 RNG = np.random.default_rng(1)
 

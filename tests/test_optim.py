@@ -3,9 +3,9 @@
 import keras
 import numpy as np
 
-from dplg_tf import layers
-from dplg_tf.model import build_training_model
-from dplg_tf.optim import learning_rate_schedule, make_optimizer, no_decay_variables
+from dplg_tf.nn import layers
+from dplg_tf.nn.model import build_training_model
+from dplg_tf.training.optim import learning_rate_schedule, make_optimizer, no_decay_variables
 
 
 def test_cosine_schedule_with_warmup(small_config):
@@ -43,7 +43,7 @@ def _one_step_deltas(config, mode, seed=0):
     """Variable changes of one trainer step (no momentum, no clipping) on a fixed batch."""
     import tensorflow as tf
 
-    from dplg_tf.optim import build_train_step
+    from dplg_tf.training.optim import build_train_step
 
     config.train.weight_decay_mode = mode
     config.train.momentum, config.train.clip_norm, config.train.warmup_steps = 0.0, 0.0, 0
@@ -66,7 +66,7 @@ def test_coupled_weight_decay_adds_wd_times_w_to_the_gradient(small_config):
     """Coupled: the update is -lr * (gradient + wd * w) on decayed variables and
     -lr * gradient on the others; decoupled Keras differs (it multiplies in
     after the update)."""
-    from dplg_tf.optim import weight_decay_mode
+    from dplg_tf.training.optim import weight_decay_mode
 
     small_config.train.weight_decay, small_config.train.learning_rate = 0.05, 0.1
     lr = float(learning_rate_schedule(small_config.train, 1000)(0))

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from dplg_tf import expansion, whitening
-from dplg_tf.cli import UserError
+from dplg_tf.retrieval import expansion
+from dplg_tf.retrieval import whitening
+from dplg_tf.errors import UserError
 
 
 def _unit(x):

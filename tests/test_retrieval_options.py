@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import image_bytes, small_dplg
-from dplg_tf import export as export_lib
-from dplg_tf import whitening
-from dplg_tf.cli import UserError
-from dplg_tf.index import DescriptorIndex
+from dplg_tf.export import export as export_lib
+from dplg_tf.retrieval import whitening
+from dplg_tf.errors import UserError
+from dplg_tf.search.index import DescriptorIndex
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
 
@@ -21,7 +21,7 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
 def test_small_images_are_scaled_up_keeping_their_aspect():
     import tensorflow as tf
 
-    from dplg_tf.extractor import DescriptorExtractor
+    from dplg_tf.export.signatures import DescriptorExtractor
 
     seen = []
 
@@ -51,8 +51,8 @@ def test_whitening_in_both_signatures_and_refused_for_another_model(plain_export
                                                                     train_shards):
     import tensorflow as tf
 
-    from dplg_tf.describer import Describer
-    from dplg_tf.whiten import learn
+    from dplg_tf.retrieval.describers import Describer
+    from dplg_tf.cli.whiten import learn
 
     model, base = plain_export
     describer = Describer(model=base)
@@ -86,14 +86,14 @@ def test_whitening_in_both_signatures_and_refused_for_another_model(plain_export
 def test_whiten_and_export_commands(plain_export, tmp_path, train_shards):
     model, base = plain_export
     out = str(tmp_path / "w.npz")
-    proc = subprocess.run([sys.executable, "-m", "dplg_tf.whiten", f"--model={base}",
+    proc = subprocess.run([sys.executable, "-m", "dplg_tf.cli.whiten", f"--model={base}",
                            f"--records={train_shards}/train-*", f"--output={out}",
                            "--kind=pca", "--dim=16", "--max_images=40"],
                           capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pca whitening 512 -> 16 learned on 40 images" in proc.stdout
     assert whitening.load(out)[1].shape == (16, 512)
-    bad = subprocess.run([sys.executable, "-m", "dplg_tf.whiten", f"--model={base}",
+    bad = subprocess.run([sys.executable, "-m", "dplg_tf.cli.whiten", f"--model={base}",
                           f"--records={tmp_path}/none-*", f"--output={out}"],
                          capture_output=True, text=True, timeout=600, env=ENV)
     assert bad.returncode == 2 and "No TFRecord shards match" in bad.stderr
@@ -101,7 +101,7 @@ def test_whiten_and_export_commands(plain_export, tmp_path, train_shards):
 
 
 def test_index_dba_is_kept_for_appends_and_search_qe(tmp_path):
-    from dplg_tf import expansion
+    from dplg_tf.retrieval import expansion
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 8)).astype(np.float32)
@@ -131,24 +131,24 @@ def test_index_dba_is_kept_for_appends_and_search_qe(tmp_path):
 
 
 def test_qe_and_dba_flags_through_the_commands(tmp_path):
-    from dplg_tf.descriptor_files import write_npz
+    from dplg_tf.storage.descriptors import write_npz
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(30, 8)).astype(np.float32)
     probe = np.ones(8, np.float32) / np.sqrt(8)
     write_npz(str(tmp_path / "d.npz"), [f"img{i}" for i in range(30)], x, probe)
     idx = str(tmp_path / "idx")
-    run = subprocess.run([sys.executable, "-m", "dplg_tf.index", f"--index_dir={idx}",
+    run = subprocess.run([sys.executable, "-m", "dplg_tf.search.index", f"--index_dir={idx}",
                           f"--descriptors={tmp_path}/d.npz", "--dba_k=2"],
                          capture_output=True, text=True, timeout=300, env=ENV)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.load(open(os.path.join(idx, open(os.path.join(idx, "CURRENT")).read().strip(),
                                        "meta.json")))["params"]["dba_k"] == 2
-    again = subprocess.run([sys.executable, "-m", "dplg_tf.index", f"--index_dir={idx}",
+    again = subprocess.run([sys.executable, "-m", "dplg_tf.search.index", f"--index_dir={idx}",
                             f"--descriptors={tmp_path}/d.npz", "--append", "--dba_k=5"],
                            capture_output=True, text=True, timeout=300, env=ENV)
     assert again.returncode == 2 and "leave --dba_k out" in again.stderr
-    search = subprocess.run([sys.executable, "-m", "dplg_tf.search", f"--index_dir={idx}",
+    search = subprocess.run([sys.executable, "-m", "dplg_tf.cli.search", f"--index_dir={idx}",
                              f"--descriptors={tmp_path}/d.npz", "--qe_k=2", "--top_k=1",
                              f"--output={tmp_path}/hits.json"],
                             capture_output=True, text=True, timeout=300, env=ENV)
@@ -159,8 +159,8 @@ def test_qe_and_dba_flags_through_the_commands(tmp_path):
 
 def test_fusion_diagnostics_of_the_heads():
     from dplg_tf import config as config_lib
-    from dplg_tf.diagnostics import attention_entropy, fusion_probe, fusion_stats
-    from dplg_tf.model import build_dplg
+    from dplg_tf.training.diagnostics import attention_entropy, fusion_probe, fusion_stats
+    from dplg_tf.nn.model import build_dplg
 
     uniform, peaked = np.ones((4, 4)), np.zeros((4, 4))
     peaked[1, 2] = 1.0

@@ -22,9 +22,9 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      get_model_status_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc)
 
-from dplg_tf import export as export_lib
-from dplg_tf.extractor import DescriptorExtractor
-from dplg_tf.saved_models import next_version
+from dplg_tf.export import export as export_lib
+from dplg_tf.export.signatures import DescriptorExtractor
+from dplg_tf.export.saved_models import next_version
 from dplg_tf import images
 from dplg_tf.config import PAPER_SCALES
 from dplg_tf.serving import batching

@@ -19,7 +19,7 @@ import os
 
 import tensorflow as tf
 
-from dplg_tf.cli import InputNotFound, UserError
+from dplg_tf.errors import InputNotFound, UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
 FEATURES = {

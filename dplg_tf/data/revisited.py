@@ -18,7 +18,7 @@ import urllib.request
 
 import numpy as np
 
-from dplg_tf.cli import InputNotFound, UserError
+from dplg_tf.errors import InputNotFound, UserError
 from dplg_tf.data import safe_pickle
 
 DATASETS = ("roxford5k", "rparis6k", "synthetic")

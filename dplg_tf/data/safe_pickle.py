@@ -26,7 +26,7 @@ import re
 
 import numpy as np
 
-from dplg_tf.cli import UserError
+from dplg_tf.errors import UserError
 
 MAX_BYTES = 256 << 20      # ground-truth files are a few MB
 _NUMERIC = re.compile(r"^[biuf](1|2|4|8)$")

@@ -4,7 +4,7 @@ per class, or Google Landmarks v2 (train.csv or train_clean.csv)."""
 import csv
 import os
 
-from dplg_tf.cli import UserError
+from dplg_tf.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 

@@ -29,10 +29,11 @@ import time
 
 import numpy as np
 
+from dplg_tf.errors import UserError
 from dplg_tf import cli
 from PIL import Image, ImageDraw, ImageFilter
 
-from dplg_tf.files import write_atomic
+from dplg_tf.storage.atomic import write_atomic
 
 TEXTURE_SIZE = 256
 # Kinds of image, part of each image's seed.
@@ -281,12 +282,12 @@ def generate(out_dir, num_landmarks=20, views_per_landmark=30, num_eval_landmark
              width=256, height=192, seed=0, num_workers=None, progress=True):
     """Write the training tree and the evaluation set; returns a summary dict."""
     if min(num_landmarks, views_per_landmark, num_eval_landmarks, queries_per_landmark) < 1:
-        raise cli.UserError("The synthetic set needs at least one landmark, view, eval "
+        raise UserError("The synthetic set needs at least one landmark, view, eval "
                          "landmark and query.")
     if db_per_landmark < 3:
-        raise cli.UserError("db_per_landmark must be >= 3 (one easy, hard and junk view).")
+        raise UserError("db_per_landmark must be >= 3 (one easy, hard and junk view).")
     if min(width, height) < 64:
-        raise cli.UserError(f"Images must be at least 64 px a side, got {width}x{height}.")
+        raise UserError(f"Images must be at least 64 px a side, got {width}x{height}.")
     start = time.perf_counter()
     tasks, plan = _plan(out_dir, num_landmarks, views_per_landmark, num_eval_landmarks,
                         queries_per_landmark, db_per_landmark, num_distractors,

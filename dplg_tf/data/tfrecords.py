@@ -33,10 +33,11 @@ import time
 import numpy as np
 from PIL import Image
 
+from dplg_tf.errors import UserError
 from dplg_tf import cli
 from dplg_tf.data.sources import (  # noqa: F401 (list_* are part of this module's API)
     BuildError, list_gldv2, list_image_dir, present)
-from dplg_tf.files import write_atomic
+from dplg_tf.storage.atomic import write_atomic
 
 STATE_DIR = ".build"  # per-shard results, kept out of the shard glob
 MAX_PIXELS = 100_000_000  # larger images are reported, not decoded
@@ -100,27 +101,27 @@ def load_image(path, max_size=0):
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise cli.UserError("missing") from None
+        raise UserError("missing") from None
     except OSError as e:
-        raise cli.UserError(f"unreadable: {e.strerror or e}") from None
+        raise UserError(f"unreadable: {e.strerror or e}") from None
     if not data:
-        raise cli.UserError("empty file")
+        raise UserError("empty file")
     from dplg_tf.images import frame_size
 
     frames = frame_size(data)  # every frame of a GIF, before any decoding
     if frames is not None and frames[2] > MAX_PIXELS:
-        raise cli.UserError(f"too large: its frames hold {frames[2]} pixels")
+        raise UserError(f"too large: its frames hold {frames[2]} pixels")
     try:
         img = Image.open(io.BytesIO(data))
         if img.width * img.height > MAX_PIXELS:
-            raise cli.UserError(f"too large: {img.width}x{img.height} pixels")
+            raise UserError(f"too large: {img.width}x{img.height} pixels")
         img.load()  # a full decode: truncated and corrupt files fail here
     except ValueError:
         raise
     except Image.UnidentifiedImageError:
-        raise cli.UserError("not an image") from None
+        raise UserError("not an image") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
-        raise cli.UserError(f"corrupt image: {e}") from None
+        raise UserError(f"corrupt image: {e}") from None
     if img.format == "JPEG" and img.mode == "RGB" and not (max_size and max(img.size) > max_size):
         return data, img.width, img.height
     jpeg, (w, h) = _reencode(img, max_size)

@@ -21,6 +21,7 @@ import time
 import grpc
 import numpy as np
 
+from dplg_tf.errors import UserError
 from dplg_tf import cli
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -191,7 +192,7 @@ def main(argv):
     from absl import flags
 
     from dplg_tf import images
-    from dplg_tf.descriptor_files import ChunkedOutput
+    from dplg_tf.storage.descriptors import ChunkedOutput
     from dplg_tf.progress import progress_bar
 
     f = flags.FLAGS
@@ -207,9 +208,9 @@ def main(argv):
         problems = []
         files = images.list_images(argv[1:], problems)
         if not files and not problems:
-            raise cli.UserError("Name image files or folders to describe (or use --status).")
+            raise UserError("Name image files or folders to describe (or use --status).")
         if os.path.isdir(f.output):
-            raise cli.UserError(f"--output {f.output} is a folder; name a file.")
+            raise UserError(f"--output {f.output} is a folder; name a file.")
         try:
             probe = c.describe_bytes([images.probe_bytes()])[0]
             run = ChunkedOutput(f.output, files, f.chunk_size, probe)

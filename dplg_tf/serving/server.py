@@ -29,10 +29,12 @@ import numpy as np
 from absl import flags
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dplg_tf import cli, images
+from dplg_tf.errors import InputNotFound
+from dplg_tf import cli
+from dplg_tf import images
 from dplg_tf.serving import batching
 from dplg_tf.serving.requests import ServingError, read_inputs
-from dplg_tf.serving.versions import BATCHED_SIGNATURE, ModelManager, tf_error_message
+from dplg_tf.serving.model_manager import BATCHED_SIGNATURE, ModelManager, tf_error_message
 
 log = logging.getLogger("dplg_tf.serving")
 
@@ -308,7 +310,7 @@ def main(argv):
             with open(f.batching_parameters_file) as fh:
                 params = batching.parse_batching_parameters(fh.read())
     if not os.path.isdir(f.model_base_path):
-        raise cli.InputNotFound(f"--model_base_path {f.model_base_path!r} is not a folder; "
+        raise InputNotFound(f"--model_base_path {f.model_base_path!r} is not a folder; "
                                 "export a model there with dplg-export.")
     server = Server(f.model_base_path, f.model_name, f.host, f.port, params,
                     f.file_system_poll_wait_seconds, images.limits_from_flags(),

@@ -1,0 +1,343 @@
+"""dplg-extract: describe a whole collection on Ray Data, resumably.
+
+    dplg-extract --model=models/dplg --output_dir=desc photos/ more/*.jpg list.txt
+    dplg-extract --model=models/dplg --output_dir=desc --ray_address=HEAD:6379 s3://b/imgs/
+    dplg-extract --server=127.0.0.1:8500 --output_dir=desc photos/
+
+Inputs are folders, globs, single files, text files of paths (`.txt`, one
+per line) or URIs any pyarrow filesystem reads. They are listed, sorted and
+cut into shards of --shard_size; Ray CPU tasks read and check the bytes and
+--workers actors, each holding the SavedModel once, describe them in
+same-size batches (dplg_tf.bulk.reading); the driver commits each finished shard
+as one Parquet file (dplg_tf.storage.extraction). A rerun with the same arguments does
+only the shards that are missing; another model, other scales or other
+inputs are refused. Without --ray_address a local Ray runtime is started
+(and stopped) for the run. Exit 1 when some images were refused (they are
+in OUT/errors), 2 on bad usage.
+"""
+
+import fnmatch
+import glob
+import json
+import os
+import sys
+import time
+
+from absl import flags
+
+from dplg_tf.errors import DONE, InputNotFound, PARTLY_FAILED, UserError
+from dplg_tf.bulk import reading as bulk
+from dplg_tf import cli
+from dplg_tf import images
+from dplg_tf.storage import extraction as shards
+from dplg_tf.export.saved_models import resolve_saved_model
+
+FLAGS = flags.FLAGS
+READ_LIMITS = ("max_pixels", "min_image_side", "max_request_mb")
+
+
+def define_flags():
+    flags.DEFINE_string("model", None, "SavedModel base path or version folder.")
+    flags.DEFINE_string("server", None, "host:port of dplg-serve or TF Serving instead.")
+    flags.DEFINE_string("model_name", "dplg", "Model name on the server.")
+    flags.DEFINE_string("output_dir", None, "Where the shards go.", required=True)
+    flags.DEFINE_list("inputs", None, "Folders, globs, files, .txt listings (also positional).")
+    flags.DEFINE_integer("shard_size", 1000, "Images per shard.", lower_bound=1)
+    flags.DEFINE_integer("workers", 1, "Describing actors (each loads the model once).",
+                         lower_bound=1)
+    flags.DEFINE_integer("batch_size", 8, "Images per model call at most.", lower_bound=1)
+    flags.DEFINE_float("cpus_per_worker", 0, "CPUs per actor (0: the CPUs / --workers).",
+                       lower_bound=0)
+    flags.DEFINE_float("gpus_per_worker", 0, "GPUs per actor.", lower_bound=0)
+    flags.DEFINE_string("ray_address", None, "Join this Ray cluster instead of a local one.")
+    flags.DEFINE_integer("num_cpus", None, "CPUs of the local Ray runtime (default: all).")
+    flags.DEFINE_list("scales", None, "Scales (default: those of the model's serving_default).")
+    images.define_limit_flags(READ_LIMITS)
+
+
+# ------------------------------------------------------------------ listing
+
+def list_inputs(inputs):
+    """Sorted unique image paths / URIs, and [(input, problem)]."""
+    found, problems = [], []
+    for item in inputs:
+        if "://" in item:
+            found += _list_uri(item)
+        elif any(c in item for c in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise InputNotFound(f"{images.display_name(item)} matches no file.")
+            found += images.list_images(matches, problems)
+        elif item.endswith(".txt") and os.path.isfile(item):
+            with open(item, encoding="utf-8", errors="surrogateescape") as f:
+                found += [line.strip() for line in f
+                          if line.strip() and not line.startswith("#")]
+        else:
+            found += images.list_images([item], problems)
+    return sorted(set(found)), problems
+
+
+def _list_uri(uri):
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri.split("*")[0].rsplit("/", 1)[0]
+                                                  if "*" in uri else uri)
+        scheme = uri.split("://", 1)[0]
+        info = fs.get_file_info(path)
+        if info.type == pyarrow.fs.FileType.File:
+            return [uri]
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+    except (OSError, ValueError) as e:
+        raise InputNotFound(f"{uri} cannot be listed: {e}.") from None
+    names = [f"{scheme}://{e.path}" for e in entries if e.type == pyarrow.fs.FileType.File
+             and e.path.lower().endswith(images.IMAGE_EXTENSIONS)]
+    return [n for n in names if "*" not in uri or fnmatch.fnmatch(n, uri)]
+
+
+# ------------------------------------------------------------- Ray stages
+
+def _expand(row):
+    """One row of paths -> one row per image."""
+    return [{"shard": row["shard"], "index": row["start"] + j, "path": p}
+            for j, p in enumerate(row["paths"])]
+
+
+def _read(batch, limits):
+    """A Ray task: the bytes of a batch of paths, checked."""
+    paths = [str(p) for p in batch["path"]]
+    blobs, errors = bulk.read_rows(paths, limits)
+    return {"shard": batch["shard"], "index": batch["index"], "path": paths,
+            "data": [b or b"" for b in blobs], "reason": [e[1] if e else "" for e in errors],
+            "status": [e[0] if e else "" for e in errors]}
+
+
+class _Describe:
+    """A Ray actor: the model, loaded once."""
+
+    def __init__(self, model, server, model_name, scales, batch_size, threads):
+        if server:
+            self.worker = bulk.ServerDescriber(server, model_name, batch_size)
+        else:
+            self.worker = bulk.BatchDescriber(model, scales, batch_size, threads)
+
+    def __call__(self, batch):
+        import numpy as np
+
+        todo = [i for i, s in enumerate(batch["status"]) if not s]
+        rows, errors = self.worker.describe([bytes(batch["data"][i]) for i in todo])
+        out = np.zeros((len(batch["path"]), rows.shape[1]), np.float32)
+        status, reason = list(batch["status"]), list(batch["reason"])
+        for k, i in enumerate(todo):
+            out[i] = rows[k]
+            if errors[k] is not None:
+                status[i], reason[i] = errors[k]
+            elif batch["shard"][i] < 0:   # the probe row also tells the scales used
+                reason[i] = json.dumps(getattr(self.worker, "scales", None))
+        return {"shard": batch["shard"], "index": batch["index"], "path": batch["path"],
+                "descriptor": out, "status": status, "reason": reason}
+
+
+def _dataset(names, todo, size, limits, scales, threads, cpus):
+    import logging
+
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    # shard -1: the probe image, described by the same actors (the model's identity);
+    # then blocks of one actor batch each, so results stream back as they are made
+    chunk = FLAGS.batch_size * 4
+    items = [{"shard": -1, "start": 0, "paths": [bulk.PROBE]}] + [
+        {"shard": s, "start": k, "paths": names[s * size + k:min((s + 1) * size,
+                                                                  len(names), s * size + k + chunk)]}
+        for s in todo for k in range(0, min(size, len(names) - s * size), chunk)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.flat_map(_expand, num_cpus=0.05)
+    ds = ds.map_batches(_read, fn_kwargs={"limits": limits}, batch_size=FLAGS.batch_size,
+                        num_cpus=0.05)
+    return ds.map_batches(
+        _Describe, fn_constructor_args=(FLAGS.model and resolve_saved_model(FLAGS.model),
+                                        FLAGS.server, FLAGS.model_name, scales,
+                                        FLAGS.batch_size, threads),
+        batch_size=chunk, num_cpus=cpus,
+        compute=ray.data.ActorPoolStrategy(size=FLAGS.workers),
+        num_gpus=FLAGS.gpus_per_worker or None)
+
+
+# ------------------------------------------------------------------ driver
+
+def _peak_rss_mb():
+    """This process's peak RSS (VmHWM: unlike ru_maxrss, not the parent's
+    before exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+class _Progress:
+    """The console bar and OUT/progress.json."""
+
+    def __init__(self, out, total, shards_total, shards_done):
+        from dplg_tf.progress import progress_bar
+
+        self.path = os.path.join(out, "progress.json")
+        self.total, self.done, self.errors = total, 0, 0
+        self.shards_total, self.shards_done = shards_total, shards_done
+        self.start, self.last, self.first = time.time(), 0.0, None
+        self.bar = progress_bar(total, "images")
+
+    def update(self, images_done, errors, shard_finished=False):
+        if images_done and self.first is None:   # the steady rate starts here
+            self.first = (time.time(), images_done)
+        self.done += images_done
+        self.errors += errors
+        self.shards_done += int(shard_finished)
+        self.bar.update(images_done)
+        self.bar.set_postfix(shards=f"{self.shards_done}/{self.shards_total}",
+                             errors=self.errors, refresh=False)
+        if shard_finished or time.time() - self.last > 2.0:
+            self.write("running")
+
+    def write(self, state):
+        from dplg_tf.storage.atomic import write_atomic
+
+        elapsed = time.time() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        steady = None
+        if self.first and self.done > self.first[1] and time.time() > self.first[0]:
+            steady = (self.done - self.first[1]) / (time.time() - self.first[0])
+        write_atomic(self.path, json.dumps({
+            "state": state, "images_done": self.done, "images_total": self.total,
+            "images_per_sec": round(rate, 3), "shards_done": self.shards_done,
+            "steady_images_per_sec": steady and round(steady, 3),
+            "shards_total": self.shards_total, "errors": self.errors,
+            "elapsed_s": round(elapsed, 1),
+            "eta_s": round((self.total - self.done) / rate, 1) if rate else None,
+            "driver_peak_rss_mb": _peak_rss_mb()},
+            indent=1).encode())
+        self.last = time.time()
+
+
+def _collect(ds, out, names, size, manifest, progress):
+    """Gather the described rows by shard; once the probe row has settled the
+    manifest (dplg_tf.storage.extraction.open_folder), commit each shard when complete."""
+    pending, written, ready = {}, set(), False
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        new = bad_new = 0
+        for k in range(len(batch["shard"])):
+            shard, index = int(batch["shard"][k]), int(batch["index"][k])
+            bad = str(batch["status"][k])
+            if shard < 0:
+                if bad:
+                    raise RuntimeError(f"The model refused the probe image: "
+                                       f"{batch['reason'][k]}")
+                if not ready:
+                    probe = batch["descriptor"][k]
+                    manifest.update(probe=[float(v) for v in probe], dim=len(probe),
+                                    scales=json.loads(str(batch["reason"][k])))
+                    shards.open_folder(out, manifest, names)
+                ready = True
+                continue
+            rows = pending.setdefault(shard, {}) if shard not in written else None
+            if rows is None or index in rows:   # a retried batch (a lost worker) repeats rows
+                continue
+            rows[index] = (batch["descriptor"][k], (bad, str(batch["reason"][k]))
+                           if bad else None)
+            new, bad_new = new + 1, bad_new + bool(bad)
+        progress.update(new, bad_new)
+        for s in [s for s, rows in pending.items() if ready
+                  and len(rows) == len(names[s * size:(s + 1) * size])]:
+            _commit(out, s, names[s * size:(s + 1) * size], pending.pop(s), manifest)
+            written.add(s)
+            progress.update(0, 0, shard_finished=True)
+
+
+def _commit(out, shard, names, rows, manifest):
+    import numpy as np
+
+    order = sorted(rows)
+    shards.write_shard(out, shard, names, np.stack([rows[j][0] for j in order]),
+                       [rows[j][1] for j in order], manifest)
+
+
+def _start_ray():
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # local workers inherit it
+    common = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=True)
+    if FLAGS.ray_address:
+        ray.init(address=FLAGS.ray_address, **common)
+    else:
+        ray.init(address="local", num_cpus=FLAGS.num_cpus, **common)
+    return ray
+
+
+def extract_main(argv):
+    if bool(FLAGS.model) == bool(FLAGS.server):
+        raise UserError("Give exactly one of --model (a SavedModel) or --server.")
+    if FLAGS.server and FLAGS.scales:
+        raise UserError("--scales needs --model: a server describes at its own scales.")
+    inputs = list(FLAGS.inputs or []) + argv[1:]
+    if not inputs:
+        raise UserError("Name the images to describe: folders, globs, files or .txt "
+                            "listings, after the flags.")
+    names, problems = list_inputs(inputs)
+    for name, reason in problems[:20]:
+        print(f"dplg-extract: not listed: {name}: {reason}", file=sys.stderr)
+    if not names:
+        raise UserError("No image files found in " + ", ".join(inputs) + ".")
+    limits = images.limits_from_flags(READ_LIMITS)
+    scales = images.DEFAULT_LIMITS.check_scales(FLAGS.scales) if FLAGS.scales else None
+    manifest = {"limits": {k: getattr(limits, images.LIMIT_FLAGS[k][0]) for k in READ_LIMITS},
+                "listing_sha256": shards.listing_hash(names), "images": len(names),
+                "shard_size": FLAGS.shard_size, "requested_scales": scales,
+                "fingerprint": bulk.fingerprint(resolve_saved_model(FLAGS.model))
+                if FLAGS.model else f"grpc://{FLAGS.server}/{FLAGS.model_name}"}
+    shards.check_folder(FLAGS.output_dir, manifest)   # refused before Ray starts
+    ray = _start_ray()
+    try:
+        return _run(ray, names, limits, manifest)
+    finally:
+        ray.shutdown()
+
+
+def _run(ray, names, limits, manifest):
+    out, size = FLAGS.output_dir, FLAGS.shard_size
+    count = (len(names) + size - 1) // size
+    manifest.update(format=1, model=FLAGS.model and resolve_saved_model(FLAGS.model)
+                    or manifest["fingerprint"], num_shards=count)
+    os.makedirs(out, exist_ok=True)   # progress.json goes here before the manifest
+    done = shards.done_shards(out, count)
+    todo = [s for s in range(count) if s not in done]
+    total = sum(len(names[s * size:(s + 1) * size]) for s in todo)
+    progress = _Progress(out, total, count, len(done))
+    cpus = FLAGS.cpus_per_worker or max(
+        0.5, (ray.cluster_resources().get("CPU", 1) - 0.2) / FLAGS.workers)
+    threads = max(1, round(FLAGS.cpus_per_worker or ray.cluster_resources().get("CPU", 1)
+                           / FLAGS.workers))
+    if todo:
+        _collect(_dataset(names, todo, size, limits, manifest["requested_scales"], threads,
+                          cpus), out, names, size, manifest, progress)
+    progress.bar.close()
+    progress.write("done")
+    errors = shards.read_errors(out)
+    print(f"{out}: {len(names) - len(errors)} of {len(names)} images described in {count} "
+          f"shards ({len(done)} kept from before); {len(errors)} refused.")
+    for name, reason in errors[:20]:
+        print(f"dplg-extract: skipped {name}: {reason}", file=sys.stderr)
+    return PARTLY_FAILED if errors else DONE
+
+
+def run():
+    define_flags()
+    cli.run(extract_main, "dplg-extract")
+
+
+if __name__ == "__main__":
+    sys.exit(run())

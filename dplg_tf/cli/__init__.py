@@ -1,0 +1,31 @@
+"""The command layer: one thin absl module per console script.
+
+Each `dplg_tf.cli.<command>` defines its flags, reads them in its `main`,
+calls the library and maps errors to exit codes (dplg_tf.errors): a
+UserError is one sentence on stderr and exit 2. Nothing outside this
+package reads absl's FLAGS. It may import every other layer.
+"""
+
+import sys
+
+from absl import app
+
+from dplg_tf.errors import BAD_INPUT, UserError
+
+
+def fail(name, message, code=BAD_INPUT):
+    """Print `name: error: message` on stderr and exit with `code`."""
+    print(f"{name}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def run(main, name):
+    """`app.run(main)`, turning UserError into `name: error: <sentence>`, exit 2."""
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except UserError as e:
+            fail(name, e)
+
+    app.run(guarded)

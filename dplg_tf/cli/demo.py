@@ -1,0 +1,313 @@
+"""dplg-demo: the whole system on generated data, on 2 CPU cores.
+
+generate synthetic landmarks -> build TFRecords -> train the demo_cpu config
+-> export the untrained and the trained model -> start dplg-serve -> index
+the database through gRPC -> evaluate both models (Revisited protocol) ->
+write pictures -> stop the server. Prints the mAP table of the untrained and
+the trained model side by side and where the pictures are. Every stage
+keeps its output in --workdir and is skipped when already complete, so an
+interrupted demo resumes.
+
+`dplg-demo --describe` only builds the model and describes a generated image.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from dplg_tf import cli
+from dplg_tf.data.synthetic import facade_image
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo_cpu.py")
+FLAGS = flags.FLAGS
+
+_SHADES = " .:-=+*#%@"
+
+
+def ascii_map(attention):
+    """The attention map as text, one character per X4 cell (dark = low)."""
+    a = np.asarray(attention, np.float64)
+    a = (a - a.min()) / max(a.max() - a.min(), 1e-12)
+    return "\n".join("".join(_SHADES[int(v * (len(_SHADES) - 1))] for v in row) for row in a)
+
+
+def describe(config):
+    import keras
+
+    from dplg_tf.nn import costs
+    from dplg_tf.nn.model import build_dplg
+
+    m = config.model
+    print(f"dplg_tf demo: backbone={m.backbone} head={m.head} "
+          f"descriptor_dim={m.descriptor_dim} (keras {keras.__version__}, "
+          f"backend {keras.backend.backend()})")
+    model = build_dplg(config)
+    image = facade_image(FLAGS.height, FLAGS.width, FLAGS.seed)
+    start = time.perf_counter()
+    out = model(image[None].astype(np.float32))
+    seconds = time.perf_counter() - start
+    descriptor = np.asarray(out["descriptor"])[0]
+    attention = np.asarray(out["attention"])[0]
+    gmacs = costs.count_macs(model, FLAGS.height, FLAGS.width) / 1e9
+    print(f"image {FLAGS.height}x{FLAGS.width} -> descriptor {descriptor.shape}, "
+          f"L2 norm {np.linalg.norm(descriptor):.6f}, first values "
+          f"{np.array2string(descriptor[:6], precision=4)}")
+    print(f"attention {attention.shape}, sum {attention.sum():.6f}, "
+          f"max {attention.max():.4f} (uniform would be {1 / attention.size:.4f}):")
+    print(ascii_map(attention))
+    print(f"parameters {model.count_params() / 1e6:.2f} M, {gmacs:.3f} GMACs "
+          f"for this image, first call {seconds:.2f} s")
+    if FLAGS.output:
+        np.savez(FLAGS.output, image=image, descriptor=descriptor, attention=attention)
+        print(f"wrote {FLAGS.output}")
+
+
+# ------------------------------------------------------------ the pipeline
+
+# measured by `dplg-demo` on a 2-core AMD EPYC on 2026-11-27 (see README):
+# numpy's float32 matmul speed there, and the demo's time (training, the rest)
+_REFERENCE = {"gflops": 134.0, "train_seconds": 530.0, "other_seconds": 67.0, "steps": 900}
+
+
+def matmul_gflops(size=1024, repeats=5):
+    """This machine's float32 matrix-multiply speed (numpy's BLAS), GFLOP/s."""
+    a = np.random.default_rng(0).random((size, size), np.float32)
+    a @ a  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def estimate():
+    """How long the demo should take here, scaled from the reference run."""
+    ref = _REFERENCE
+    gflops = matmul_gflops()
+    if not ref["gflops"]:
+        return f"this machine: {gflops:.0f} GFLOP/s float32 matmul"
+    seconds = (ref["train_seconds"] * FLAGS.train_steps / ref["steps"]
+               + ref["other_seconds"]) * ref["gflops"] / gflops
+    return (f"this machine: {gflops:.0f} GFLOP/s float32 matmul; the demo should take about "
+            f"{seconds / 60:.0f} min here ({(ref['train_seconds'] + ref['other_seconds']) / 60:.0f}"
+            f" min on a 2-core machine of {ref['gflops']:.0f} GFLOP/s; --train_steps "
+            "shortens it)")
+
+def _stage(name):
+    print(f"\n== {name}", flush=True)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(base, log_path):
+    port = _free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "dplg_tf.serving.server",
+                             f"--model_base_path={base}", f"--port={port}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    from dplg_tf.serving.client import Client, ClientError
+
+    client = Client(f"127.0.0.1:{port}", timeout=30, retries=0)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"dplg-serve exited early; see {log_path}")
+        try:
+            client.status()
+            return proc, f"127.0.0.1:{port}"
+        except ClientError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"dplg-serve did not answer within 180 s; see {log_path}")
+
+
+def pipeline(config, workdir):
+    from dplg_tf.retrieval import evaluation as evaluate
+
+    start = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    print(estimate())
+    data = _synthetic_data(workdir)
+    shards = _shards(workdir, data)
+    run = _train(config, workdir, shards)
+    untrained_base, trained_base = _export(config, workdir, run)
+    _stage("5/8 dplg-serve on the trained model")
+    server, address = _start_server(trained_base, os.path.join(workdir, "serve.log"))
+    print(f"serving on {address} (log {os.path.join(workdir, 'serve.log')})")
+    try:
+        _index(config, workdir, data, address)
+        _stage("7/8 evaluate (Revisited protocol, 5 scales) and draw")
+        results = {}
+        results["untrained"] = evaluate.run_eval(
+            "synthetic", data, model=untrained_base,
+            output_dir=os.path.join(workdir, "eval_untrained"))[0]
+        results["trained"] = evaluate.run_eval(
+            "synthetic", data, server=address, figures=FLAGS.figures,
+            output_dir=os.path.join(workdir, "eval_trained"))[0]
+    finally:
+        _stage("8/8 stop the server")
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+        print(f"dplg-serve exited with {server.returncode}")
+
+    table = evaluate.markdown_table(results)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    print("\nmAP and mP@k (%) on the synthetic evaluation set, untrained vs trained:\n")
+    print(table)
+    print(f"\npictures: {os.path.join(workdir, 'eval_trained', 'figures')}")
+    print(f"demo finished in {time.perf_counter() - start:.0f} s")
+    return results
+
+
+def _synthetic_data(workdir):
+    from dplg_tf.data import synthetic
+
+    data = os.path.join(workdir, "data")
+    _stage("1/8 synthetic landmarks")
+    if not os.path.isfile(os.path.join(data, "synthetic.json")):
+        print(json.dumps(synthetic.generate(
+            data, num_landmarks=FLAGS.num_landmarks, views_per_landmark=FLAGS.views_per_landmark,
+            num_eval_landmarks=12, queries_per_landmark=2, db_per_landmark=12,
+            num_distractors=120, width=192, height=144, seed=0)))
+    else:
+        print(f"have {data}")
+    return data
+
+
+def _shards(workdir, data):
+    from dplg_tf.data import tfrecords
+
+    _stage("2/8 TFRecord shards")
+    shards = os.path.join(workdir, "shards")
+    items, ignored = tfrecords.list_image_dir(os.path.join(data, "train"))
+    print(json.dumps(tfrecords.build(shards, items, num_shards=4, ignored=ignored)))
+    return shards
+
+
+def _train(config, workdir, shards):
+    """dplg-train on the demo config (with the user's --config.* overrides)."""
+    _stage(f"3/8 training {config.model.backbone}+{config.model.head}, "
+           f"{FLAGS.train_steps} steps")
+    run = os.path.join(workdir, "run")
+    overrides = dict(config_flags.get_override_values(FLAGS["config"]))
+    overrides.update({"data.train_pattern": os.path.join(shards, "train-*"),
+                      "data.validation_pattern": os.path.join(shards, "validation-*"),
+                      "train.max_steps": FLAGS.train_steps,
+                      "train.checkpoint_every": 100, "train.log_every": 50})
+    result_path = os.path.join(run, "result.json")
+    if not os.path.isfile(result_path):
+        config_file = config_flags.get_config_filename(FLAGS["config"])
+        cmd = [sys.executable, "-m", "dplg_tf.training.trainer", f"--workdir={run}", "--cpu_devices=1",
+               f"--config={config_file}"] + [
+            f"--config.{key}={_flag_value(value)}" for key, value in overrides.items()]
+        subprocess.run(cmd, check=True)
+    with open(result_path) as f:
+        trained = json.load(f)
+    accuracy, rate = trained["validation_accuracy"], trained.get("images_per_sec")
+    print(f"loss {trained['first_loss']:.3f} -> {trained['last_loss']:.3f}, validation "
+          f"accuracy {'-' if accuracy is None else f'{accuracy:.3f}'}, "
+          f"{'-' if rate is None else f'{rate:.0f}'} images/s")
+    return run
+
+
+def _flag_value(value):
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return str(value)
+
+
+def _export(config, workdir, run):
+    from dplg_tf.export import export
+    from dplg_tf.nn.model import build_dplg
+
+    _stage("4/8 export (untrained and trained)")
+    models = os.path.join(workdir, "models")
+    untrained_base, trained_base = os.path.join(models, "untrained"), os.path.join(models, "dplg")
+    shape = dict(scales=list(config.eval.scales), max_image_side=config.eval.max_image_side,
+                 min_scaled_side=config.model.min_image_size)
+    if not os.path.isdir(untrained_base):
+        import keras
+
+        keras.utils.set_random_seed(config.train.seed)
+        export.export(build_dplg(config), untrained_base, version=1, **shape)
+    if not os.path.isdir(trained_base):
+        export.export(export.load_for_export(workdir=run), trained_base, version=1, **shape)
+    print(f"{untrained_base}/1 and {trained_base}/1")
+    return untrained_base, trained_base
+
+
+def _index(config, workdir, data, address):
+    from dplg_tf.search import index
+    from dplg_tf.data.revisited import load_dataset
+    from dplg_tf.retrieval.describers import Describer
+    from dplg_tf.progress import progress_bar
+
+    _stage("6/8 index the database through gRPC")
+    dataset = load_dataset(data, "synthetic")
+    describer = Describer(server=address)
+    paths = [dataset.image_path(i) for i in range(len(dataset.imlist))]
+    bar = progress_bar(len(paths), "images")
+    idx = index.DescriptorIndex(config.model.descriptor_dim, "exact", describer.probe())
+    names, rows, errors = describer.describe_files(paths, progress=bar)
+    if errors:
+        raise RuntimeError(f"the demo's images could not all be described: {errors[:3]}")
+    idx.add(rows, names)
+    bar.close()
+    idx.save(os.path.join(workdir, "index"))
+    q = dataset.load_query(0)
+    hits = idx.search(describer.describe_bytes([_png(q)]), 3)[1][0]
+    print(f"{len(idx)} images indexed; query {dataset.qimlist[0]} -> "
+          + ", ".join(os.path.basename(idx.names[i]) for i in hits))
+
+
+def _png(array):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(array)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def main(argv):
+    del argv
+    if FLAGS.describe:
+        describe(FLAGS.config)
+        return
+    pipeline(FLAGS.config, FLAGS.workdir)
+
+
+def _define_flags():
+    config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Model and training config file.")
+    flags.DEFINE_string("workdir", "demo_run", "Where the demo keeps data, runs and results.")
+    flags.DEFINE_integer("train_steps", 900, "Training steps of the demo model.")
+    flags.DEFINE_integer("num_landmarks", 60, "Training landmarks of the synthetic set.")
+    flags.DEFINE_integer("views_per_landmark", 20, "Training views per landmark.")
+    flags.DEFINE_integer("figures", 3, "Queries to draw pictures for.")
+    flags.DEFINE_bool("describe", False, "Only build the model and describe a generated image.")
+    flags.DEFINE_integer("height", 192, "Height of the generated image (--describe).")
+    flags.DEFINE_integer("width", 256, "Width of the generated image (--describe).")
+    flags.DEFINE_integer("seed", 0, "Seed of the generated image (--describe).")
+    flags.DEFINE_string("output", "", "With --describe: an .npz for image, descriptor, attention.")
+
+
+def run():
+    _define_flags()
+    cli.run(main, "dplg-demo")
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,70 @@
+"""dplg-search: the nearest indexed images of query images or descriptors.
+
+    dplg-search --index_dir=idx --server=127.0.0.1:8500 query.jpg --top_k=10
+    dplg-search --index_dir=idx --model=models/dplg query.jpg
+    dplg-search --index_dir=idx --descriptors=queries.npz --output=hits.json
+
+Queries are described by the same model as the index (checked through the
+probe descriptor); the results are printed and, with --output, written as
+JSON. Exit codes: 0 done, 1 some query images could not be described (listed
+on stderr), 2 bad usage or input.
+"""
+
+import json
+import sys
+
+from dplg_tf.errors import UserError
+from dplg_tf import cli
+from dplg_tf.retrieval.expansion import define_flags
+from dplg_tf.search.index import DescriptorIndex, define_common_flags, read_inputs
+
+
+def search_main(argv):
+    from absl import flags
+
+    f = flags.FLAGS
+    if f.top_k < 1:
+        raise UserError(f"--top_k must be at least 1, not {f.top_k}.")
+    index = DescriptorIndex.load(f.index_dir)
+    queries, names, probe, errors = read_inputs(f, argv, "dplg-search")
+    if probe is not None:
+        index.check_probe(probe)
+    index.tune(f.refine, f.nprobe, f.ef_search)
+    if f.qe_k and len(queries):
+        from dplg_tf.retrieval.expansion import alpha_qe, index_neighbours
+
+        queries = alpha_qe(queries, k=f.qe_k, alpha=f.qe_alpha,
+                           neighbours=index_neighbours(index))
+    scores, ids = index.search(queries, f.top_k) if len(queries) else ([], [])
+    results = []
+    for name, row_scores, row_ids in zip(names, scores, ids):
+        hits = [{"name": index.names[i], "score": round(float(s), 5)}
+                for s, i in zip(row_scores, row_ids) if i >= 0]
+        results.append({"query": name, "results": hits})
+        print(name)
+        for rank, hit in enumerate(hits, 1):
+            print(f"  {rank:3d}. {hit['score']:.4f}  {hit['name']}")
+    if f.output:
+        from dplg_tf.storage.atomic import write_atomic
+
+        write_atomic(f.output, json.dumps(results, indent=1))
+    if errors:
+        sys.exit(1)
+
+
+def run_search():
+    from absl import flags
+
+    define_common_flags()
+    flags.DEFINE_integer("top_k", 10, "Results per query.")
+    flags.DEFINE_string("output", None, "Also write the results as JSON here.")
+    flags.DEFINE_integer("refine", None, "pq / ivfpq: candidates re-ranked exactly, as a "
+                         "multiple of top_k (default: the index's).")
+    flags.DEFINE_integer("nprobe", None, "ivfpq: inverted lists scanned per query.")
+    flags.DEFINE_integer("ef_search", None, "hnsw: size of the search frontier.")
+    define_flags(qe=True)
+    cli.run(search_main, "dplg-search")
+
+
+if __name__ == "__main__":
+    sys.exit(run_search())

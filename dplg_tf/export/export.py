@@ -1,0 +1,228 @@
+"""dplg-export: the descriptor model as a SavedModel for TensorFlow Serving.
+
+    dplg-export --workdir=runs/demo --output_dir=models/dplg         # trained
+    dplg-export --keras_model=model.keras --output_dir=models/dplg
+    dplg-export --config=configs/demo_cpu.py --allow_random_init --output_dir=...
+
+writes BASE/<version>/ (the next integer unless --version), first under a
+hidden temporary name and then renamed, so a server polling BASE never sees
+half a model. Signatures (DESIGN.md):
+
+- serving_default: image_bytes string [N] (JPEG, PNG, GIF, BMP) ->
+  global_descriptor float32 [N, D], each image described at the paper's scales;
+- multiscale: image uint8 [H, W, 3], scales float32 [S] -> global_descriptor
+  [D], scale_descriptors [S, D], attention [H4, W4] at the scale nearest 1.
+
+Not signatures (TF Serving does not see them), for dplg-extract in-process:
+`decode_limited` (one image's bytes -> float32 [h, w, 3], limited),
+`describe_batch` (same-size images [N, h, w, 3], scales [S] -> [N, D]) and
+the variable `scales` (serving_default's scales).
+
+Preprocessing is in the graph: an image is first limited to a longest side of
+`max_image_side` (1024), each scaled copy is at least `min_scaled_side` px a
+side (the model's minimum), per-scale descriptors are L2-normalised,
+averaged and L2-normalised again. The model's weights are written into the
+graph as constants (`--freeze`, the default), which lets TensorFlow's graph
+optimiser fold each BatchNorm's scale into its convolution's filter; with
+serving_default's fixed scales laid out in the graph rather than in a loop,
+extraction takes 1/1.2 of the time with variables on a 2-core CPU
+(benchmarks/RESULTS.md). Bad input fails with InvalidArgument and
+a message (TF Serving answers INVALID_ARGUMENT): undecodable bytes, formats
+other than JPEG/PNG/GIF/BMP, and anything over the limits of
+dplg_tf.images.Limits, checked before the work it bounds: images per
+request, scales per request and their range, pixels of the decoded frames
+(read from the headers, every frame of a GIF), the minimum side. Grayscale
+and 16-bit images are converted, alpha is dropped, animated GIFs give their
+first frame.
+"""
+
+import os
+import shutil
+import sys
+
+from absl import flags
+
+from dplg_tf.errors import OutputExists
+from dplg_tf import cli
+from dplg_tf import images
+from dplg_tf.errors import InputNotFound, UserError
+from dplg_tf.export.signatures import DescriptorExtractor
+from dplg_tf.images import DEFAULT_LIMITS
+from dplg_tf.export.saved_models import next_version
+
+# the limits the signatures check themselves (TF Serving runs them as they are)
+GRAPH_LIMITS = ("max_images_per_request", "max_scales", "max_scale", "max_pixels",
+                "min_image_side")
+
+
+def export(model, export_dir, version=None, scales=None, max_image_side=1024,
+           min_scaled_side=64, limits=DEFAULT_LIMITS, freeze=True, whitening=None):
+    """Write `model` as BASE/<version>/ with both signatures; returns the path.
+
+    With `freeze`, the weights are graph constants (faster; no variables in
+    the SavedModel); without it they are variables, as Keras exports them.
+    `whitening`, a dplg-whiten file, ends both signatures with its
+    layers.Whitening (the descriptor may then be shorter)."""
+    import tensorflow as tf
+
+    from dplg_tf.config import PAPER_SCALES
+
+    os.makedirs(export_dir, exist_ok=True)
+    version = version or next_version(export_dir)
+    final = os.path.join(export_dir, str(version))
+    if os.path.exists(final):
+        raise OutputExists(f"{final} exists; choose another --version or leave it out "
+                              "to take the next one.")
+    scales = scales or PAPER_SCALES
+    layer = None
+    if whitening:
+        layer = whitening_layer(whitening, model, scales, max_image_side, min_scaled_side)
+    extractor = DescriptorExtractor(model, scales, max_image_side, min_scaled_side, limits,
+                                    freeze=freeze, whitening=layer)
+    module = tf.Module()
+    if not freeze:
+        module.model = model  # its variables go into the SavedModel
+    if layer is not None:
+        module.whitening = layer
+    module.serving_default = tf.function(
+        extractor.describe_bytes,
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    module.multiscale = tf.function(
+        extractor.multiscale,
+        input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image"),
+                         tf.TensorSpec([None], tf.float32, name="scales")])
+    module.decode_limited = tf.function(
+        extractor.decode_limited,
+        input_signature=[tf.TensorSpec([], tf.string, name="image_bytes")])
+    module.describe_batch = tf.function(
+        extractor.describe_batch,
+        input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images"),
+                         tf.TensorSpec([None], tf.float32, name="scales")])
+    module.scales = tf.Variable(extractor.scales, trainable=False, dtype=tf.float32)
+    tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tf.saved_model.save(module, tmp, signatures={
+            "serving_default": module.serving_default, "multiscale": module.multiscale})
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def whitening_layer(path, model, scales, max_image_side, min_scaled_side):
+    """The layers.Whitening of a dplg-whiten file, refused when the file was
+    learned on another model (its probe descriptor differs from this one's)."""
+    from dplg_tf.retrieval import whitening
+    from dplg_tf.storage.descriptors import same_probe
+    from dplg_tf.images import probe_image
+    from dplg_tf.nn.layers import Whitening
+
+    mean, projection, metadata = whitening.load(path)
+    plain = DescriptorExtractor(model, scales, max_image_side, min_scaled_side)
+    if mean.shape[0] != plain.dim:
+        raise UserError(f"{path} whitens {mean.shape[0]}-d descriptors but the model "
+                        f"gives {plain.dim}-d ones; learn it on this model.")
+    probe = metadata.get("probe")
+    if probe is not None and not same_probe(plain.describe_image(probe_image()).numpy(),
+                                            probe):
+        raise UserError(f"{path} was learned on another model (or other scales) than the "
+                        "one exported: its probe descriptor differs; run dplg-whiten on a "
+                        "SavedModel of this model.")
+    return Whitening.from_arrays(mean, projection, name="whitening")
+
+
+def load_for_export(workdir=None, model_path=None, config=None, allow_random_init=False):
+    """The Keras descriptor model from a work dir, a .keras file or a config."""
+    from dplg_tf.nn.model import build_dplg, load_model
+
+    if model_path:
+        return load_model(model_path)
+    if workdir:
+        path = os.path.join(workdir, "model.keras")
+        if os.path.isfile(path):
+            return load_model(path)
+        return _from_checkpoint(workdir, config)
+    if config is not None:
+        if not allow_random_init:
+            raise UserError("Exporting from a config alone gives random weights; pass "
+                             "--allow_random_init if that is what you want (tests, demos).")
+        return build_dplg(config)
+    raise UserError("Give --workdir, --keras_model or --config (with --allow_random_init).")
+
+
+def _from_checkpoint(workdir, config):
+    """The descriptor model of the latest checkpoint of an unfinished run."""
+    import tensorflow as tf
+
+    from dplg_tf.nn.model import build_training_model
+
+    latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    config = config if config is not None else run_config(workdir)
+    if not latest or config is None:
+        raise InputNotFound(f"{workdir} has neither model.keras nor a checkpoint with its "
+                            "config.json; is it a dplg-train work dir?")
+    if not config.loss.num_classes:
+        raise UserError(f"{workdir}/config.json does not say how many classes the run "
+                        "had; export from its model.keras instead.")
+    model = build_training_model(config)
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    return model.get_layer("dplg")
+
+
+def _define_flags():
+    from ml_collections import config_flags
+
+    flags.DEFINE_string("workdir", None, "A dplg-train work dir (model.keras or checkpoints).")
+    flags.DEFINE_string("keras_model", None, "A .keras descriptor model (dplg-train's "
+                        "workdir/model.keras).")
+    config_flags.DEFINE_config_file("config", None, "Config file, with --allow_random_init.")
+    flags.DEFINE_bool("allow_random_init", False, "Export an untrained model (tests, demos).")
+    flags.DEFINE_string("output_dir", None, "The model base path: the SavedModel goes to "
+                        "OUTPUT_DIR/<version>/.", required=True)
+    flags.DEFINE_alias("export_dir", "output_dir")
+    flags.DEFINE_integer("version", None, "Version number (default: the next one).")
+    flags.DEFINE_list("scales", None, "Scales of serving_default (default: the config's "
+                      "eval.scales, the paper's 5).")
+    flags.DEFINE_integer("max_image_side", None, "Longest side before the scales (default: "
+                         "the config's eval.max_image_side, 1024).")
+    flags.DEFINE_string("whitening", None, "A dplg-whiten file to end both signatures with.")
+    images.define_limit_flags(GRAPH_LIMITS)
+    flags.DEFINE_bool("freeze", True, "Write the weights into the graph as constants "
+                      "(faster on CPU); --nofreeze keeps them as variables.")
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    model = load_for_export(f.workdir, f.keras_model, f.config, f.allow_random_init)
+    config = f.config if f.config is not None else run_config(f.workdir)
+    scales = [float(s) for s in f.scales] if f.scales else (
+        list(config.eval.scales) if config is not None else None)
+    max_side = f.max_image_side or (config.eval.max_image_side if config is not None else 1024)
+    min_side = config.model.min_image_size if config is not None else 64
+    path = export(model, f.output_dir, f.version, scales, max_side, min_side,
+                  images.limits_from_flags(GRAPH_LIMITS), f.freeze, f.whitening)
+    print(path)
+
+
+def run_config(workdir):
+    """The config a dplg-train run recorded (workdir/config.json), or None."""
+    import json
+
+    import ml_collections
+
+    path = os.path.join(workdir or "", "config.json")
+    if not workdir or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def run():
+    _define_flags()
+    cli.run(main, "dplg-export")
+
+
+if __name__ == "__main__":
+    sys.exit(run())

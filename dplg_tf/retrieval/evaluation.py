@@ -1,0 +1,288 @@
+"""Revisited Oxford/Paris evaluation (Radenovic et al., CVPR 2018) and dplg-eval.
+
+`compute_map(ranks, gnd, kappas=(1, 5, 10))` follows the reference
+evaluation: `ranks` is [n_db, n_query] (database indices, best first), `gnd`
+a list of per-query dicts with `ok` and `junk` index lists. For each query
+the positions of its `ok` images are taken with the junk images ranked
+before them removed; AP is the trapezoidal area over those positions
+divided by the number of `ok` images; mP@k is measured at min(k, position
+of the last positive). Queries without positives are left out of the means
+(their AP and P@k are NaN). Returns `(map, aps, pr, prs)`.
+
+    dplg-eval --dataset=roxford5k --data_root=DIR --model=models/dplg
+    dplg-eval --dataset=synthetic --data_root=data --server=127.0.0.1:8500 --figures=5
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from dplg_tf.errors import UserError
+from dplg_tf import cli
+
+from dplg_tf.data.revisited import PROTOCOLS
+
+
+def compute_ap(positions, num_positives):
+    """AP from the 0-based, junk-adjusted positions of the positives."""
+    ap = 0.0
+    step = 1.0 / num_positives
+    for j, rank in enumerate(positions):
+        precision_before = 1.0 if rank == 0 else j / rank
+        precision_at = (j + 1) / (rank + 1)
+        ap += (precision_before + precision_at) * step / 2.0
+    return ap
+
+
+def compute_map(ranks, gnd, kappas=(1, 5, 10)):
+    """(mAP, APs [n_query], mP@k [len(kappas)], P@k [n_query, len(kappas)])."""
+    ranks = np.asarray(ranks)
+    if ranks.ndim != 2 or ranks.shape[1] != len(gnd):
+        raise UserError(f"ranks must be [n_db, n_query={len(gnd)}], got {ranks.shape}.")
+    n_query = len(gnd)
+    aps = np.full(n_query, np.nan)
+    prs = np.full((n_query, len(kappas)), np.nan)
+    total_ap, total_pr, counted = 0.0, np.zeros(len(kappas)), 0
+    for i in range(n_query):
+        ok = np.asarray(gnd[i].get("ok", []), dtype=np.int64)
+        if ok.size == 0:
+            continue
+        junk = np.asarray(gnd[i].get("junk", []), dtype=np.int64)
+        column = ranks[:, i]
+        pos = np.flatnonzero(np.isin(column, ok))
+        junk_pos = np.flatnonzero(np.isin(column, junk))
+        # each positive moves up by the number of junk images ranked before it
+        pos = pos - np.searchsorted(junk_pos, pos)
+        ap = compute_ap(pos, len(ok))
+        aps[i] = ap
+        total_ap += ap
+        pos1 = pos + 1
+        for j, k in enumerate(kappas):
+            kq = min(pos1.max(), k) if pos1.size else k
+            prs[i, j] = (pos1 <= kq).sum() / kq
+        total_pr += prs[i]
+        counted += 1
+    if counted == 0:
+        return float("nan"), aps, np.full(len(kappas), np.nan), prs
+    return total_ap / counted, aps, total_pr / counted, prs
+
+
+def rank(query_descriptors, db_descriptors):
+    """[n_db, n_query] database indices by descending inner product."""
+    scores = np.asarray(db_descriptors, np.float32) @ np.asarray(query_descriptors, np.float32).T
+    return np.argsort(-scores, axis=0, kind="stable")
+
+
+def evaluate(ranks, dataset, kappas=(1, 5, 10)):
+    """{protocol: {"mAP": %, "mP@k": %...}} for Easy / Medium / Hard."""
+    results = {}
+    for protocol in PROTOCOLS:
+        m, _, pr, _ = compute_map(ranks, dataset.ground_truth(protocol), kappas)
+        results[protocol] = {"mAP": round(100 * m, 2),
+                             **{f"mP@{k}": round(100 * p, 2) for k, p in zip(kappas, pr)}}
+    return results
+
+
+def markdown_table(results, title=None):
+    """Rows per protocol; `results` {protocol: metrics} or {label: {protocol: metrics}}."""
+    first = next(iter(results.values()))
+    nested = isinstance(next(iter(first.values())), dict)
+    runs = results if nested else {title or "model": results}
+    metrics = list(next(iter(next(iter(runs.values())).values())))
+    header = "| model | protocol | " + " | ".join(metrics) + " |"
+    lines = [header, "|---|---|" + "---:|" * len(metrics)]
+    for label, by_protocol in runs.items():
+        for protocol, values in by_protocol.items():
+            lines.append(f"| {label} | {protocol.capitalize()} | "
+                         + " | ".join(f"{values[m]:.2f}" for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------- extraction
+
+def cache_key(describer, scales, name, jobs):
+    """What the cached descriptors depend on: the model (its identity and its
+    descriptor of the probe image), the scales and the images."""
+    import hashlib
+
+    h = hashlib.sha1()
+    h.update(f"{describer.identity}|{list(scales)}|{name}|{len(jobs)}".encode())
+    h.update(np.round(describer.probe(), 4).tobytes())
+    h.update(repr(jobs).encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:16]
+
+
+def extract(describer, scales, jobs, cache_dir, name, chunk=32, progress=True, workers=4):
+    """Descriptors of `jobs` [(path, bbx or None)] at `scales`, cached in
+    resumable chunks."""
+    import concurrent.futures
+
+    from dplg_tf import images
+    from dplg_tf.progress import progress_bar
+
+    key = cache_key(describer, scales, name, jobs)
+    folder = os.path.join(cache_dir, f"{name}-{key}")
+    os.makedirs(folder, exist_ok=True)
+    parts = []
+    bar = progress_bar(len(jobs), f"{name} images", enabled=progress)
+    for start in range(0, len(jobs), chunk):
+        part = os.path.join(folder, f"{start:08d}.npy")
+        size = min(chunk, len(jobs) - start)
+        if os.path.isfile(part):
+            parts.append(np.load(part))
+            bar.update(size)
+            continue
+
+        def one(job):
+            path, bbx = job
+            return describer.multiscale(images.load(path, bbx=bbx), scales)["global_descriptor"]
+
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            rows = []
+            for row in pool.map(one, jobs[start:start + size]):
+                rows.append(row)
+                bar.update(1)
+        block = np.stack(rows).astype(np.float32)
+        tmp = part + ".tmp.npy"
+        np.save(tmp, block)
+        os.replace(tmp, part)
+        parts.append(block)
+    bar.close()
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def load_distractors(path, dim, probe=None):
+    """Descriptors from a dplg-extract folder (checked against the model's
+    `probe`), an .npz (`descriptors`) or an .npy file."""
+    if os.path.isdir(path):
+        from dplg_tf.storage import extraction as shards
+        from dplg_tf.storage.descriptors import same_probe
+
+        rows, _, theirs = shards.read_all(path, dim)
+        if probe is not None and not same_probe(probe, theirs):
+            raise UserError(f"The distractors in {path} were described by another model "
+                                "or at other scales (the probe descriptor differs); "
+                                "extract them with this model.")
+        return rows
+    data = np.load(path)
+    array = data["descriptors"] if hasattr(data, "files") else data
+    if array.ndim != 2 or array.shape[1] != dim:
+        raise UserError(f"Distractors in {path} have shape {array.shape}; expected "
+                         f"[N, {dim}] descriptors from the same model.")
+    return array.astype(np.float32)
+
+
+EXPANSION_OFF = {"qe_k": 0, "qe_alpha": 3.0, "dba_k": 0, "dba_alpha": 3.0}
+
+
+def expand(queries, database, settings):
+    """(database after DBA, queries after alpha-QE against it)."""
+    from dplg_tf.retrieval import expansion
+
+    database = expansion.dba(database, settings["dba_k"], settings["dba_alpha"])
+    queries = expansion.alpha_qe(queries, database, settings["qe_k"], settings["qe_alpha"])
+    return database, queries
+
+
+def run_eval(dataset_name, data_root, model=None, server=None, model_name="dplg",
+             scales=None, cache_dir=None, distractors=None, figures=0, output_dir=None,
+             progress=True, workers=4, expansion=None):
+    """Extract, rank, score; returns (results, ranks, dataset, db, queries).
+
+    `expansion` {qe_k, qe_alpha, dba_k, dba_alpha}: alpha-QE of the queries
+    and DBA of the database (distractors included) before ranking."""
+    from dplg_tf.config import PAPER_SCALES
+    from dplg_tf.data.revisited import load_dataset
+    from dplg_tf.retrieval.describers import Describer
+
+    dataset = load_dataset(data_root, dataset_name)
+    scales = list(scales or PAPER_SCALES)
+    describer = Describer(model, server, model_name)
+    output_dir = output_dir or os.path.join(data_root, dataset_name, "eval")
+    cache_dir = cache_dir or os.path.join(output_dir, "cache")
+    db = extract(describer, scales, [(dataset.image_path(i), None)
+                                     for i in range(len(dataset.imlist))],
+                 cache_dir, "database", progress=progress, workers=workers)
+    queries = extract(describer, scales, [(dataset.query_path(i), dataset.bbx(i))
+                                          for i in range(len(dataset.qimlist))],
+                      cache_dir, "queries", progress=progress, workers=workers)
+    full_db = db
+    if distractors:
+        full_db = np.concatenate([db, load_distractors(distractors, db.shape[1],
+                                                       describer.probe())])
+    expansion = dict(EXPANSION_OFF, **(expansion or {}))
+    full_db, expanded = expand(queries, full_db, expansion)
+    ranks = rank(expanded, full_db)
+    results = evaluate(ranks, dataset)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump({"dataset": dataset_name, "model": describer.identity,
+                   "distractors": int(full_db.shape[0] - db.shape[0]), "scales": scales,
+                   "expansion": expansion, "results": results},
+                  f, indent=1)
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(markdown_table(results, dataset_name) + "\n")
+    if figures:
+        from dplg_tf.retrieval import pictures
+
+        from dplg_tf.training.diagnostics import attention_entropy
+
+        entropies = []
+
+        def attention(image):
+            a = describer.multiscale(image, scales)["attention"]
+            entropies.append(float(attention_entropy(a)[0]))
+            return a
+
+        pictures.write_figures(dataset, ranks, attention, output_dir, figures)
+        print(f"attention entropy of the drawn images: {np.mean(entropies):.3f} "
+              "(1 = uniform: the local branch then averages)", file=sys.stderr)
+    return results, ranks, dataset, db, queries
+
+
+def _define_flags():
+    from absl import flags
+
+    from dplg_tf.retrieval import expansion
+
+    flags.DEFINE_string("dataset", None, "Data set: roxford5k, rparis6k, synthetic or any "
+                        "folder <data_root>/NAME in the Revisited layout.", required=True)
+    flags.DEFINE_string("data_root", None, "Folder holding <dataset>/jpg and the gnd file.",
+                        required=True)
+    flags.DEFINE_string("model", None, "SavedModel base path or version folder.")
+    flags.DEFINE_string("server", None, "host:port of dplg-serve or TF Serving.")
+    flags.DEFINE_string("model_name", "dplg", "Model name on the server.")
+    flags.DEFINE_list("scales", None, "Extraction scales (default: the paper's 5).")
+    flags.DEFINE_string("output_dir", None, "Results, cache and figures "
+                        "(default: <data_root>/<dataset>/eval).")
+    flags.DEFINE_string("distractors", None, "Distractor descriptors (+1M): a dplg-extract "
+                        "folder, or an .npz/.npy.")
+    flags.DEFINE_integer("figures", 0, "Write ranked-result and attention pictures for N queries.")
+    flags.DEFINE_integer("workers", 4, "Images extracted at once.")
+    expansion.define_flags(qe=True, dba=True)
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    f = flags.FLAGS
+    results, *_ = run_eval(f.dataset, f.data_root, f.model, f.server, f.model_name,
+                           [float(s) for s in f.scales] if f.scales else None,
+                           None, f.distractors, f.figures, f.output_dir, workers=f.workers,
+                           expansion={"qe_k": f.qe_k, "qe_alpha": f.qe_alpha,
+                                      "dba_k": f.dba_k, "dba_alpha": f.dba_alpha})
+    print(markdown_table(results, f.dataset))
+    out = f.output_dir or os.path.join(f.data_root, f.dataset, "eval")
+    print(f"results in {out}/results.json and results.md", file=sys.stderr)
+
+
+def run():
+    _define_flags()
+    cli.run(main, "dplg-eval")
+
+
+if __name__ == "__main__":
+    run()

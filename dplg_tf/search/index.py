@@ -1,0 +1,394 @@
+"""A FAISS index of descriptors on disk, and the dplg-index command (dplg-search
+is in dplg_tf.cli.search).
+
+    dplg-index --index_dir=idx --images=photos/ --server=127.0.0.1:8500
+    dplg-index --index_dir=idx --descriptors=desc.npz --kind=hnsw
+    dplg-index --index_dir=idx --descriptors=more.npz --append
+    dplg-index --index_dir=idx --descriptors=extracted/ --kind=ivfpq   # dplg-extract's
+
+An index folder holds `index.faiss`, `names.json` (the id -> name mapping)
+and `meta.json` (dimension, kind, and the model's "probe": its descriptor of
+a fixed generated image). Searching with another model (whose probe differs)
+or another dimension is refused with a clear error.
+
+Kinds: `exact` (inner product, brute force with BLAS), `pq` (every vector
+scanned as a 4-bit product-quantised code with SIMD, the best k x `refine`
+re-ranked exactly: the fast approximate kind when descriptors have no cluster
+structure to exploit), `hnsw` (graph, no training) and `ivfpq` (inverted lists
+with 8-bit product quantisation, candidates re-ranked exactly: scans only
+`nprobe` of `nlist` lists, which pays off on clustered real-world descriptors).
+`pq` and `ivfpq` are trained on (up to 100,000 of) the first descriptors added.
+"""
+
+import itertools
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from dplg_tf.errors import InputNotFound, UserError
+from dplg_tf import cli
+from dplg_tf.storage.descriptors import same_probe
+from dplg_tf.retrieval.expansion import augment_for_index, define_flags, normalise
+from dplg_tf.storage.atomic import StateFolder
+
+KINDS = ("exact", "pq", "hnsw", "ivfpq")
+class IndexMismatch(UserError):
+    """The index and the request do not fit together."""
+
+
+class DescriptorIndex:
+    def __init__(self, dim, kind="exact", probe=None, hnsw_m=32, ef_search=128,
+                 nlist=1024, pq_m=64, nprobe=32, refine=10, fs_m=None, dba_k=0,
+                 dba_alpha=3.0):
+        import faiss
+
+        if kind not in KINDS:
+            raise UserError(f"Unknown index kind {kind!r}; use one of {', '.join(KINDS)}.")
+        self.dim, self.kind = int(dim), kind
+        self.probe = None if probe is None else np.asarray(probe, np.float32).ravel()
+        if fs_m is None:  # two dimensions per 4-bit sub-quantiser
+            fs_m = self.dim // 2 if self.dim % 2 == 0 else self.dim
+        if self.dim % fs_m:
+            raise UserError(f"fs_m={fs_m} must divide the dimension {self.dim}.")
+        if dba_k < 0 or dba_alpha < 0:
+            raise UserError(f"DBA needs k >= 0 and alpha >= 0, got {dba_k}, {dba_alpha}.")
+        # DBA (dplg_tf.retrieval.expansion) of every vector added, kept with the index
+        self.params = dict(hnsw_m=hnsw_m, ef_search=ef_search, nlist=nlist, pq_m=pq_m,
+                           nprobe=nprobe, refine=refine, fs_m=fs_m, dba_k=int(dba_k),
+                           dba_alpha=float(dba_alpha))
+        self.names = []
+        if kind == "exact":
+            self.index = faiss.IndexFlatIP(self.dim)
+        elif kind == "hnsw":
+            self.index = faiss.IndexHNSWFlat(self.dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            self.index.hnsw.efSearch = ef_search
+            self.index.hnsw.efConstruction = max(40, ef_search // 2)
+        else:
+            self.index = None  # built when the training data is seen
+
+    def _build(self, sample):
+        if self.kind == "pq":
+            self._build_pq(sample)
+        else:
+            self._build_ivfpq(sample)
+
+    def _build_pq(self, sample):
+        import faiss
+
+        # the factory owns every part, so nothing wrapped can be freed under us
+        index = faiss.index_factory(self.dim, f"PQ{self.params['fs_m']}x4fs,RFlat",
+                                    faiss.METRIC_INNER_PRODUCT)
+        index.train(sample)
+        index.k_factor = self.params["refine"]
+        self.index = index
+
+    def _build_ivfpq(self, sample):
+        import faiss
+
+        nlist = max(1, min(self.params["nlist"], len(sample) // 39))
+        quantizer = faiss.IndexFlatIP(self.dim)
+        ivf = faiss.IndexIVFPQ(quantizer, self.dim, nlist, self.params["pq_m"], 8,
+                               faiss.METRIC_INNER_PRODUCT)
+        ivf.train(sample)
+        ivf.nprobe = min(self.params["nprobe"], nlist)
+        refined = faiss.IndexRefineFlat(ivf)
+        refined.k_factor = self.params["refine"]
+        self._parts = (quantizer, ivf)  # keep the wrapped indexes alive
+        self.params["nlist"] = nlist
+        self.index = refined
+
+    def add(self, descriptors, names):
+        x = normalise(descriptors)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise IndexMismatch(f"Descriptors of shape {x.shape} cannot go into a "
+                              f"{self.dim}-d index; they come from another model.")
+        if len(names) != len(x):
+            raise UserError(f"{len(x)} descriptors but {len(names)} names.")
+        if self.params["dba_k"]:
+            x = augment_for_index(self, x, self.params["dba_k"], self.params["dba_alpha"])
+        if self.index is None:
+            if len(x) < 256:
+                raise IndexMismatch(f"A {self.kind} index needs at least 256 descriptors "
+                                  "to train on; use --kind=exact or hnsw for small sets.")
+            rng = np.random.default_rng(0)
+            sample = x[rng.choice(len(x), min(len(x), 100_000), replace=False)]
+            self._build(sample)
+        self.index.add(x)
+        self.names += [str(n) for n in names]
+
+    def vectors(self, ids):
+        """The stored vectors of `ids` (any shape) -> ids.shape + (dim,)."""
+        ids = np.asarray(ids, np.int64)
+        flat = ids.ravel()
+        if len(flat) == 0 or self.index is None:
+            return np.zeros(ids.shape + (self.dim,), np.float32)
+        rows = np.stack([self.index.reconstruct(int(i)) for i in flat])
+        return rows.reshape(ids.shape + (self.dim,)).astype(np.float32)
+
+    def tune(self, refine=None, nprobe=None, ef_search=None):
+        """Change the search-time knobs (more = slower and closer to exact)."""
+        import faiss
+
+        if self.index is None:
+            return
+        knobs = {"refine": refine, "nprobe": nprobe, "ef_search": ef_search}
+        for name, value in knobs.items():
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be at least 1, not {value}.")
+        if refine is not None and self.kind in ("pq", "ivfpq"):
+            faiss.downcast_index(self.index).k_factor = refine
+            self.params["refine"] = refine
+        if nprobe is not None and self.kind == "ivfpq":
+            ivf = faiss.downcast_index(faiss.downcast_index(self.index).base_index)
+            ivf.nprobe = min(nprobe, ivf.nlist)
+            self.params["nprobe"] = ivf.nprobe
+        if ef_search is not None and self.kind == "hnsw":
+            self.index.hnsw.efSearch = ef_search
+            self.params["ef_search"] = ef_search
+
+    def __len__(self):
+        return len(self.names)
+
+    def search(self, queries, k=10):
+        """(scores [n, k], ids [n, k]) with ids -1 where fewer than k exist."""
+        q = normalise(queries)
+        if q.shape[1] != self.dim:
+            raise IndexMismatch(f"Queries are {q.shape[1]}-d but the index holds {self.dim}-d "
+                              "descriptors; use the model the index was built with.")
+        if self.index is None:
+            raise IndexMismatch("The index is empty.")
+        k = min(k, max(1, len(self)))
+        if self.kind == "exact":
+            return self._exact_search(q, k)
+        return self.index.search(q, k)
+
+    def _exact_search(self, q, k, chunk=131072):
+        """Brute force with BLAS over blocks of the stored vectors, top-k kept per
+        block and merged: several times faster here than IndexFlatIP.search."""
+        import concurrent.futures
+
+        import faiss
+
+        n = self.index.ntotal
+        db = faiss.rev_swig_ptr(self.index.get_xb(), n * self.dim).reshape(n, self.dim)
+
+        def block(start):
+            scores = q @ db[start:start + chunk].T
+            kk = min(k, scores.shape[1])
+            part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+            return np.take_along_axis(scores, part, 1), part + start
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+            parts = list(pool.map(block, range(0, n, chunk)))
+        scores = np.concatenate([p[0] for p in parts], axis=1)
+        ids = np.concatenate([p[1] for p in parts], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+    def check_probe(self, probe):
+        """Refuse a model whose probe descriptor differs from the index's."""
+        if self.probe is None or probe is None:
+            return
+        if not same_probe(probe, self.probe):
+            raise IndexMismatch("The index was built with another model (its descriptor of "
+                              "the probe image differs); rebuild the index or use that model.")
+
+    def save(self, folder):
+        """Write the index as a new state of `folder`, committed as a whole
+        (dplg_tf.storage.atomic.StateFolder): a kill at any moment leaves the previous
+        state loadable."""
+        import faiss
+
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UserError(f"--index_dir {folder} is a file, not a folder.")
+        states = StateFolder(folder)
+        tmp = states.new()
+        try:
+            faiss.write_index(self.index, os.path.join(tmp, "index.faiss"))
+            with open(os.path.join(tmp, "names.json"), "w") as f:
+                json.dump(self.names, f)
+            meta = {"dim": self.dim, "kind": self.kind, "count": len(self),
+                    "params": self.params,
+                    "probe": None if self.probe is None else self.probe.tolist()}
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f)
+            states.commit(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def exists(folder):
+        return os.path.isdir(folder) and (
+            os.path.isfile(os.path.join(folder, StateFolder.POINTER))
+            or os.path.isfile(os.path.join(folder, "meta.json")))
+
+    @classmethod
+    def load(cls, folder):
+        """The committed index of `folder` (or of an older flat folder)."""
+        if not os.path.isdir(folder):
+            what = "a file" if os.path.exists(folder) else "missing"
+            raise InputNotFound(f"--index_dir {folder} is {what}, not an index folder; "
+                                    "build one with dplg-index.")
+        state = StateFolder(folder).current() or folder
+        if not os.path.isfile(os.path.join(state, "meta.json")):
+            raise InputNotFound(f"{folder} is not an index folder (no committed "
+                                    "index); build one with dplg-index.")
+        try:
+            return cls._load_state(state)
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+            if isinstance(e, IndexMismatch):
+                raise
+            raise IndexMismatch(f"The index in {folder} is damaged ({type(e).__name__}); "
+                                "rebuild it with dplg-index.") from None
+
+    @classmethod
+    def _load_state(cls, state):
+        import faiss
+
+        with open(os.path.join(state, "meta.json")) as f:
+            meta = json.load(f)
+        index = cls(meta["dim"], meta["kind"], meta["probe"], **meta["params"])
+        index.index = faiss.read_index(os.path.join(state, "index.faiss"))
+        if meta["kind"] == "hnsw":
+            index.index.hnsw.efSearch = meta["params"]["ef_search"]
+        with open(os.path.join(state, "names.json")) as f:
+            index.names = json.load(f)
+        if index.index.ntotal != len(index.names) or index.index.d != index.dim:
+            raise IndexMismatch(f"{state} is inconsistent: {index.index.ntotal} vectors, "
+                                f"{len(index.names)} names; rebuild it.")
+        return index
+
+
+def read_descriptor_file(path):
+    """(descriptors, names, probe or None) of a checked descriptor file."""
+    from dplg_tf.storage.descriptors import read_npz
+
+    return read_npz(path)
+
+
+# -------------------------------------------------------------------- CLI
+
+def define_common_flags():
+    from absl import flags
+
+    flags.DEFINE_string("index_dir", None, "The index folder.", required=True)
+    flags.DEFINE_string("server", None, "host:port of dplg-serve or TF Serving.")
+    flags.DEFINE_string("model", None, "A SavedModel base path or version folder.")
+    flags.DEFINE_string("model_name", "dplg", "Model name on the server.")
+    flags.DEFINE_string("descriptors", None, "An .npz with descriptors (and names, probe), "
+                        "or a dplg-extract output folder.")
+    flags.DEFINE_bool("allow_unverified", False, "Accept a descriptor file without a probe "
+                      "descriptor (the model that made it is then not checked).")
+
+
+def report(errors, command):
+    for name, reason in errors[:20]:
+        print(f"{command}: skipped {name}: {reason}", file=sys.stderr)
+    if len(errors) > 20:
+        print(f"{command}: ... and {len(errors) - 20} more", file=sys.stderr)
+
+
+def read_inputs(f, argv, command):
+    """(descriptors, names, probe, errors) from --descriptors or image paths."""
+    from dplg_tf import images
+    from dplg_tf.progress import progress_bar
+
+    paths = list(getattr(f, "images", None) or []) + argv[1:]
+    if bool(paths) == bool(f.descriptors):
+        raise UserError("Give either --descriptors or image files / folders.")
+    if f.descriptors and os.path.isdir(f.descriptors):
+        from dplg_tf.storage import extraction as shards
+
+        manifest = shards.check_complete(f.descriptors)
+        return None, None, np.asarray(manifest["probe"], np.float32), []
+    if f.descriptors:
+        descriptors, names, probe = read_descriptor_file(f.descriptors)
+        if probe is None and not f.allow_unverified:
+            raise UserError(f"{f.descriptors} carries no probe descriptor, so the model "
+                             "that made it cannot be checked; describe the images again "
+                             "with dplg-client, or pass --allow_unverified.")
+        return descriptors, names, probe, []
+    from dplg_tf.retrieval.describers import Describer
+
+    describer = Describer(f.model, f.server, f.model_name)
+    problems = []
+    files = images.list_images(paths, problems)
+    if not files:
+        raise UserError("No image files found in " + ", ".join(paths) + ".")
+    bar = progress_bar(len(files), "images")
+    names, descriptors, errors = describer.describe_files(files, progress=bar)
+    bar.close()
+    errors = problems + errors
+    report(errors, command)
+    return descriptors, names, describer.probe(), errors
+
+
+def index_main(argv):
+    from absl import flags
+
+    f = flags.FLAGS
+    if f.append and f.overwrite:
+        raise UserError("Give --append or --overwrite, not both.")
+    if os.path.exists(f.index_dir) and not os.path.isdir(f.index_dir):
+        raise UserError(f"--index_dir {f.index_dir} is a file, not a folder.")
+    if not f.append and DescriptorIndex.exists(f.index_dir) and not f.overwrite:
+        raise UserError(f"{f.index_dir} already holds an index; pass --append to add "
+                         "to it or --overwrite to replace it.")
+    descriptors, names, probe, errors = read_inputs(f, argv, "dplg-index")
+    chunks = iter([(descriptors, names)]) if names is not None else _folder_chunks(
+        f.descriptors)
+    first = next(chunks, None)
+    if f.append:
+        index = DescriptorIndex.load(f.index_dir)
+        if probe is not None:
+            index.check_probe(probe)
+        if f["dba_k"].present and f.dba_k != index.params["dba_k"]:
+            raise UserError(f"{f.index_dir} was built with --dba_k="
+                                f"{index.params['dba_k']}; appends use the index's own "
+                                "setting, so leave --dba_k out.")
+    else:
+        index = DescriptorIndex(len(probe) if first is None else first[0].shape[1],
+                                f.kind, probe, dba_k=f.dba_k, dba_alpha=f.dba_alpha)
+    for descriptors, names in itertools.chain([first] if first else [], chunks):
+        index.add(descriptors, names)  # one chunk in memory at a time
+    index.save(f.index_dir)
+    print(f"{f.index_dir}: {len(index)} descriptors ({index.kind}, {index.dim}-d)")
+    if errors:
+        sys.exit(1)
+
+
+def _folder_chunks(folder, first=100_000):
+    """(descriptors, names) of a dplg-extract folder, shard by shard; the first
+    chunk gathers up to `first` rows (what a pq / ivfpq index trains on)."""
+    from dplg_tf.storage import extraction as shards
+
+    rows, names = [], []
+    stream = shards.iter_descriptors(folder)
+    for shard_names, shard_rows in stream:
+        rows.append(shard_rows)
+        names += shard_names
+        if len(names) >= first:
+            break
+    if names:
+        yield np.concatenate(rows), names
+    yield from ((r, n) for n, r in stream if len(n))
+
+
+def run_index():
+    from absl import flags
+
+    define_common_flags()
+    flags.DEFINE_list("images", None, "Image files or folders to index (also positional).")
+    flags.DEFINE_enum("kind", "exact", list(KINDS), "Index kind.")
+    flags.DEFINE_bool("append", False, "Add to an existing index.")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing index.")
+    define_flags(dba=True)  # kept in the index for appends
+    cli.run(index_main, "dplg-index")
+
+
+if __name__ == "__main__":
+    sys.exit(run_index())

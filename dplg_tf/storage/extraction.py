@@ -1,0 +1,175 @@
+"""An extraction folder (dplg-extract's output) on disk, read and written
+without Ray.
+
+    OUT/manifest.json           the model (fingerprint, probe, dim), scales,
+                                limits, shard size and the input listing's hash
+    OUT/listing.txt             the sorted inputs, one per line
+    OUT/shards/shard-00000.parquet   name, descriptor float32[D] (null when
+                                refused), status ("ok" or the reason's class)
+    OUT/errors/shard-00000.parquet   name, reason, for the refused images
+    OUT/progress.json           images/s, shards done, errors, ETA
+
+Each Parquet file is written under a temporary name and renamed; a shard's
+errors file is committed before the shard itself, so a shard file that
+exists is complete. Each shard file carries the model's fingerprint and
+probe in its schema metadata.
+"""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from dplg_tf.errors import InputNotFound, UserError
+from dplg_tf.storage.descriptors import same_probe
+from dplg_tf.storage.atomic import write_atomic
+
+# what must match for a rerun to resume into the same folder
+KEYS = ("fingerprint", "requested_scales", "limits", "listing_sha256", "shard_size", "dim")
+
+
+def shard_path(out, i, table="shards"):
+    return os.path.join(out, table, f"shard-{i:05d}.parquet")
+
+
+def listing_hash(names):
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode("utf-8", "surrogateescape") + b"\n")
+    return digest.hexdigest()
+
+
+def read_manifest(out):
+    path = os.path.join(out, "manifest.json")
+    if not os.path.isfile(path):
+        raise InputNotFound(f"{out} is not a dplg-extract output folder (no manifest.json).")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_folder(out, manifest):
+    """UserError if `out` holds an extraction whose manifest differs from the
+    given (possibly partial) one; True if it holds one, False if not."""
+    if not os.path.isfile(os.path.join(out, "manifest.json")):
+        return False
+    old = read_manifest(out)
+    for key in KEYS:
+        if key in manifest and old.get(key) != manifest[key]:
+            raise UserError(f"{out} holds an extraction made with {_what(key)} "
+                            f"({old.get(key)!r:.80} there, {manifest[key]!r:.80} now); "
+                            "use another --output_dir or the same arguments.")
+    if "probe" in manifest and not same_probe(old["probe"], manifest["probe"]):
+        raise UserError(f"{out} was extracted by another model (its probe descriptor "
+                        "differs); use another --output_dir.")
+    return True
+
+
+def open_folder(out, manifest, names):
+    """Write the manifest and listing of a new folder, or check that an existing
+    one was made by the same model, scales, limits and inputs."""
+    path = os.path.join(out, "manifest.json")
+    if check_folder(out, manifest):
+        return
+    os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+    os.makedirs(os.path.join(out, "errors"), exist_ok=True)
+    write_atomic(os.path.join(out, "listing.txt"), "".join(
+        n + "\n" for n in names).encode("utf-8", "surrogateescape"))
+    write_atomic(path, json.dumps(manifest, indent=1).encode())
+
+
+def _what(key):
+    return {"fingerprint": "another model", "requested_scales": "other scales",
+            "limits": "other limits", "listing_sha256": "another input listing",
+            "shard_size": "another --shard_size", "dim": "another descriptor size"}[key]
+
+
+def done_shards(out, count):
+    return {i for i in range(count) if os.path.isfile(shard_path(out, i))}
+
+
+def _write_parquet(path, table):
+    import pyarrow.parquet as pq
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(out, i, names, descriptors, errors, manifest):
+    """Commit shard `i`: `errors[j]` is None or (status, reason) for names[j]."""
+    import pyarrow as pa
+
+    dim = int(manifest["dim"])
+    bad = [j for j, e in enumerate(errors) if e is not None]
+    _write_parquet(shard_path(out, i, "errors"), pa.table({
+        "name": pa.array([names[j] for j in bad], pa.string()),
+        "reason": pa.array([errors[j][1] for j in bad], pa.string())}))
+    flat = pa.array(np.asarray(descriptors, np.float32).reshape(-1))
+    column = pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(
+        [e is not None for e in errors]))
+    schema = pa.schema([("name", pa.string()), ("descriptor", pa.list_(pa.float32(), dim)),
+                        ("status", pa.string())], metadata={
+        "dplg.fingerprint": manifest["fingerprint"],
+        "dplg.probe": json.dumps(manifest["probe"]), "dplg.model": manifest["model"]})
+    _write_parquet(shard_path(out, i), pa.table({
+        "name": pa.array(names, pa.string()), "descriptor": column,
+        "status": pa.array(["ok" if e is None else e[0] for e in errors], pa.string())},
+        schema=schema))
+
+
+def check_complete(out):
+    """The manifest of a finished extraction folder, or a UserError."""
+    manifest = read_manifest(out)
+    missing = manifest["num_shards"] - len(done_shards(out, manifest["num_shards"]))
+    if missing:
+        raise UserError(f"{out} is unfinished: {missing} of {manifest['num_shards']} shards "
+                        "are missing; rerun the same dplg-extract command to finish it.")
+    return manifest
+
+
+def iter_descriptors(out):
+    """(names, descriptors [n, D] float32) of each shard in order, the refused
+    images left out; one shard in memory at a time."""
+    import pyarrow.parquet as pq
+
+    manifest = check_complete(out)
+    dim = int(manifest["dim"])
+    for i in range(manifest["num_shards"]):
+        table = pq.read_table(shard_path(out, i))
+        ok = np.asarray(table.column("status").to_pylist()) == "ok"
+        names = [n for n, good in zip(table.column("name").to_pylist(), ok) if good]
+        column = table.column("descriptor").combine_chunks()
+        # the child values hold a (zero) row for each null too
+        values = column.values.to_numpy(zero_copy_only=False)[column.offset * dim:]
+        rows = np.asarray(values, np.float32)[:len(table) * dim].reshape(-1, dim)
+        yield names, rows[ok]
+
+
+def read_errors(out):
+    """[(name, reason)] of every committed shard."""
+    import pyarrow.parquet as pq
+
+    errors = []
+    manifest = read_manifest(out)
+    for i in sorted(done_shards(out, manifest["num_shards"])):
+        table = pq.read_table(shard_path(out, i, "errors"))
+        errors += list(zip(table.column("name").to_pylist(), table.column("reason").to_pylist()))
+    return errors
+
+
+def read_all(out, dim=None):
+    """(descriptors [N, D], names, probe) of a finished extraction folder."""
+    manifest = check_complete(out)
+    if dim is not None and int(manifest["dim"]) != dim:
+        raise UserError(f"{out} holds {manifest['dim']}-d descriptors; expected {dim}-d ones "
+                        "from the same model.")
+    names, parts = [], []
+    for shard_names, rows in iter_descriptors(out):
+        names += shard_names
+        parts.append(rows)
+    rows = np.concatenate(parts) if parts else np.zeros((0, int(manifest["dim"])), np.float32)
+    return rows, names, np.asarray(manifest["probe"], np.float32)

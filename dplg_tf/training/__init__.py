@@ -1,0 +1,5 @@
+"""Training: the tf.distribute trainer, the optimiser and step, summaries,
+fusion diagnostics, malloc tuning and the JAX step.
+
+Imports: errors, config, progress, storage, images, nn, data.
+"""
