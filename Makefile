@@ -24,7 +24,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 costs: $(STAMP)
-	$(PY) -m dplg_tf.nn.costs --backbone=resnet50 --image_size=512
+	$(PY) -m dplg_tf.cli.costs --backbone=resnet50 --image_size=512
 
 clean:
 	rm -rf $(VENV) build *.egg-info bazel-*

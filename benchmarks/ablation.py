@@ -59,7 +59,7 @@ def whitened_scores(run, shards, dataset, db, queries):
 
 
 def train(run, head, seed, shards, steps):
-    cmd = [sys.executable, "-m", "dplg_tf.training.trainer", f"--workdir={run}",
+    cmd = [sys.executable, "-m", "dplg_tf.cli.train", f"--workdir={run}",
            "--cpu_devices=1", f"--config={os.path.join(ROOT, 'configs', 'demo_cpu.py')}",
            f"--config.model.head={head}", f"--config.train.seed={seed}",
            f"--config.train.max_steps={steps}", f"--config.train.log_every={steps}",

@@ -96,7 +96,7 @@ def serial(model, paths, mode):
 
 def extract(model, folder, out, workers, images):
     start = time.time()
-    run = subprocess.run([sys.executable, "-m", "dplg_tf.bulk.job", f"--model={model}",
+    run = subprocess.run([sys.executable, "-m", "dplg_tf.cli.extract", f"--model={model}",
                           f"--output_dir={out}", f"--workers={workers}", "--batch_size=8",
                           "--shard_size=100", folder],
                          capture_output=True, text=True)

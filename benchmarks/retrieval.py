@@ -74,6 +74,7 @@ def main():
 
     from dplg_tf.export import export
     from dplg_tf.retrieval import whitening
+    from dplg_tf.storage import whitening as whitening_file
     from dplg_tf.data.revisited import load_dataset
     from dplg_tf.retrieval.describers import Describer
     from dplg_tf.cli.whiten import describe_records, read_records
@@ -116,7 +117,7 @@ def main():
 
     # the cost of whitening inside the served model
     path = os.path.join(cache, "w.npz")
-    whitening.save(path, mean, proj, kind=best[0], probe=[float(v) for v in
+    whitening_file.save(path, mean, proj, kind=best[0], probe=[float(v) for v in
                                                           describer.probe()])
     model = export.load_for_export(workdir=os.path.join(work, "run"))
     plain = export.export(model, os.path.join(cache, "plain"), version=1)

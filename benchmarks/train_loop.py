@@ -76,7 +76,7 @@ def run_trainer(args, pattern, work, replicas, env):
     workdir = tempfile.mkdtemp(dir=work, prefix="run_")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", "dplg_tf.training.trainer", f"--workdir={workdir}",
+    cmd = [sys.executable, "-m", "dplg_tf.cli.train", f"--workdir={workdir}",
            f"--cpu_devices={replicas}", f"--config.data.train_pattern={pattern}",
            f"--config.model.head={args.head}", f"--config.train.max_steps={args.steps}",
            "--config.train.log_every=10", "--config.train.checkpoint_every=100000"]

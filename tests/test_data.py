@@ -300,7 +300,7 @@ def test_gldv2_csv_layouts(tmp_path):
 def test_builder_cli_end_to_end(synthetic_root, tmp_path):
     out = str(tmp_path / "cli")
     proc = subprocess.run(
-        [sys.executable, "-m", "dplg_tf.data.tfrecords",
+        [sys.executable, "-m", "dplg_tf.cli.build_tfrecords",
          f"--image_dir={os.path.join(synthetic_root, 'train')}", f"--output_dir={out}",
          "--num_shards=2", "--max_image_size=100", "--num_workers=2"],
         capture_output=True, text=True, timeout=300)
@@ -311,7 +311,7 @@ def test_builder_cli_end_to_end(synthetic_root, tmp_path):
     assert "images" in proc.stderr and ("/s" in proc.stderr or "s/" in proc.stderr)  # progress
     r = _read_shards(out + "/train-*")[0]
     assert max(r["width"], r["height"]) == 100  # re-encoded down
-    bad = subprocess.run([sys.executable, "-m", "dplg_tf.data.tfrecords",
+    bad = subprocess.run([sys.executable, "-m", "dplg_tf.cli.build_tfrecords",
                           f"--output_dir={out}"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Give either --image_dir or --gldv2_csv" in bad.stderr
 

@@ -171,7 +171,7 @@ def test_index_and_search_commands_on_descriptor_files(tmp_path):
     np.savez(tmp_path / "q.npz", descriptors=q, names=np.array(["q0", "q1", "q2"]), probe=db[0])
     np.savez(tmp_path / "other.npz", descriptors=q, probe=q[0])
     idx_dir = str(tmp_path / "idx")
-    run = [sys.executable, "-m", "dplg_tf.search.index", f"--index_dir={idx_dir}"]
+    run = [sys.executable, "-m", "dplg_tf.cli.index", f"--index_dir={idx_dir}"]
     proc = subprocess.run(run + [f"--descriptors={tmp_path / 'db.npz'}"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -200,7 +200,7 @@ def test_pq_index_through_the_commands(tmp_path):
     np.savez(tmp_path / "db.npz", descriptors=db)
     np.savez(tmp_path / "small.npz", descriptors=db[:100])
     np.savez(tmp_path / "q.npz", descriptors=q)
-    run = [sys.executable, "-m", "dplg_tf.search.index", "--kind=pq", "--allow_unverified"]
+    run = [sys.executable, "-m", "dplg_tf.cli.index", "--kind=pq", "--allow_unverified"]
     small = subprocess.run(run + [f"--index_dir={tmp_path / 'small'}",
                                   f"--descriptors={tmp_path / 'small.npz'}"],
                            capture_output=True, text=True, timeout=120)

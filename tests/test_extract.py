@@ -77,7 +77,7 @@ def write_images(folder, count, size=(96, 128)):
 
 
 def extract_cmd(model, out, inputs, *extra):
-    return [sys.executable, "-m", "dplg_tf.bulk.job", f"--model={model}",
+    return [sys.executable, "-m", "dplg_tf.cli.extract", f"--model={model}",
             f"--output_dir={out}", "--num_cpus=2", *extra, *inputs]
 
 
@@ -180,7 +180,7 @@ def test_index_and_eval_read_an_extraction_folder(model, tmp_path):
     shards.write_shard(out, 2, names[6:], rows[6:], [None], manifest)
 
     index_dir = str(tmp_path / "idx")
-    run = subprocess.run([sys.executable, "-m", "dplg_tf.search.index", f"--index_dir={index_dir}",
+    run = subprocess.run([sys.executable, "-m", "dplg_tf.cli.index", f"--index_dir={index_dir}",
                           f"--descriptors={out}"], env=ENV, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -222,7 +222,7 @@ def test_two_node_cluster_matches_local_run(model, tmp_path):
                        capture_output=True, timeout=120)
         cluster = str(tmp_path / "cluster")
         run = subprocess.run(
-            [sys.executable, "-m", "dplg_tf.bulk.job", f"--model={model}",
+            [sys.executable, "-m", "dplg_tf.cli.extract", f"--model={model}",
              f"--output_dir={cluster}", f"--ray_address=127.0.0.1:{port}", "--workers=2",
              "--cpus_per_worker=1.5", "--shard_size=5", str(images)],
             env=env, capture_output=True, text=True, timeout=300)

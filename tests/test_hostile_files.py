@@ -180,7 +180,7 @@ def test_oversized_ground_truth_file_is_not_read(tmp_path):
 def test_hostile_ground_truth_through_the_command_exits_2(tmp_path):
     (tmp_path / "evil").mkdir()
     (tmp_path / "evil" / "gnd_evil.pkl").write_bytes(HOSTILE_PICKLES["os.system"][0])
-    proc = _cli("dplg_tf.data.revisited", "show", "--data_root", str(tmp_path),
+    proc = _cli("dplg_tf.cli.revisited", "show", "--data_root", str(tmp_path),
                 "--dataset", "evil")
     line = _one_sentence_error(proc)
     assert "posix.system" in line or "os.system" in line, line
@@ -218,7 +218,7 @@ def test_descriptor_file_checks(tmp_path):
 # ------------------------------------------------------------------ index
 
 def _index_cli(*args):
-    return _cli("dplg_tf.search.index", *args)
+    return _cli("dplg_tf.cli.index", *args)
 
 
 def _search_cli(*args):
@@ -314,7 +314,7 @@ def test_sigkill_during_append_never_loses_the_index(tmp_path, index_dir):
     _desc_file(more, n=20_000, seed=5)  # big enough that the save takes a while
     expected = 30
     for attempt in range(8):
-        proc = subprocess.Popen([sys.executable, "-m", "dplg_tf.search.index",
+        proc = subprocess.Popen([sys.executable, "-m", "dplg_tf.cli.index",
                                  f"--index_dir={index_dir}", f"--descriptors={more}",
                                  "--append"], env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
@@ -362,7 +362,7 @@ def test_builder_reports_hostile_names_and_keeps_going(tmp_path):
     os.symlink(src / "loopdir", src / "loopdir")
     (src / "b" / "bomb.gif").write_bytes(_gif_bomb())
     out = tmp_path / "out"
-    proc = _cli("dplg_tf.data.tfrecords", f"--image_dir={src}", f"--output_dir={out}",
+    proc = _cli("dplg_tf.cli.build_tfrecords", f"--image_dir={src}", f"--output_dir={out}",
                 "--num_shards=2", "--validation_fraction=0")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "build_report.json").read_text())
@@ -376,7 +376,7 @@ def test_builder_reports_hostile_names_and_keeps_going(tmp_path):
     assert len(lines) == len(report["bad"]) == 5
     assert report["train_records"] == 8
     (tmp_path / "afile").write_text("x")
-    line = _one_sentence_error(_cli("dplg_tf.data.tfrecords", f"--image_dir={src}",
+    line = _one_sentence_error(_cli("dplg_tf.cli.build_tfrecords", f"--image_dir={src}",
                                     f"--output_dir={tmp_path / 'afile'}"))
     assert "is a file" in line, line
 

@@ -357,7 +357,7 @@ def test_amplification_requests_under_a_memory_cap(exported, tmp_path):
     """dplg-serve under `prlimit --as` (its own size plus 1.5 GiB): the
     requests that used to expand to gigabytes are refused, and it serves on."""
     port = free_ports()[0]
-    cmd = [sys.executable, "-m", "dplg_tf.serving.server", f"--model_base_path={exported[0]}",
+    cmd = [sys.executable, "-m", "dplg_tf.cli.serve", f"--model_base_path={exported[0]}",
            f"--port={port}", "--max_pixels=1000000", "--max_images_per_request=16"]
     probe = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
@@ -409,7 +409,7 @@ def test_amplification_requests_under_a_memory_cap(exported, tmp_path):
 # ------------------------------------------------------------ dplg-client
 
 def _client(server, out, *paths, chunk=4):
-    return subprocess.Popen([sys.executable, "-m", "dplg_tf.serving.client",
+    return subprocess.Popen([sys.executable, "-m", "dplg_tf.cli.client",
                              f"--server={server.address}", f"--output={out}",
                              f"--chunk_size={chunk}", "--batch_size=2", *map(str, paths)],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

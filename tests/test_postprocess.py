@@ -5,6 +5,7 @@ import pytest
 
 from dplg_tf.retrieval import expansion
 from dplg_tf.retrieval import whitening
+from dplg_tf.storage import whitening as whitening_file
 from dplg_tf.errors import UserError
 
 
@@ -94,17 +95,17 @@ def test_whitening_file_round_trip_and_refusals(tmp_path):
     x, labels = _classes()
     mean, projection = whitening.learn_supervised(x, labels, 8)
     path = str(tmp_path / "w.npz")
-    whitening.save(path, mean, projection, kind="supervised", probe=[0.5, 0.5])
-    m, p, meta = whitening.load(path)
+    whitening_file.save(path, mean, projection, kind="supervised", probe=[0.5, 0.5])
+    m, p, meta = whitening_file.load(path)
     np.testing.assert_array_equal(m, mean)
     np.testing.assert_array_equal(p, projection)
     assert meta == {"kind": "supervised", "probe": [0.5, 0.5]}
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="not a whitening file"):
-        whitening.load(str(tmp_path / "bad.npz"))
+        whitening_file.load(str(tmp_path / "bad.npz"))
     np.savez(tmp_path / "shape.npz", mean=np.zeros(3), projection=np.zeros((2, 4)),
              metadata=np.array("{}"))
     with pytest.raises(UserError, match="do not fit together"):
-        whitening.load(str(tmp_path / "shape.npz"))
+        whitening_file.load(str(tmp_path / "shape.npz"))
     with pytest.raises(FileNotFoundError):
-        whitening.load(str(tmp_path / "missing.npz"))
+        whitening_file.load(str(tmp_path / "missing.npz"))

@@ -12,6 +12,7 @@ import pytest
 from conftest import image_bytes, small_dplg
 from dplg_tf.export import export as export_lib
 from dplg_tf.retrieval import whitening
+from dplg_tf.storage import whitening as whitening_file
 from dplg_tf.errors import UserError
 from dplg_tf.search.index import DescriptorIndex
 
@@ -60,7 +61,7 @@ def test_whitening_in_both_signatures_and_refused_for_another_model(plain_export
                                    progress=False)
     assert meta["output_dim"] == 32 and meta["classes"] == 6 and meta["images"] > 50
     path = str(tmp_path / "w.npz")
-    whitening.save(path, mean, projection, **meta)
+    whitening_file.save(path, mean, projection, **meta)
     out = export_lib.export(model, str(tmp_path / "white"), version=1, scales=[1.0],
                             whitening=path)
     loaded = tf.saved_model.load(out)
@@ -92,7 +93,7 @@ def test_whiten_and_export_commands(plain_export, tmp_path, train_shards):
                           capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pca whitening 512 -> 16 learned on 40 images" in proc.stdout
-    assert whitening.load(out)[1].shape == (16, 512)
+    assert whitening_file.load(out)[1].shape == (16, 512)
     bad = subprocess.run([sys.executable, "-m", "dplg_tf.cli.whiten", f"--model={base}",
                           f"--records={tmp_path}/none-*", f"--output={out}"],
                          capture_output=True, text=True, timeout=600, env=ENV)
@@ -138,13 +139,13 @@ def test_qe_and_dba_flags_through_the_commands(tmp_path):
     probe = np.ones(8, np.float32) / np.sqrt(8)
     write_npz(str(tmp_path / "d.npz"), [f"img{i}" for i in range(30)], x, probe)
     idx = str(tmp_path / "idx")
-    run = subprocess.run([sys.executable, "-m", "dplg_tf.search.index", f"--index_dir={idx}",
+    run = subprocess.run([sys.executable, "-m", "dplg_tf.cli.index", f"--index_dir={idx}",
                           f"--descriptors={tmp_path}/d.npz", "--dba_k=2"],
                          capture_output=True, text=True, timeout=300, env=ENV)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.load(open(os.path.join(idx, open(os.path.join(idx, "CURRENT")).read().strip(),
                                        "meta.json")))["params"]["dba_k"] == 2
-    again = subprocess.run([sys.executable, "-m", "dplg_tf.search.index", f"--index_dir={idx}",
+    again = subprocess.run([sys.executable, "-m", "dplg_tf.cli.index", f"--index_dir={idx}",
                             f"--descriptors={tmp_path}/d.npz", "--append", "--dba_k=5"],
                            capture_output=True, text=True, timeout=300, env=ENV)
     assert again.returncode == 2 and "leave --dba_k out" in again.stderr

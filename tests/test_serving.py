@@ -497,7 +497,7 @@ def test_serve_cli_sigterm_drains_in_flight_requests(exported, tmp_path):
     port = s.getsockname()[1]
     s.close()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dplg_tf.serving.server", f"--model_base_path={exported[0]}",
+        [sys.executable, "-m", "dplg_tf.cli.serve", f"--model_base_path={exported[0]}",
          f"--port={port}", "--grace_seconds=60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     del port_file
@@ -531,14 +531,14 @@ def test_client_cli_writes_descriptors(server, tmp_path):
         (folder / f"{i}.jpg").write_bytes(image_bytes(80, 100, seed=i))
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "desc.npz"
-    proc = subprocess.run([sys.executable, "-m", "dplg_tf.serving.client",
+    proc = subprocess.run([sys.executable, "-m", "dplg_tf.cli.client",
                            f"--server={server.address}", str(folder), f"--output={out}",
                            "--batch_size=2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = np.load(out)
     assert saved["descriptors"].shape == (5, 512)
     assert [os.path.basename(n) for n in saved["names"]] == [f"{i}.jpg" for i in range(5)]
-    status = subprocess.run([sys.executable, "-m", "dplg_tf.serving.client",
+    status = subprocess.run([sys.executable, "-m", "dplg_tf.cli.client",
                              f"--server={server.address}", "--status"],
                             capture_output=True, text=True, timeout=300)
     assert "AVAILABLE" in status.stdout and "signature multiscale" in status.stdout

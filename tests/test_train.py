@@ -38,7 +38,7 @@ def _flags(shards, workdir, **overrides):
 
 
 def _train(args, env=None, timeout=600, cpu_devices=2):
-    cmd = [sys.executable, "-m", "dplg_tf.training.trainer", f"--cpu_devices={cpu_devices}"] + args
+    cmd = [sys.executable, "-m", "dplg_tf.cli.train", f"--cpu_devices={cpu_devices}"] + args
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env=env or os.environ.copy())
 
@@ -99,7 +99,7 @@ def test_sigkill_then_restart_resumes_at_the_last_checkpoint(shards, tmp_path):
 
     workdir = str(tmp_path / "run")
     args = _flags(shards, workdir, **{"train.max_steps": 400, "train.checkpoint_every": 4})
-    cmd = [sys.executable, "-m", "dplg_tf.training.trainer", "--cpu_devices=2"] + args
+    cmd = [sys.executable, "-m", "dplg_tf.cli.train", "--cpu_devices=2"] + args
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     deadline = time.time() + 300
@@ -196,7 +196,7 @@ def test_multiworker_training_with_two_local_workers(shards, tmp_path):
         env = os.environ.copy()
         env["TF_CONFIG"] = json.dumps({"cluster": cluster,
                                        "task": {"type": "worker", "index": index}})
-        cmd = [sys.executable, "-m", "dplg_tf.training.trainer", "--strategy=multiworker"] + _flags(
+        cmd = [sys.executable, "-m", "dplg_tf.cli.train", "--strategy=multiworker"] + _flags(
             shards, workdir, **{"train.max_steps": 4, "train.log_every": 1})
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))

@@ -16,6 +16,7 @@ inputs are refused. Without --ray_address a local Ray runtime is started
 in OUT/errors), 2 on bad usage.
 """
 
+import dataclasses
 import fnmatch
 import glob
 import json
@@ -23,36 +24,32 @@ import os
 import sys
 import time
 
-from absl import flags
-
 from dplg_tf.errors import DONE, InputNotFound, PARTLY_FAILED, UserError
 from dplg_tf.bulk import reading as bulk
-from dplg_tf import cli
 from dplg_tf import images
 from dplg_tf.storage import extraction as shards
 from dplg_tf.export.saved_models import resolve_saved_model
 
-FLAGS = flags.FLAGS
 READ_LIMITS = ("max_pixels", "min_image_side", "max_request_mb")
 
 
-def define_flags():
-    flags.DEFINE_string("model", None, "SavedModel base path or version folder.")
-    flags.DEFINE_string("server", None, "host:port of dplg-serve or TF Serving instead.")
-    flags.DEFINE_string("model_name", "dplg", "Model name on the server.")
-    flags.DEFINE_string("output_dir", None, "Where the shards go.", required=True)
-    flags.DEFINE_list("inputs", None, "Folders, globs, files, .txt listings (also positional).")
-    flags.DEFINE_integer("shard_size", 1000, "Images per shard.", lower_bound=1)
-    flags.DEFINE_integer("workers", 1, "Describing actors (each loads the model once).",
-                         lower_bound=1)
-    flags.DEFINE_integer("batch_size", 8, "Images per model call at most.", lower_bound=1)
-    flags.DEFINE_float("cpus_per_worker", 0, "CPUs per actor (0: the CPUs / --workers).",
-                       lower_bound=0)
-    flags.DEFINE_float("gpus_per_worker", 0, "GPUs per actor.", lower_bound=0)
-    flags.DEFINE_string("ray_address", None, "Join this Ray cluster instead of a local one.")
-    flags.DEFINE_integer("num_cpus", None, "CPUs of the local Ray runtime (default: all).")
-    flags.DEFINE_list("scales", None, "Scales (default: those of the model's serving_default).")
-    images.define_limit_flags(READ_LIMITS)
+@dataclasses.dataclass
+class Options:
+    """How dplg-extract runs (its flags, README "Bulk extraction")."""
+
+    output_dir: str
+    model: str = None             # a SavedModel, or
+    server: str = None            # host:port of a model server
+    model_name: str = "dplg"
+    shard_size: int = 1000
+    workers: int = 1
+    batch_size: int = 8
+    cpus_per_worker: float = 0.0
+    gpus_per_worker: float = 0.0
+    ray_address: str = None
+    num_cpus: int = None
+    scales: list = None
+    limits: images.Limits = images.DEFAULT_LIMITS
 
 
 # ------------------------------------------------------------------ listing
@@ -138,7 +135,7 @@ class _Describe:
                 "descriptor": out, "status": status, "reason": reason}
 
 
-def _dataset(names, todo, size, limits, scales, threads, cpus):
+def _dataset(options, names, todo, size, limits, scales, threads, cpus):
     import logging
 
     import ray.data
@@ -149,22 +146,22 @@ def _dataset(names, todo, size, limits, scales, threads, cpus):
     context.print_on_execution_start = False
     # shard -1: the probe image, described by the same actors (the model's identity);
     # then blocks of one actor batch each, so results stream back as they are made
-    chunk = FLAGS.batch_size * 4
+    chunk = options.batch_size * 4
     items = [{"shard": -1, "start": 0, "paths": [bulk.PROBE]}] + [
         {"shard": s, "start": k, "paths": names[s * size + k:min((s + 1) * size,
                                                                   len(names), s * size + k + chunk)]}
         for s in todo for k in range(0, min(size, len(names) - s * size), chunk)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(_expand, num_cpus=0.05)
-    ds = ds.map_batches(_read, fn_kwargs={"limits": limits}, batch_size=FLAGS.batch_size,
+    ds = ds.map_batches(_read, fn_kwargs={"limits": limits}, batch_size=options.batch_size,
                         num_cpus=0.05)
     return ds.map_batches(
-        _Describe, fn_constructor_args=(FLAGS.model and resolve_saved_model(FLAGS.model),
-                                        FLAGS.server, FLAGS.model_name, scales,
-                                        FLAGS.batch_size, threads),
+        _Describe, fn_constructor_args=(options.model and resolve_saved_model(options.model),
+                                        options.server, options.model_name, scales,
+                                        options.batch_size, threads),
         batch_size=chunk, num_cpus=cpus,
-        compute=ray.data.ActorPoolStrategy(size=FLAGS.workers),
-        num_gpus=FLAGS.gpus_per_worker or None)
+        compute=ray.data.ActorPoolStrategy(size=options.workers),
+        num_gpus=options.gpus_per_worker or None)
 
 
 # ------------------------------------------------------------------ driver
@@ -265,25 +262,26 @@ def _commit(out, shard, names, rows, manifest):
                        [rows[j][1] for j in order], manifest)
 
 
-def _start_ray():
+def _start_ray(options):
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # local workers inherit it
     common = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=True)
-    if FLAGS.ray_address:
-        ray.init(address=FLAGS.ray_address, **common)
+    if options.ray_address:
+        ray.init(address=options.ray_address, **common)
     else:
-        ray.init(address="local", num_cpus=FLAGS.num_cpus, **common)
+        ray.init(address="local", num_cpus=options.num_cpus, **common)
     return ray
 
 
-def extract_main(argv):
-    if bool(FLAGS.model) == bool(FLAGS.server):
+def extract(inputs, options):
+    """Run an extraction of `inputs` into options.output_dir; returns the exit code."""
+    if bool(options.model) == bool(options.server):
         raise UserError("Give exactly one of --model (a SavedModel) or --server.")
-    if FLAGS.server and FLAGS.scales:
+    if options.server and options.scales:
         raise UserError("--scales needs --model: a server describes at its own scales.")
-    inputs = list(FLAGS.inputs or []) + argv[1:]
+    inputs = list(inputs)
     if not inputs:
         raise UserError("Name the images to describe: folders, globs, files or .txt "
                             "listings, after the flags.")
@@ -292,37 +290,37 @@ def extract_main(argv):
         print(f"dplg-extract: not listed: {name}: {reason}", file=sys.stderr)
     if not names:
         raise UserError("No image files found in " + ", ".join(inputs) + ".")
-    limits = images.limits_from_flags(READ_LIMITS)
-    scales = images.DEFAULT_LIMITS.check_scales(FLAGS.scales) if FLAGS.scales else None
+    limits = options.limits
+    scales = images.DEFAULT_LIMITS.check_scales(options.scales) if options.scales else None
     manifest = {"limits": {k: getattr(limits, images.LIMIT_FLAGS[k][0]) for k in READ_LIMITS},
                 "listing_sha256": shards.listing_hash(names), "images": len(names),
-                "shard_size": FLAGS.shard_size, "requested_scales": scales,
-                "fingerprint": bulk.fingerprint(resolve_saved_model(FLAGS.model))
-                if FLAGS.model else f"grpc://{FLAGS.server}/{FLAGS.model_name}"}
-    shards.check_folder(FLAGS.output_dir, manifest)   # refused before Ray starts
-    ray = _start_ray()
+                "shard_size": options.shard_size, "requested_scales": scales,
+                "fingerprint": bulk.fingerprint(resolve_saved_model(options.model))
+                if options.model else f"grpc://{options.server}/{options.model_name}"}
+    shards.check_folder(options.output_dir, manifest)   # refused before Ray starts
+    ray = _start_ray(options)
     try:
-        return _run(ray, names, limits, manifest)
+        return _run(options, ray, names, limits, manifest)
     finally:
         ray.shutdown()
 
 
-def _run(ray, names, limits, manifest):
-    out, size = FLAGS.output_dir, FLAGS.shard_size
+def _run(options, ray, names, limits, manifest):
+    out, size = options.output_dir, options.shard_size
     count = (len(names) + size - 1) // size
-    manifest.update(format=1, model=FLAGS.model and resolve_saved_model(FLAGS.model)
+    manifest.update(format=1, model=options.model and resolve_saved_model(options.model)
                     or manifest["fingerprint"], num_shards=count)
     os.makedirs(out, exist_ok=True)   # progress.json goes here before the manifest
     done = shards.done_shards(out, count)
     todo = [s for s in range(count) if s not in done]
     total = sum(len(names[s * size:(s + 1) * size]) for s in todo)
     progress = _Progress(out, total, count, len(done))
-    cpus = FLAGS.cpus_per_worker or max(
-        0.5, (ray.cluster_resources().get("CPU", 1) - 0.2) / FLAGS.workers)
-    threads = max(1, round(FLAGS.cpus_per_worker or ray.cluster_resources().get("CPU", 1)
-                           / FLAGS.workers))
+    cpus = options.cpus_per_worker or max(
+        0.5, (ray.cluster_resources().get("CPU", 1) - 0.2) / options.workers)
+    threads = max(1, round(options.cpus_per_worker or ray.cluster_resources().get("CPU", 1)
+                           / options.workers))
     if todo:
-        _collect(_dataset(names, todo, size, limits, manifest["requested_scales"], threads,
+        _collect(_dataset(options, names, todo, size, limits, manifest["requested_scales"], threads,
                           cpus), out, names, size, manifest, progress)
     progress.bar.close()
     progress.write("done")
@@ -332,12 +330,3 @@ def _run(ray, names, limits, manifest):
     for name, reason in errors[:20]:
         print(f"dplg-extract: skipped {name}: {reason}", file=sys.stderr)
     return PARTLY_FAILED if errors else DONE
-
-
-def run():
-    define_flags()
-    cli.run(extract_main, "dplg-extract")
-
-
-if __name__ == "__main__":
-    sys.exit(run())

@@ -113,7 +113,7 @@ def _free_port():
 def _start_server(base, log_path):
     port = _free_port()
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "dplg_tf.serving.server",
+    proc = subprocess.Popen([sys.executable, "-m", "dplg_tf.cli.serve",
                              f"--model_base_path={base}", f"--port={port}"],
                             stdout=log, stderr=subprocess.STDOUT)
     from dplg_tf.serving.client import Client, ClientError
@@ -209,7 +209,7 @@ def _train(config, workdir, shards):
     result_path = os.path.join(run, "result.json")
     if not os.path.isfile(result_path):
         config_file = config_flags.get_config_filename(FLAGS["config"])
-        cmd = [sys.executable, "-m", "dplg_tf.training.trainer", f"--workdir={run}", "--cpu_devices=1",
+        cmd = [sys.executable, "-m", "dplg_tf.cli.train", f"--workdir={run}", "--cpu_devices=1",
                f"--config={config_file}"] + [
             f"--config.{key}={_flag_value(value)}" for key, value in overrides.items()]
         subprocess.run(cmd, check=True)

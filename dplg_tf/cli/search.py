@@ -13,29 +13,33 @@ on stderr), 2 bad usage or input.
 import json
 import sys
 
-from dplg_tf.errors import UserError
+import numpy as np
+from absl import flags
+
 from dplg_tf import cli
-from dplg_tf.retrieval.expansion import define_flags
-from dplg_tf.search.index import DescriptorIndex, define_common_flags, read_inputs
+from dplg_tf.cli.flags import define_expansion_flags, define_index_input_flags, index_inputs
+from dplg_tf.errors import UserError
+from dplg_tf.retrieval.expansion import alpha_qe, index_neighbours
+from dplg_tf.search.index import DescriptorIndex
+from dplg_tf.storage import extraction
+from dplg_tf.storage.atomic import write_atomic
 
 
 def search_main(argv):
-    from absl import flags
-
     f = flags.FLAGS
     if f.top_k < 1:
         raise UserError(f"--top_k must be at least 1, not {f.top_k}.")
     index = DescriptorIndex.load(f.index_dir)
-    queries, names, probe, errors = read_inputs(f, argv, "dplg-search")
+    queries, names, probe, errors = index_inputs(argv, "dplg-search")
+    if queries is None:  # a dplg-extract folder: its described images are the queries
+        queries, names, _ = extraction.read_all(f.descriptors)
     if probe is not None:
         index.check_probe(probe)
     index.tune(f.refine, f.nprobe, f.ef_search)
     if f.qe_k and len(queries):
-        from dplg_tf.retrieval.expansion import alpha_qe, index_neighbours
-
         queries = alpha_qe(queries, k=f.qe_k, alpha=f.qe_alpha,
                            neighbours=index_neighbours(index))
-    scores, ids = index.search(queries, f.top_k) if len(queries) else ([], [])
+    scores, ids = index.search(queries, f.top_k) if len(queries) else (np.zeros((0, 0)), np.zeros((0, 0), int))
     results = []
     for name, row_scores, row_ids in zip(names, scores, ids):
         hits = [{"name": index.names[i], "score": round(float(s), 5)}
@@ -45,24 +49,20 @@ def search_main(argv):
         for rank, hit in enumerate(hits, 1):
             print(f"  {rank:3d}. {hit['score']:.4f}  {hit['name']}")
     if f.output:
-        from dplg_tf.storage.atomic import write_atomic
-
         write_atomic(f.output, json.dumps(results, indent=1))
     if errors:
         sys.exit(1)
 
 
 def run_search():
-    from absl import flags
-
-    define_common_flags()
+    define_index_input_flags()
     flags.DEFINE_integer("top_k", 10, "Results per query.")
     flags.DEFINE_string("output", None, "Also write the results as JSON here.")
     flags.DEFINE_integer("refine", None, "pq / ivfpq: candidates re-ranked exactly, as a "
                          "multiple of top_k (default: the index's).")
     flags.DEFINE_integer("nprobe", None, "ivfpq: inverted lists scanned per query.")
     flags.DEFINE_integer("ef_search", None, "hnsw: size of the search frontier.")
-    define_flags(qe=True)
+    define_expansion_flags(qe=True)
     cli.run(search_main, "dplg-search")
 
 

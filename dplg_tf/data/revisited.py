@@ -6,7 +6,7 @@ built-in containers, numbers, strings and NumPy arrays are accepted) and
 returns a `RevisitedDataset` with image paths, query crops by `bbx` (PIL's
 crop, as the reference code does) and the Easy / Medium / Hard lists.
 
-`python -m dplg_tf.data.revisited download --data_root DIR --dataset
+`python -m dplg_tf.cli.revisited download --data_root DIR --dataset
 roxford5k` fetches a data set from the revisitop project's servers, checks
 sizes and resumes interrupted downloads. It needs a network; tests never
 run it.
@@ -159,7 +159,7 @@ def load_dataset(data_root, name):
     path = os.path.join(root, f"gnd_{name}.pkl")
     if not os.path.isfile(path):
         hint = ("generate it with dplg-synthetic" if name == "synthetic" else
-                f"fetch it with: python -m dplg_tf.data.revisited download "
+                f"fetch it with: python -m dplg_tf.cli.revisited download "
                 f"--data_root {data_root} --dataset {name}")
         raise InputNotFound(f"{path} does not exist; {hint}.")
     return RevisitedDataset(root, name, safe_pickle.load(path))
@@ -219,39 +219,3 @@ def download_dataset(data_root, name, log=print):
                       f"e.g. {missing[0]}.")
     log(f"{dataset} ready in {root}")
     return dataset
-
-
-def main(argv):
-    """`python -m dplg_tf.data.revisited download|show --data_root=DIR --dataset=NAME`."""
-    from absl import flags
-
-    f = flags.FLAGS
-    if len(argv) != 2 or argv[1] not in ("download", "show"):
-        raise UserError("Say what to do: download (roxford5k or rparis6k, needs a network) "
-                        "or show (summarise a data set on disk).")
-    if argv[1] == "download":
-        if f.dataset not in ("roxford5k", "rparis6k"):
-            raise UserError(f"Only roxford5k and rparis6k can be downloaded, not {f.dataset!r}.")
-        download_dataset(f.data_root, f.dataset)
-        return
-    ds = load_dataset(f.data_root, f.dataset)
-    print(ds)
-    for protocol in PROTOCOLS:
-        counts = [len(ok) for ok, _ in ds.positives(protocol)]
-        print(f"{protocol}: {sum(c > 0 for c in counts)} queries with positives, "
-              f"{np.mean(counts):.1f} positives per query")
-
-
-def run():
-    from absl import flags
-
-    from dplg_tf import cli
-
-    flags.DEFINE_string("data_root", None, "Folder holding <dataset>/.", required=True)
-    flags.DEFINE_string("dataset", None, "roxford5k, rparis6k or a data set of yours in the "
-                        "same layout.", required=True)
-    cli.run(main, "revisited")
-
-
-if __name__ == "__main__":
-    run()

@@ -38,13 +38,9 @@ first frame.
 
 import os
 import shutil
-import sys
 
-from absl import flags
 
 from dplg_tf.errors import OutputExists
-from dplg_tf import cli
-from dplg_tf import images
 from dplg_tf.errors import InputNotFound, UserError
 from dplg_tf.export.signatures import DescriptorExtractor
 from dplg_tf.images import DEFAULT_LIMITS
@@ -113,12 +109,12 @@ def export(model, export_dir, version=None, scales=None, max_image_side=1024,
 def whitening_layer(path, model, scales, max_image_side, min_scaled_side):
     """The layers.Whitening of a dplg-whiten file, refused when the file was
     learned on another model (its probe descriptor differs from this one's)."""
-    from dplg_tf.retrieval import whitening
+    from dplg_tf.storage import whitening as whitening_file
     from dplg_tf.storage.descriptors import same_probe
     from dplg_tf.images import probe_image
     from dplg_tf.nn.layers import Whitening
 
-    mean, projection, metadata = whitening.load(path)
+    mean, projection, metadata = whitening_file.load(path)
     plain = DescriptorExtractor(model, scales, max_image_side, min_scaled_side)
     if mean.shape[0] != plain.dim:
         raise UserError(f"{path} whitens {mean.shape[0]}-d descriptors but the model "
@@ -170,42 +166,6 @@ def _from_checkpoint(workdir, config):
     return model.get_layer("dplg")
 
 
-def _define_flags():
-    from ml_collections import config_flags
-
-    flags.DEFINE_string("workdir", None, "A dplg-train work dir (model.keras or checkpoints).")
-    flags.DEFINE_string("keras_model", None, "A .keras descriptor model (dplg-train's "
-                        "workdir/model.keras).")
-    config_flags.DEFINE_config_file("config", None, "Config file, with --allow_random_init.")
-    flags.DEFINE_bool("allow_random_init", False, "Export an untrained model (tests, demos).")
-    flags.DEFINE_string("output_dir", None, "The model base path: the SavedModel goes to "
-                        "OUTPUT_DIR/<version>/.", required=True)
-    flags.DEFINE_alias("export_dir", "output_dir")
-    flags.DEFINE_integer("version", None, "Version number (default: the next one).")
-    flags.DEFINE_list("scales", None, "Scales of serving_default (default: the config's "
-                      "eval.scales, the paper's 5).")
-    flags.DEFINE_integer("max_image_side", None, "Longest side before the scales (default: "
-                         "the config's eval.max_image_side, 1024).")
-    flags.DEFINE_string("whitening", None, "A dplg-whiten file to end both signatures with.")
-    images.define_limit_flags(GRAPH_LIMITS)
-    flags.DEFINE_bool("freeze", True, "Write the weights into the graph as constants "
-                      "(faster on CPU); --nofreeze keeps them as variables.")
-
-
-def main(argv):
-    del argv
-    f = flags.FLAGS
-    model = load_for_export(f.workdir, f.keras_model, f.config, f.allow_random_init)
-    config = f.config if f.config is not None else run_config(f.workdir)
-    scales = [float(s) for s in f.scales] if f.scales else (
-        list(config.eval.scales) if config is not None else None)
-    max_side = f.max_image_side or (config.eval.max_image_side if config is not None else 1024)
-    min_side = config.model.min_image_size if config is not None else 64
-    path = export(model, f.output_dir, f.version, scales, max_side, min_side,
-                  images.limits_from_flags(GRAPH_LIMITS), f.freeze, f.whitening)
-    print(path)
-
-
 def run_config(workdir):
     """The config a dplg-train run recorded (workdir/config.json), or None."""
     import json
@@ -217,12 +177,3 @@ def run_config(workdir):
         return None
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
-
-
-def run():
-    _define_flags()
-    cli.run(main, "dplg-export")
-
-
-if __name__ == "__main__":
-    sys.exit(run())

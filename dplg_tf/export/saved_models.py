@@ -2,7 +2,6 @@
 reads them, and a SavedModel's identity."""
 
 import os
-import re
 
 from dplg_tf.errors import InputNotFound
 

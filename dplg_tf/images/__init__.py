@@ -53,24 +53,6 @@ LIMIT_FLAGS = {
 }
 
 
-def define_limit_flags(names=tuple(LIMIT_FLAGS)):
-    """absl flags for the named limits, with the defaults of DEFAULT_LIMITS."""
-    from absl import flags
-
-    for name in names:
-        field, help_text = LIMIT_FLAGS[name]
-        default = getattr(DEFAULT_LIMITS, field)
-        define = flags.DEFINE_float if isinstance(default, float) else flags.DEFINE_integer
-        define(name, default, help_text, lower_bound=0)
-
-
-def limits_from_flags(names=tuple(LIMIT_FLAGS)):
-    from absl import flags
-
-    return dataclasses.replace(DEFAULT_LIMITS, **{
-        LIMIT_FLAGS[n][0]: getattr(flags.FLAGS, n) for n in names})
-
-
 class ImageError(UserError):
     """An image that is refused; `reason` is one of REASONS."""
 

@@ -4,7 +4,7 @@ MACs are read off the TensorFlow graph of one forward pass at a fixed
 image size: Conv2D, depthwise conv, MatMul, BatchMatMul and Einsum ops, each
 from its static shapes (a dilated conv counts its real output, not the
 padded space-to-batch form TF runs it in). Element-wise work (BatchNorm, ReLU, softmax, pooling)
-is left out, as is usual for such tables. `python -m dplg_tf.nn.costs
+is left out, as is usual for such tables. `python -m dplg_tf.cli.costs
 --backbone=resnet50 --image_size=512` prints the table of every head.
 """
 
@@ -124,26 +124,3 @@ def markdown(rows, backbone, size):
                  f"{r['backbone_params'] / 1e6:.2f} M parameters, "
                  f"{r['backbone_gmacs']:.2f} GMACs.")
     return "\n".join(lines)
-
-
-def main(argv):
-    from absl import flags
-
-    del argv
-    f = flags.FLAGS
-    print(markdown(cost_table(f.backbone, f.image_size), f.backbone, f.image_size))
-
-
-def run():
-    from absl import flags
-
-    from dplg_tf import cli
-
-    flags.DEFINE_enum("backbone", "resnet50", ["resnet50", "resnet101", "small"],
-                      "The backbone to count.")
-    flags.DEFINE_integer("image_size", 512, "Square image side.", lower_bound=32)
-    cli.run(main, "costs")
-
-
-if __name__ == "__main__":
-    run()

@@ -20,7 +20,6 @@ import sys
 import numpy as np
 
 from dplg_tf.errors import UserError
-from dplg_tf import cli
 
 from dplg_tf.data.revisited import PROTOCOLS
 
@@ -240,49 +239,3 @@ def run_eval(dataset_name, data_root, model=None, server=None, model_name="dplg"
         print(f"attention entropy of the drawn images: {np.mean(entropies):.3f} "
               "(1 = uniform: the local branch then averages)", file=sys.stderr)
     return results, ranks, dataset, db, queries
-
-
-def _define_flags():
-    from absl import flags
-
-    from dplg_tf.retrieval import expansion
-
-    flags.DEFINE_string("dataset", None, "Data set: roxford5k, rparis6k, synthetic or any "
-                        "folder <data_root>/NAME in the Revisited layout.", required=True)
-    flags.DEFINE_string("data_root", None, "Folder holding <dataset>/jpg and the gnd file.",
-                        required=True)
-    flags.DEFINE_string("model", None, "SavedModel base path or version folder.")
-    flags.DEFINE_string("server", None, "host:port of dplg-serve or TF Serving.")
-    flags.DEFINE_string("model_name", "dplg", "Model name on the server.")
-    flags.DEFINE_list("scales", None, "Extraction scales (default: the paper's 5).")
-    flags.DEFINE_string("output_dir", None, "Results, cache and figures "
-                        "(default: <data_root>/<dataset>/eval).")
-    flags.DEFINE_string("distractors", None, "Distractor descriptors (+1M): a dplg-extract "
-                        "folder, or an .npz/.npy.")
-    flags.DEFINE_integer("figures", 0, "Write ranked-result and attention pictures for N queries.")
-    flags.DEFINE_integer("workers", 4, "Images extracted at once.")
-    expansion.define_flags(qe=True, dba=True)
-
-
-def main(argv):
-    del argv
-    from absl import flags
-
-    f = flags.FLAGS
-    results, *_ = run_eval(f.dataset, f.data_root, f.model, f.server, f.model_name,
-                           [float(s) for s in f.scales] if f.scales else None,
-                           None, f.distractors, f.figures, f.output_dir, workers=f.workers,
-                           expansion={"qe_k": f.qe_k, "qe_alpha": f.qe_alpha,
-                                      "dba_k": f.dba_k, "dba_alpha": f.dba_alpha})
-    print(markdown_table(results, f.dataset))
-    out = f.output_dir or os.path.join(f.data_root, f.dataset, "eval")
-    print(f"results in {out}/results.json and results.md", file=sys.stderr)
-
-
-def run():
-    _define_flags()
-    cli.run(main, "dplg-eval")
-
-
-if __name__ == "__main__":
-    run()

@@ -100,20 +100,6 @@ def dba(database, k=2, alpha=3.0, neighbours=None, chunk=4096):
     return out
 
 
-def define_flags(qe=False, dba=False):
-    """The --qe_k/--qe_alpha and --dba_k/--dba_alpha flags of the commands."""
-    from absl import flags
-
-    if qe:
-        flags.DEFINE_integer("qe_k", 0, "alpha-QE: nearest database vectors added to each "
-                             "query (0: off).", lower_bound=0)
-        flags.DEFINE_float("qe_alpha", 3.0, "alpha-QE: similarity exponent.", lower_bound=0.0)
-    if dba:
-        flags.DEFINE_integer("dba_k", 0, "DBA: nearest database vectors averaged into each "
-                             "database vector, itself included (0: off).", lower_bound=0)
-        flags.DEFINE_float("dba_alpha", 3.0, "DBA: similarity exponent.", lower_bound=0.0)
-
-
 def _check(k, alpha, database):
     from dplg_tf.errors import UserError
 

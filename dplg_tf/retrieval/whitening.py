@@ -1,4 +1,4 @@
-"""Learned whitening of global descriptors, and its file.
+"""Learning a whitening of global descriptors (dplg-whiten).
 
 Two kinds, both a mean m and a projection P (out_dim x D) applied as
 normalise(P (x - m)):
@@ -11,16 +11,14 @@ normalise(P (x - m)):
   direction is divided by sqrt(eigenvalue + shrinkage * mean eigenvalue), so
   that the many small-variance directions are not blown up.
 
-`save(path, ...)` / `load(path)` keep the mean, the projection and metadata
-(kind, dimensions, the model's probe) in one .npz, written atomically.
+`learn` describes training records with a SavedModel and learns either kind;
+the file format is dplg_tf.storage.whitening.
 """
 
-import io
-import json
 
 import numpy as np
 
-from dplg_tf.errors import UserError
+from dplg_tf.errors import InputNotFound, UserError
 
 KINDS = ("supervised", "pca")
 
@@ -91,30 +89,56 @@ def apply(x, mean, projection):
     return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
 
 
-def save(path, mean, projection, **metadata):
-    from dplg_tf.storage.atomic import write_atomic
+def read_records(pattern, max_images=0):
+    """(encoded images [bytes], labels [int]) of the records matching `pattern`."""
+    import tensorflow as tf
 
-    buf = io.BytesIO()
-    np.savez(buf, mean=np.asarray(mean, np.float32),
-             projection=np.asarray(projection, np.float32),
-             metadata=np.array(json.dumps(metadata)))
-    write_atomic(path, buf.getvalue())
+    from dplg_tf.data.pipeline import FEATURES
+
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise InputNotFound(f"No TFRecord shards match {pattern!r}.")
+    blobs, labels = [], []
+    ds = tf.data.TFRecordDataset(files).map(
+        lambda r: tf.io.parse_single_example(r, FEATURES))
+    if max_images:
+        ds = ds.take(max_images)
+    for example in ds:
+        blobs.append(example["image/encoded"].numpy())
+        labels.append(int(example["image/class/label"]))
+    if not blobs:
+        raise UserError(f"The shards {pattern!r} hold no records.")
+    return blobs, np.asarray(labels)
 
 
-def load(path):
-    """(mean [D], projection [d, D], metadata dict), checked."""
-    from dplg_tf.errors import InputNotFound
+def describe_records(describer, blobs, batch_size=16, progress=True):
+    from dplg_tf.progress import progress_bar
 
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            mean, projection = data["mean"], data["projection"]
-            metadata = json.loads(str(data["metadata"]))
-    except FileNotFoundError:
-        raise InputNotFound(f"{path} does not exist; make it with dplg-whiten.") from None
-    except (OSError, KeyError, ValueError) as e:
-        raise UserError(f"{path} is not a whitening file of dplg-whiten ({e}).") from None
-    if (mean.ndim != 1 or projection.ndim != 2 or projection.shape[1] != mean.shape[0]
-            or not (np.all(np.isfinite(mean)) and np.all(np.isfinite(projection)))):
-        raise UserError(f"{path} holds a mean {mean.shape} and a projection "
-                        f"{projection.shape} that do not fit together; make it again.")
-    return mean.astype(np.float32), projection.astype(np.float32), metadata
+    bar = progress_bar(len(blobs), "images", enabled=progress)
+    rows = []
+    for start in range(0, len(blobs), batch_size):
+        rows.append(describer.describe_bytes(blobs[start:start + batch_size]))
+        bar.update(min(batch_size, len(blobs) - start))
+    bar.close()
+    return np.concatenate(rows).astype(np.float32)
+
+
+def learn(describer, pattern, kind, dim, max_images=0, shrinkage=0.1, progress=True):
+    """(mean, projection, metadata) learned on the records of `pattern`."""
+    if kind not in KINDS:
+        raise UserError(f"--kind={kind!r} is unknown; use supervised or pca.")
+    blobs, labels = read_records(pattern, max_images)
+    x = describe_records(describer, blobs, progress=progress)
+    dim = dim or x.shape[1]
+    if kind == "supervised":
+        mean, projection = learn_supervised(x, labels, dim)
+    else:
+        mean, projection = learn_pca(x, dim, shrinkage)
+    metadata = {"kind": kind, "input_dim": int(x.shape[1]), "output_dim": int(dim),
+                "images": len(x), "classes": int(len(np.unique(labels))),
+                "records": pattern, "model": describer.identity,
+                "probe": [float(v) for v in describer.probe()],
+                "scales": "the export's serving_default scales"}
+    if kind == "pca":
+        metadata["shrinkage"] = shrinkage
+    return mean, projection, metadata

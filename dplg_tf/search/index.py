@@ -20,18 +20,15 @@ with 8-bit product quantisation, candidates re-ranked exactly: scans only
 `pq` and `ivfpq` are trained on (up to 100,000 of) the first descriptors added.
 """
 
-import itertools
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 
 from dplg_tf.errors import InputNotFound, UserError
-from dplg_tf import cli
 from dplg_tf.storage.descriptors import same_probe
-from dplg_tf.retrieval.expansion import augment_for_index, define_flags, normalise
+from dplg_tf.retrieval.expansion import augment_for_index, normalise
 from dplg_tf.storage.atomic import StateFolder
 
 KINDS = ("exact", "pq", "hnsw", "ivfpq")
@@ -263,105 +260,10 @@ class DescriptorIndex:
         return index
 
 
-def read_descriptor_file(path):
-    """(descriptors, names, probe or None) of a checked descriptor file."""
-    from dplg_tf.storage.descriptors import read_npz
-
-    return read_npz(path)
-
-
 # -------------------------------------------------------------------- CLI
 
-def define_common_flags():
-    from absl import flags
 
-    flags.DEFINE_string("index_dir", None, "The index folder.", required=True)
-    flags.DEFINE_string("server", None, "host:port of dplg-serve or TF Serving.")
-    flags.DEFINE_string("model", None, "A SavedModel base path or version folder.")
-    flags.DEFINE_string("model_name", "dplg", "Model name on the server.")
-    flags.DEFINE_string("descriptors", None, "An .npz with descriptors (and names, probe), "
-                        "or a dplg-extract output folder.")
-    flags.DEFINE_bool("allow_unverified", False, "Accept a descriptor file without a probe "
-                      "descriptor (the model that made it is then not checked).")
-
-
-def report(errors, command):
-    for name, reason in errors[:20]:
-        print(f"{command}: skipped {name}: {reason}", file=sys.stderr)
-    if len(errors) > 20:
-        print(f"{command}: ... and {len(errors) - 20} more", file=sys.stderr)
-
-
-def read_inputs(f, argv, command):
-    """(descriptors, names, probe, errors) from --descriptors or image paths."""
-    from dplg_tf import images
-    from dplg_tf.progress import progress_bar
-
-    paths = list(getattr(f, "images", None) or []) + argv[1:]
-    if bool(paths) == bool(f.descriptors):
-        raise UserError("Give either --descriptors or image files / folders.")
-    if f.descriptors and os.path.isdir(f.descriptors):
-        from dplg_tf.storage import extraction as shards
-
-        manifest = shards.check_complete(f.descriptors)
-        return None, None, np.asarray(manifest["probe"], np.float32), []
-    if f.descriptors:
-        descriptors, names, probe = read_descriptor_file(f.descriptors)
-        if probe is None and not f.allow_unverified:
-            raise UserError(f"{f.descriptors} carries no probe descriptor, so the model "
-                             "that made it cannot be checked; describe the images again "
-                             "with dplg-client, or pass --allow_unverified.")
-        return descriptors, names, probe, []
-    from dplg_tf.retrieval.describers import Describer
-
-    describer = Describer(f.model, f.server, f.model_name)
-    problems = []
-    files = images.list_images(paths, problems)
-    if not files:
-        raise UserError("No image files found in " + ", ".join(paths) + ".")
-    bar = progress_bar(len(files), "images")
-    names, descriptors, errors = describer.describe_files(files, progress=bar)
-    bar.close()
-    errors = problems + errors
-    report(errors, command)
-    return descriptors, names, describer.probe(), errors
-
-
-def index_main(argv):
-    from absl import flags
-
-    f = flags.FLAGS
-    if f.append and f.overwrite:
-        raise UserError("Give --append or --overwrite, not both.")
-    if os.path.exists(f.index_dir) and not os.path.isdir(f.index_dir):
-        raise UserError(f"--index_dir {f.index_dir} is a file, not a folder.")
-    if not f.append and DescriptorIndex.exists(f.index_dir) and not f.overwrite:
-        raise UserError(f"{f.index_dir} already holds an index; pass --append to add "
-                         "to it or --overwrite to replace it.")
-    descriptors, names, probe, errors = read_inputs(f, argv, "dplg-index")
-    chunks = iter([(descriptors, names)]) if names is not None else _folder_chunks(
-        f.descriptors)
-    first = next(chunks, None)
-    if f.append:
-        index = DescriptorIndex.load(f.index_dir)
-        if probe is not None:
-            index.check_probe(probe)
-        if f["dba_k"].present and f.dba_k != index.params["dba_k"]:
-            raise UserError(f"{f.index_dir} was built with --dba_k="
-                                f"{index.params['dba_k']}; appends use the index's own "
-                                "setting, so leave --dba_k out.")
-    else:
-        index = DescriptorIndex(len(probe) if first is None else first[0].shape[1],
-                                f.kind, probe, dba_k=f.dba_k, dba_alpha=f.dba_alpha)
-    for descriptors, names in itertools.chain([first] if first else [], chunks):
-        index.add(descriptors, names)  # one chunk in memory at a time
-    index.save(f.index_dir)
-    print(f"{f.index_dir}: {len(index)} descriptors ({index.kind}, {index.dim}-d)")
-    if errors:
-        sys.exit(1)
-
-
-def _folder_chunks(folder, first=100_000):
+def folder_chunks(folder, first=100_000):
     """(descriptors, names) of a dplg-extract folder, shard by shard; the first
     chunk gathers up to `first` rows (what a pq / ivfpq index trains on)."""
     from dplg_tf.storage import extraction as shards
@@ -376,19 +278,3 @@ def _folder_chunks(folder, first=100_000):
     if names:
         yield np.concatenate(rows), names
     yield from ((r, n) for n, r in stream if len(n))
-
-
-def run_index():
-    from absl import flags
-
-    define_common_flags()
-    flags.DEFINE_list("images", None, "Image files or folders to index (also positional).")
-    flags.DEFINE_enum("kind", "exact", list(KINDS), "Index kind.")
-    flags.DEFINE_bool("append", False, "Add to an existing index.")
-    flags.DEFINE_bool("overwrite", False, "Replace an existing index.")
-    define_flags(dba=True)  # kept in the index for appends
-    cli.run(index_main, "dplg-index")
-
-
-if __name__ == "__main__":
-    sys.exit(run_index())

@@ -17,20 +17,14 @@
 """
 
 import logging
-import os
-import signal
-import sys
 import threading
 import time
 from concurrent import futures
 
 import grpc
 import numpy as np
-from absl import flags
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from dplg_tf.errors import InputNotFound
-from dplg_tf import cli
 from dplg_tf import images
 from dplg_tf.serving import batching
 from dplg_tf.serving.requests import ServingError, read_inputs
@@ -283,59 +277,3 @@ def _services(impl):
 
 
 # -------------------------------------------------------------------- CLI
-
-def _define_flags():
-    flags.DEFINE_string("model_base_path", None, "Folder of integer version folders.",
-                        required=True)
-    flags.DEFINE_string("model_name", "dplg", "Name clients ask for.")
-    flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0 for all).")
-    flags.DEFINE_integer("port", 8500, "gRPC port (0: any free port, printed).")
-    flags.DEFINE_bool("enable_batching", True, "Batch concurrent serving_default requests.")
-    flags.DEFINE_string("batching_parameters_file", None,
-                        "TF Serving batching_parameters.txt (default: built-in values).")
-    flags.DEFINE_float("file_system_poll_wait_seconds", 1.0, "How often to look for versions.")
-    images.define_limit_flags()
-    flags.DEFINE_integer("grpc_workers", 32, "Threads serving gRPC calls.")
-    flags.DEFINE_float("grace_seconds", 30.0, "On SIGTERM, time for requests in flight.")
-
-
-def main(argv):
-    del argv
-    f = flags.FLAGS
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    params = None
-    if f.enable_batching:
-        params = dict(batching.DEFAULTS)
-        if f.batching_parameters_file:
-            with open(f.batching_parameters_file) as fh:
-                params = batching.parse_batching_parameters(fh.read())
-    if not os.path.isdir(f.model_base_path):
-        raise InputNotFound(f"--model_base_path {f.model_base_path!r} is not a folder; "
-                                "export a model there with dplg-export.")
-    server = Server(f.model_base_path, f.model_name, f.host, f.port, params,
-                    f.file_system_poll_wait_seconds, images.limits_from_flags(),
-                    f.grpc_workers).start()
-    print(f"dplg-serve: listening on {server.address} for model {f.model_name!r} "
-          f"from {f.model_base_path}", flush=True)
-    stopping = threading.Event()
-
-    def on_signal(signum, frame):
-        del frame
-        log.info("signal %d: draining requests in flight and stopping", signum)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while not stopping.wait(0.5):
-        pass
-    server.stop(f.grace_seconds)
-    print("dplg-serve: stopped", flush=True)
-
-
-def run():
-    _define_flags()
-    cli.run(main, "dplg-serve")
-
-
-if __name__ == "__main__":
-    sys.exit(run())

@@ -1,0 +1,61 @@
+"""Flags that several commands share: the limits (README "Limits"), the QE/DBA
+knobs and the index commands' inputs. Only the command layer calls these."""
+
+import dataclasses
+
+from absl import flags
+
+from dplg_tf import images
+
+
+def define_limit_flags(names=tuple(images.LIMIT_FLAGS)):
+    """absl flags for the named limits, with the defaults of DEFAULT_LIMITS."""
+    for name in names:
+        field, help_text = images.LIMIT_FLAGS[name]
+        default = getattr(images.DEFAULT_LIMITS, field)
+        define = flags.DEFINE_float if isinstance(default, float) else flags.DEFINE_integer
+        define(name, default, help_text, lower_bound=0)
+
+
+def limits_from_flags(names=tuple(images.LIMIT_FLAGS)):
+    return dataclasses.replace(images.DEFAULT_LIMITS, **{
+        images.LIMIT_FLAGS[n][0]: getattr(flags.FLAGS, n) for n in names})
+
+
+def define_expansion_flags(qe=False, dba=False):
+    """The --qe_k/--qe_alpha and --dba_k/--dba_alpha flags of the commands."""
+    if qe:
+        flags.DEFINE_integer("qe_k", 0, "alpha-QE: nearest database vectors added to each "
+                             "query (0: off).", lower_bound=0)
+        flags.DEFINE_float("qe_alpha", 3.0, "alpha-QE: similarity exponent.", lower_bound=0.0)
+    if dba:
+        flags.DEFINE_integer("dba_k", 0, "DBA: nearest database vectors averaged into each "
+                             "database vector, itself included (0: off).", lower_bound=0)
+        flags.DEFINE_float("dba_alpha", 3.0, "DBA: similarity exponent.", lower_bound=0.0)
+
+
+def expansion_from_flags():
+    """{qe_k, qe_alpha, dba_k, dba_alpha} of the flags a command defined."""
+    f = flags.FLAGS
+    return {k: getattr(f, k) for k in ("qe_k", "qe_alpha", "dba_k", "dba_alpha") if k in f}
+
+
+def define_index_input_flags():
+    flags.DEFINE_string("index_dir", None, "The index folder.", required=True)
+    flags.DEFINE_string("server", None, "host:port of dplg-serve or TF Serving.")
+    flags.DEFINE_string("model", None, "A SavedModel base path or version folder.")
+    flags.DEFINE_string("model_name", "dplg", "Model name on the server.")
+    flags.DEFINE_string("descriptors", None, "An .npz with descriptors (and names, probe), "
+                        "or a dplg-extract output folder.")
+    flags.DEFINE_bool("allow_unverified", False, "Accept a descriptor file without a probe "
+                      "descriptor (the model that made it is then not checked).")
+
+
+def index_inputs(argv, command):
+    """read_inputs of the flags of define_index_input_flags and the positional paths."""
+    from dplg_tf.search.inputs import read_inputs
+
+    f = flags.FLAGS
+    paths = list(getattr(f, "images", None) or []) + argv[1:]
+    return read_inputs(paths, f.descriptors, f.model, f.server, f.model_name,
+                       f.allow_unverified, command)

@@ -1,0 +1,64 @@
+"""dplg-index: build or extend a FAISS index folder (dplg_tf.search.index).
+
+    dplg-index --index_dir=idx --images=photos/ --server=127.0.0.1:8500
+    dplg-index --index_dir=idx --descriptors=desc.npz --kind=hnsw
+    dplg-index --index_dir=idx --descriptors=more.npz --append
+    dplg-index --index_dir=idx --descriptors=extracted/ --kind=ivfpq   # dplg-extract output
+"""
+
+import itertools
+import os
+import sys
+
+from absl import flags
+
+from dplg_tf import cli
+from dplg_tf.cli.flags import define_expansion_flags, define_index_input_flags, index_inputs
+from dplg_tf.errors import UserError
+from dplg_tf.search.index import KINDS, DescriptorIndex, folder_chunks
+
+
+def index_main(argv):
+    f = flags.FLAGS
+    if f.append and f.overwrite:
+        raise UserError("Give --append or --overwrite, not both.")
+    if os.path.exists(f.index_dir) and not os.path.isdir(f.index_dir):
+        raise UserError(f"--index_dir {f.index_dir} is a file, not a folder.")
+    if not f.append and DescriptorIndex.exists(f.index_dir) and not f.overwrite:
+        raise UserError(f"{f.index_dir} already holds an index; pass --append to add "
+                         "to it or --overwrite to replace it.")
+    descriptors, names, probe, errors = index_inputs(argv, "dplg-index")
+    chunks = iter([(descriptors, names)]) if names is not None else folder_chunks(
+        f.descriptors)
+    first = next(chunks, None)
+    if f.append:
+        index = DescriptorIndex.load(f.index_dir)
+        if probe is not None:
+            index.check_probe(probe)
+        if f["dba_k"].present and f.dba_k != index.params["dba_k"]:
+            raise UserError(f"{f.index_dir} was built with --dba_k="
+                                f"{index.params['dba_k']}; appends use the index's own "
+                                "setting, so leave --dba_k out.")
+    else:
+        index = DescriptorIndex(len(probe) if first is None else first[0].shape[1],
+                                f.kind, probe, dba_k=f.dba_k, dba_alpha=f.dba_alpha)
+    for descriptors, names in itertools.chain([first] if first else [], chunks):
+        index.add(descriptors, names)  # one chunk in memory at a time
+    index.save(f.index_dir)
+    print(f"{f.index_dir}: {len(index)} descriptors ({index.kind}, {index.dim}-d)")
+    if errors:
+        sys.exit(1)
+
+
+def run_index():
+    define_index_input_flags()
+    flags.DEFINE_list("images", None, "Image files or folders to index (also positional).")
+    flags.DEFINE_enum("kind", "exact", list(KINDS), "Index kind.")
+    flags.DEFINE_bool("append", False, "Add to an existing index.")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing index.")
+    define_expansion_flags(dba=True)  # kept in the index for appends
+    cli.run(index_main, "dplg-index")
+
+
+if __name__ == "__main__":
+    sys.exit(run_index())
