@@ -73,7 +73,7 @@ def train(run, head, seed, shards, steps):
 def run_one(run, head, seed, data, shards, steps):
     """(Medium, Hard, Medium whitened, Hard whitened) of one head and seed;
     kept from an earlier run when its result file is there."""
-    from dplg_tf.retrieval import evaluation as evaluate
+    from dplg_tf.retrieval import evaluation
     from dplg_tf.export import export
 
     done = os.path.join(run, "ablation_result.json")
@@ -87,7 +87,7 @@ def run_one(run, head, seed, data, shards, steps):
     base = os.path.join(run, "export")
     shutil.rmtree(base, ignore_errors=True)
     export.export(export.load_for_export(workdir=run), base, version=1)
-    results, _, dataset, db, queries = evaluate.run_eval(
+    results, _, dataset, db, queries = evaluation.run_eval(
         "synthetic", data, model=base, progress=False, output_dir=os.path.join(run, "eval"))
     raw = (results["medium"]["mAP"], results["hard"]["mAP"])
     white = whitened_scores(run, shards, dataset, db, queries)

@@ -73,7 +73,7 @@ def main():
 
     from dplg_tf.export import export as export_lib
     from dplg_tf.config import PAPER_SCALES, base_config
-    from dplg_tf.data.synthetic import facade_image
+    from dplg_tf.images.probe import facade_image
     from dplg_tf.nn.model import build_dplg
     from dplg_tf.serving import batching
     from dplg_tf.serving.client import Client

@@ -6,7 +6,7 @@ on them) at the paper's 5 scales:
 
 - serial: one process loads the SavedModel and calls serving_default once
   per image (what dplg-client / dplg-eval did);
-- batched, in-process: dplg_tf.bulk.reading.BatchDescriber without Ray (how much the
+- batched, in-process: dplg_tf.retrieval.describers.Describer.describe_rows without Ray (how much the
   same-size batches alone give);
 - dplg-extract with 1 and 2 workers (whole command: Ray start, model load,
   shards written).
@@ -39,7 +39,7 @@ SERIAL = """
 import json, sys, time
 t0 = time.time()
 import tensorflow as tf
-from dplg_tf.bulk.reading import BatchDescriber
+from dplg_tf.retrieval.describers import Describer
 paths = sys.argv[3:]
 blobs = [open(p, "rb").read() for p in paths]
 if sys.argv[2] == "serial":
@@ -49,10 +49,10 @@ if sys.argv[2] == "serial":
         f(image_bytes=tf.constant([b]))["global_descriptor"].numpy()
         first = first or time.time()
 else:
-    w = BatchDescriber(sys.argv[1], batch_size=8)
+    w = Describer(model=sys.argv[1], batch_size=8)
     first = None
     for i in range(0, len(blobs), 32):
-        w.describe(blobs[i:i + 32])
+        w.describe_rows(blobs[i:i + 32])
         first = first or time.time()
 end = time.time()
 print(json.dumps({"wall": end - t0, "first": first - t0, "end": end - t0}))
@@ -61,7 +61,7 @@ print(json.dumps({"wall": end - t0, "first": first - t0, "end": end - t0}))
 
 def make_images(folder, count, side, seed=0):
     """JPEGs cycling through 4:3, 3:4 and 16:9 with the long side `side`."""
-    from dplg_tf.data.synthetic import facade_image
+    from dplg_tf.images.probe import facade_image
     from PIL import Image
 
     os.makedirs(folder, exist_ok=True)

@@ -25,12 +25,11 @@ import sys
 import time
 
 from dplg_tf.errors import DONE, InputNotFound, PARTLY_FAILED, UserError
-from dplg_tf.bulk import reading as bulk
+from dplg_tf.bulk import reading
 from dplg_tf import images
-from dplg_tf.storage import extraction as shards
-from dplg_tf.export.saved_models import resolve_saved_model
+from dplg_tf.storage import extraction
+from dplg_tf.export.saved_models import fingerprint, resolve_saved_model
 
-READ_LIMITS = ("max_pixels", "min_image_side", "max_request_mb")
 
 
 @dataclasses.dataclass
@@ -103,7 +102,7 @@ def _expand(row):
 def _read(batch, limits):
     """A Ray task: the bytes of a batch of paths, checked."""
     paths = [str(p) for p in batch["path"]]
-    blobs, errors = bulk.read_rows(paths, limits)
+    blobs, errors = reading.read_rows(paths, limits)
     return {"shard": batch["shard"], "index": batch["index"], "path": paths,
             "data": [b or b"" for b in blobs], "reason": [e[1] if e else "" for e in errors],
             "status": [e[0] if e else "" for e in errors]}
@@ -113,16 +112,16 @@ class _Describe:
     """A Ray actor: the model, loaded once."""
 
     def __init__(self, model, server, model_name, scales, batch_size, threads):
-        if server:
-            self.worker = bulk.ServerDescriber(server, model_name, batch_size)
-        else:
-            self.worker = bulk.BatchDescriber(model, scales, batch_size, threads)
+        from dplg_tf.retrieval.describers import Describer
+
+        self.worker = Describer(model, server, model_name, scales=scales,
+                                batch_size=batch_size, threads=threads)
 
     def __call__(self, batch):
         import numpy as np
 
         todo = [i for i, s in enumerate(batch["status"]) if not s]
-        rows, errors = self.worker.describe([bytes(batch["data"][i]) for i in todo])
+        rows, errors = self.worker.describe_rows([bytes(batch["data"][i]) for i in todo])
         out = np.zeros((len(batch["path"]), rows.shape[1]), np.float32)
         status, reason = list(batch["status"]), list(batch["reason"])
         for k, i in enumerate(todo):
@@ -130,7 +129,7 @@ class _Describe:
             if errors[k] is not None:
                 status[i], reason[i] = errors[k]
             elif batch["shard"][i] < 0:   # the probe row also tells the scales used
-                reason[i] = json.dumps(getattr(self.worker, "scales", None))
+                reason[i] = json.dumps(self.worker.scales)
         return {"shard": batch["shard"], "index": batch["index"], "path": batch["path"],
                 "descriptor": out, "status": status, "reason": reason}
 
@@ -147,7 +146,7 @@ def _dataset(options, names, todo, size, limits, scales, threads, cpus):
     # shard -1: the probe image, described by the same actors (the model's identity);
     # then blocks of one actor batch each, so results stream back as they are made
     chunk = options.batch_size * 4
-    items = [{"shard": -1, "start": 0, "paths": [bulk.PROBE]}] + [
+    items = [{"shard": -1, "start": 0, "paths": [reading.PROBE]}] + [
         {"shard": s, "start": k, "paths": names[s * size + k:min((s + 1) * size,
                                                                   len(names), s * size + k + chunk)]}
         for s in todo for k in range(0, min(size, len(names) - s * size), chunk)]
@@ -237,7 +236,7 @@ def _collect(ds, out, names, size, manifest, progress):
                     probe = batch["descriptor"][k]
                     manifest.update(probe=[float(v) for v in probe], dim=len(probe),
                                     scales=json.loads(str(batch["reason"][k])))
-                    shards.open_folder(out, manifest, names)
+                    extraction.open_folder(out, manifest, names)
                 ready = True
                 continue
             rows = pending.setdefault(shard, {}) if shard not in written else None
@@ -258,7 +257,7 @@ def _commit(out, shard, names, rows, manifest):
     import numpy as np
 
     order = sorted(rows)
-    shards.write_shard(out, shard, names, np.stack([rows[j][0] for j in order]),
+    extraction.write_shard(out, shard, names, np.stack([rows[j][0] for j in order]),
                        [rows[j][1] for j in order], manifest)
 
 
@@ -292,12 +291,12 @@ def extract(inputs, options):
         raise UserError("No image files found in " + ", ".join(inputs) + ".")
     limits = options.limits
     scales = images.DEFAULT_LIMITS.check_scales(options.scales) if options.scales else None
-    manifest = {"limits": {k: getattr(limits, images.LIMIT_FLAGS[k][0]) for k in READ_LIMITS},
-                "listing_sha256": shards.listing_hash(names), "images": len(names),
+    manifest = {"limits": {k: getattr(limits, images.LIMIT_FLAGS[k][0]) for k in images.READ_LIMITS},
+                "listing_sha256": extraction.listing_hash(names), "images": len(names),
                 "shard_size": options.shard_size, "requested_scales": scales,
-                "fingerprint": bulk.fingerprint(resolve_saved_model(options.model))
+                "fingerprint": fingerprint(resolve_saved_model(options.model))
                 if options.model else f"grpc://{options.server}/{options.model_name}"}
-    shards.check_folder(options.output_dir, manifest)   # refused before Ray starts
+    extraction.check_folder(options.output_dir, manifest)   # refused before Ray starts
     ray = _start_ray(options)
     try:
         return _run(options, ray, names, limits, manifest)
@@ -311,7 +310,7 @@ def _run(options, ray, names, limits, manifest):
     manifest.update(format=1, model=options.model and resolve_saved_model(options.model)
                     or manifest["fingerprint"], num_shards=count)
     os.makedirs(out, exist_ok=True)   # progress.json goes here before the manifest
-    done = shards.done_shards(out, count)
+    done = extraction.done_shards(out, count)
     todo = [s for s in range(count) if s not in done]
     total = sum(len(names[s * size:(s + 1) * size]) for s in todo)
     progress = _Progress(out, total, count, len(done))
@@ -324,7 +323,7 @@ def _run(options, ray, names, limits, manifest):
                           cpus), out, names, size, manifest, progress)
     progress.bar.close()
     progress.write("done")
-    errors = shards.read_errors(out)
+    errors = extraction.read_errors(out)
     print(f"{out}: {len(names) - len(errors)} of {len(names)} images described in {count} "
           f"shards ({len(done)} kept from before); {len(errors)} refused.")
     for name, reason in errors[:20]:

@@ -14,6 +14,7 @@ from dplg_tf import cli, images
 from dplg_tf.cli.flags import define_limit_flags, limits_from_flags
 from dplg_tf.errors import UserError
 from dplg_tf.progress import progress_bar
+from dplg_tf.retrieval.describers import describe_files
 from dplg_tf.serving.client import Client, ClientError
 from dplg_tf.storage.descriptors import ChunkedOutput
 
@@ -31,12 +32,12 @@ def _define_flags():
     flags.DEFINE_float("deadline", 120.0, "Seconds per request before it is abandoned.")
     flags.DEFINE_integer("retries", 4, "Retries on UNAVAILABLE / RESOURCE_EXHAUSTED.")
     flags.DEFINE_bool("status", False, "Print the model's status and signatures, then exit.")
-    define_limit_flags(("max_pixels", "min_image_side", "max_request_mb"))
+    define_limit_flags(images.READ_LIMITS)
 
 
 def main(argv):
     f = flags.FLAGS
-    limits = limits_from_flags(("max_pixels", "min_image_side", "max_request_mb"))
+    limits = limits_from_flags(images.READ_LIMITS)
     with Client(f.server, f.model_name, f.deadline, f.retries, version=f.model_version,
                 max_message_mb=limits.max_request_mb) as c:
         if f.status:
@@ -59,8 +60,8 @@ def main(argv):
                 if run.done(i):
                     bar.update(len(names))
                     continue
-                ok, rows, errors = c.describe_files(names, f.batch_size, f.concurrency,
-                                                    limits, bar)
+                ok, rows, errors = describe_files(c.describe_bytes, names, f.batch_size,
+                                                  f.concurrency, limits, bar)
                 run.save(i, ok, rows, errors)
             bar.close()
         except ClientError as e:

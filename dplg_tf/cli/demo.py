@@ -24,7 +24,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from dplg_tf import cli
-from dplg_tf.data.synthetic import facade_image
+from dplg_tf.images.probe import facade_image
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo_cpu.py")
 FLAGS = flags.FLAGS
@@ -133,7 +133,7 @@ def _start_server(base, log_path):
 
 
 def pipeline(config, workdir):
-    from dplg_tf.retrieval import evaluation as evaluate
+    from dplg_tf.retrieval import evaluation
 
     start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
@@ -149,10 +149,10 @@ def pipeline(config, workdir):
         _index(config, workdir, data, address)
         _stage("7/8 evaluate (Revisited protocol, 5 scales) and draw")
         results = {}
-        results["untrained"] = evaluate.run_eval(
+        results["untrained"] = evaluation.run_eval(
             "synthetic", data, model=untrained_base,
             output_dir=os.path.join(workdir, "eval_untrained"))[0]
-        results["trained"] = evaluate.run_eval(
+        results["trained"] = evaluation.run_eval(
             "synthetic", data, server=address, figures=FLAGS.figures,
             output_dir=os.path.join(workdir, "eval_trained"))[0]
     finally:
@@ -161,7 +161,7 @@ def pipeline(config, workdir):
         server.wait(timeout=120)
         print(f"dplg-serve exited with {server.returncode}")
 
-    table = evaluate.markdown_table(results)
+    table = evaluation.markdown_table(results)
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table + "\n")
     print("\nmAP and mP@k (%) on the synthetic evaluation set, untrained vs trained:\n")

@@ -11,7 +11,8 @@ from ml_collections import config_flags
 
 from dplg_tf import cli
 from dplg_tf.cli.flags import define_limit_flags, limits_from_flags
-from dplg_tf.export.export import GRAPH_LIMITS, export, load_for_export, run_config
+from dplg_tf.export.export import export, load_for_export, run_config
+from dplg_tf.images import GRAPH_LIMITS
 
 
 def _define_flags():

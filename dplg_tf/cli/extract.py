@@ -10,7 +10,8 @@ import sys
 from absl import flags
 
 from dplg_tf import cli
-from dplg_tf.bulk.job import READ_LIMITS, Options, extract
+from dplg_tf.bulk.job import Options, extract
+from dplg_tf.images import READ_LIMITS
 from dplg_tf.cli.flags import define_limit_flags, limits_from_flags
 
 

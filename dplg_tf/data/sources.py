@@ -5,8 +5,8 @@ import csv
 import os
 
 from dplg_tf.errors import UserError
+from dplg_tf.images import BUILDER_EXTENSIONS
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class BuildError(UserError):
@@ -46,7 +46,7 @@ def list_image_dir(image_dir, problems=None):
             path = os.path.join(folder, name)
             if not usable(path, name) or not os.path.isfile(path):
                 continue
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
+            if not name.lower().endswith(BUILDER_EXTENSIONS):
                 ignored += 1
                 continue
             items.append((path, f"{cls}/{os.path.splitext(name)[0]}", cls))

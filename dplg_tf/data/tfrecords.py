@@ -35,10 +35,10 @@ from PIL import Image
 from dplg_tf.errors import UserError
 from dplg_tf.data.sources import (  # noqa: F401 (list_* are part of this module's API)
     BuildError, list_gldv2, list_image_dir, present)
+from dplg_tf.images import DEFAULT_LIMITS
 from dplg_tf.storage.atomic import write_atomic
 
 STATE_DIR = ".build"  # per-shard results, kept out of the shard glob
-MAX_PIXELS = 100_000_000  # larger images are reported, not decoded
 
 
 # ------------------------------------------------------------- split, shards
@@ -107,11 +107,11 @@ def load_image(path, max_size=0):
     from dplg_tf.images import frame_size
 
     frames = frame_size(data)  # every frame of a GIF, before any decoding
-    if frames is not None and frames[2] > MAX_PIXELS:
+    if frames is not None and frames[2] > DEFAULT_LIMITS.max_pixels:
         raise UserError(f"too large: its frames hold {frames[2]} pixels")
     try:
         img = Image.open(io.BytesIO(data))
-        if img.width * img.height > MAX_PIXELS:
+        if img.width * img.height > DEFAULT_LIMITS.max_pixels:
             raise UserError(f"too large: {img.width}x{img.height} pixels")
         img.load()  # a full decode: truncated and corrupt files fail here
     except ValueError:

@@ -47,8 +47,6 @@ from dplg_tf.images import DEFAULT_LIMITS
 from dplg_tf.export.saved_models import next_version
 
 # the limits the signatures check themselves (TF Serving runs them as they are)
-GRAPH_LIMITS = ("max_images_per_request", "max_scales", "max_scale", "max_pixels",
-                "min_image_side")
 
 
 def export(model, export_dir, version=None, scales=None, max_image_side=1024,

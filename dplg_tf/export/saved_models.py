@@ -1,6 +1,7 @@
 """SavedModels on disk: version folders BASE/<integer>/ as TensorFlow Serving
 reads them, and a SavedModel's identity."""
 
+import hashlib
 import os
 
 from dplg_tf.errors import InputNotFound
@@ -29,3 +30,17 @@ def resolve_saved_model(path):
 def next_version(base):
     versions = [int(d) for d in os.listdir(base) if d.isdigit()] if os.path.isdir(base) else []
     return max(versions, default=0) + 1
+
+
+def fingerprint(model):
+    """The SavedModel's identity without TensorFlow: a hash of its
+    fingerprint.pb (which holds checksums of the graph and the weights), or of
+    saved_model.pb for exports without one."""
+    path = os.path.join(model, "fingerprint.pb")
+    if not os.path.isfile(path):
+        path = os.path.join(model, "saved_model.pb")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -7,7 +7,7 @@ import math
 import keras
 from keras import ops
 
-PACKAGE = "dplg_tf"
+from dplg_tf.nn import PACKAGE
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

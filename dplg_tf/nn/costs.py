@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from dplg_tf import config as config_lib
+from dplg_tf.nn.heads import HEADS
 from dplg_tf.nn.model import build_dplg
 
 
@@ -84,7 +85,7 @@ def _sub_params(model):
     return sum(int(np.prod(w.shape)) for w in _backbone(model).weights)
 
 
-def cost_table(backbone="resnet50", size=512, heads=config_lib.HEADS, local_dim=None):
+def cost_table(backbone="resnet50", size=512, heads=HEADS, local_dim=None):
     """Rows of (head, backbone params, head params, backbone GMACs, head GMACs)."""
     rows = []
     for head in heads:

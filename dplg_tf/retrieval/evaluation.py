@@ -70,8 +70,9 @@ def compute_map(ranks, gnd, kappas=(1, 5, 10)):
 
 def rank(query_descriptors, db_descriptors):
     """[n_db, n_query] database indices by descending inner product."""
-    scores = np.asarray(db_descriptors, np.float32) @ np.asarray(query_descriptors, np.float32).T
-    return np.argsort(-scores, axis=0, kind="stable")
+    from dplg_tf.retrieval import knn
+
+    return knn.rank(query_descriptors, db_descriptors)
 
 
 def evaluate(ranks, dataset, kappas=(1, 5, 10)):
@@ -156,10 +157,10 @@ def load_distractors(path, dim, probe=None):
     """Descriptors from a dplg-extract folder (checked against the model's
     `probe`), an .npz (`descriptors`) or an .npy file."""
     if os.path.isdir(path):
-        from dplg_tf.storage import extraction as shards
+        from dplg_tf.storage import extraction
         from dplg_tf.storage.descriptors import same_probe
 
-        rows, _, theirs = shards.read_all(path, dim)
+        rows, _, theirs = extraction.read_all(path, dim)
         if probe is not None and not same_probe(probe, theirs):
             raise UserError(f"The distractors in {path} were described by another model "
                                 "or at other scales (the probe descriptor differs); "

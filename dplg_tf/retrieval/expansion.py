@@ -8,11 +8,13 @@ nearest database neighbours, itself included. alpha = 0 gives plain average
 QE / DBA; k = 0 leaves the vectors unchanged.
 
 `neighbours(vectors, k) -> (scores [n, k], neighbour vectors [n, k, D])`
-finds them: exact inner products by default (in chunks), or a
+finds them: exact inner products by default (dplg_tf.retrieval.knn), or a
 DescriptorIndex's own search and stored vectors (`index_neighbours`).
 """
 
 import numpy as np
+
+from dplg_tf.retrieval import knn
 
 
 def normalise(x):
@@ -20,32 +22,12 @@ def normalise(x):
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def exact_search(database, chunk=4096):
-    """`search(vectors, k)` by brute-force inner products against `database`."""
-    database = np.asarray(database, np.float32)
-
-    def search(vectors, k):
-        k = min(k, len(database))
-        scores, ids = [], []
-        for start in range(0, len(vectors), chunk):
-            s = vectors[start:start + chunk] @ database.T
-            top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-            top_scores = np.take_along_axis(s, top, 1)
-            order = np.argsort(-top_scores, axis=1, kind="stable")
-            ids.append(np.take_along_axis(top, order, 1))
-            scores.append(np.take_along_axis(top_scores, order, 1))
-        return np.concatenate(scores), np.concatenate(ids)
-
-    return search
-
-
 def exact_neighbours(database):
-    """`neighbours(vectors, k)` among the rows of `database`, exactly."""
+    """`neighbours(vectors, k)` among the rows of `database`, exactly (retrieval.knn)."""
     database = np.asarray(database, np.float32)
-    search = exact_search(database)
 
     def neighbours(vectors, k):
-        scores, ids = search(vectors, k)
+        scores, ids = knn.search(vectors, database, k)
         return scores, database[ids]
 
     return neighbours
@@ -121,8 +103,6 @@ def augment_for_index(index, x, k, alpha):
     def both(vectors, kk):
         s1, v1 = own(vectors, kk)
         s2, v2 = stored(vectors, kk)
-        scores, found = np.concatenate([s1, s2], 1), np.concatenate([v1, v2], 1)
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
-        return np.take_along_axis(scores, top, 1), np.take_along_axis(found, top[..., None], 1)
+        return knn.top_k(np.concatenate([s1, s2], 1), kk, np.concatenate([v1, v2], 1))
 
     return dba(x, k, alpha, both)

@@ -3,7 +3,7 @@
 Python:
     from dplg_tf.serving.client import Client
     client = Client("127.0.0.1:8500")
-    names, rows, errors = client.describe_files(["a.jpg", "b.png"])  # rows (2, 512)
+    rows = client.describe_bytes([open("a.jpg", "rb").read()])   # (1, 512)
     out = client.multiscale(image_uint8, scales=[0.5, 1.0])      # dict of arrays
 
 CLI:
@@ -30,13 +30,6 @@ class ClientError(Exception):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.details = message
-
-
-def refusal(error):
-    """Why the server refused an image (INVALID_ARGUMENT), or None for other errors."""
-    if isinstance(error, ClientError) and error.code == grpc.StatusCode.INVALID_ARGUMENT:
-        return error.details
-    return None
 
 
 def _make_tensor_proto(array):
@@ -115,14 +108,6 @@ class Client:
             return np.zeros((0, 0), np.float32)
         array = np.array(list(images), dtype=object)
         return self.predict({"image_bytes": array})["global_descriptor"]
-
-    def describe_files(self, paths, batch_size=8, concurrency=4, limits=None, progress=None):
-        """(names, descriptors [n, D], [(name, reason)]) of image files, batches
-        sent concurrently; bad images are reported (dplg_tf.images.describe_files)."""
-        from dplg_tf import images
-
-        return images.describe_files(self.describe_bytes, paths, batch_size, concurrency,
-                                     limits, progress, refusal)
 
     def multiscale(self, image, scales):
         """uint8 image (H, W, 3) -> global_descriptor, scale_descriptors, attention."""

@@ -27,10 +27,11 @@ def fusion_probe(embedder):
     vector into V'g (dplg, no_rfb, no_fusion); None for the others."""
     import keras
 
-    names = {layer.name for layer in embedder.layers}
-    if "fuse_add" not in names:
+    from dplg_tf.nn.heads import FUSION_LAYER
+
+    if FUSION_LAYER not in {layer.name for layer in embedder.layers}:
         return None
-    add = embedder.get_layer("fuse_add")
+    add = embedder.get_layer(FUSION_LAYER)
     vg, vl = add.input
     return keras.Model(embedder.input, {"global": vg, "local": vl,
                                         "attention": embedder.output["attention"]})

@@ -80,7 +80,7 @@ class Trainer:
     def __init__(self, config, workdir, strategy):
         import keras
 
-        from dplg_tf.config import validate
+        from dplg_tf.nn.model import validate
         from dplg_tf.data import pipeline
 
         validate(config)

@@ -45,11 +45,11 @@ def reference(model, blobs):
 
 
 def test_batches_equal_serving_default(model):
-    from dplg_tf.bulk.reading import BatchDescriber
+    from dplg_tf.retrieval.describers import Describer
 
     blobs = mixed_blobs()
-    worker = BatchDescriber(model, batch_size=8)
-    rows, errors = worker.describe(blobs)
+    worker = Describer(model=model, batch_size=8)
+    rows, errors = worker.describe_rows(blobs)
     assert worker.batched
     np.testing.assert_allclose(rows[:9], reference(model, blobs[:9]), atol=1e-5)
     # sizes 120x160 (3), 160x120 (2), 90x160 (2), 768x1024 (2 originals): 4 calls
@@ -61,7 +61,7 @@ def test_batches_equal_serving_default(model):
 
 def test_fingerprint_names_the_model(model, tmp_path):
     from dplg_tf.export import export
-    from dplg_tf.bulk.reading import fingerprint
+    from dplg_tf.export.saved_models import fingerprint
 
     other = export.export(small_dplg(1), str(tmp_path / "other"), version=1)
     assert fingerprint(model) == fingerprint(model) != fingerprint(other)
@@ -82,9 +82,9 @@ def extract_cmd(model, out, inputs, *extra):
 
 
 def shard_rows(out):
-    from dplg_tf.storage import extraction as shards
+    from dplg_tf.storage import extraction
 
-    rows, names, _ = shards.read_all(out)
+    rows, names, _ = extraction.read_all(out)
     return dict(zip(names, rows))
 
 
@@ -92,7 +92,7 @@ def shard_rows(out):
 def test_resume_after_driver_sigkill(model, tmp_path):
     """Killed halfway, the rerun keeps the finished shards untouched and does
     the rest; each image is there once; bad images are listed."""
-    from dplg_tf.storage import extraction as shards
+    from dplg_tf.storage import extraction
 
     images = tmp_path / "images"
     write_images(str(images), 40, size=(768, 1024))
@@ -104,7 +104,7 @@ def test_resume_after_driver_sigkill(model, tmp_path):
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
-            done = shards.done_shards(out, 11) if os.path.isdir(out + "/shards") else set()
+            done = extraction.done_shards(out, 11) if os.path.isdir(out + "/shards") else set()
             if len(done) >= 2:
                 break
             time.sleep(0.05)
@@ -112,28 +112,28 @@ def test_resume_after_driver_sigkill(model, tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(30)
-    kept = {i: (open(shards.shard_path(out, i), "rb").read(),
-                os.stat(shards.shard_path(out, i)).st_mtime_ns)
-            for i in shards.done_shards(out, 11)}
+    kept = {i: (open(extraction.shard_path(out, i), "rb").read(),
+                os.stat(extraction.shard_path(out, i)).st_mtime_ns)
+            for i in extraction.done_shards(out, 11)}
     assert 2 <= len(kept) < 11, sorted(kept)
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]   # one bad image
     for i, (data, mtime) in kept.items():
-        assert open(shards.shard_path(out, i), "rb").read() == data
-        assert os.stat(shards.shard_path(out, i)).st_mtime_ns == mtime
+        assert open(extraction.shard_path(out, i), "rb").read() == data
+        assert os.stat(extraction.shard_path(out, i)).st_mtime_ns == mtime
     rows = shard_rows(out)
     assert len(rows) == 40 and len(set(rows)) == 40
-    errors = shards.read_errors(out)
+    errors = extraction.read_errors(out)
     assert [n for n, _ in errors] == [str(images / "broken.jpg")]
     progress = json.load(open(os.path.join(out, "progress.json")))
     assert progress["state"] == "done" and progress["shards_done"] == 11
     import pyarrow.parquet as pq
 
-    from dplg_tf.bulk.reading import fingerprint
+    from dplg_tf.export.saved_models import fingerprint
 
-    meta = pq.read_schema(shards.shard_path(out, 0)).metadata
+    meta = pq.read_schema(extraction.shard_path(out, 0)).metadata
     assert meta[b"dplg.fingerprint"].decode() == fingerprint(model)
-    manifest = shards.read_manifest(out)
+    manifest = extraction.read_manifest(out)
     assert manifest["fingerprint"] == fingerprint(model) and manifest["dim"] == 512
     np.testing.assert_allclose(json.loads(meta[b"dplg.probe"]), manifest["probe"])
     names = sorted(rows)[:3]
@@ -154,11 +154,10 @@ def test_resume_after_driver_sigkill(model, tmp_path):
 
 def test_index_and_eval_read_an_extraction_folder(model, tmp_path):
     """dplg-index --descriptors OUT streams the shards and checks the probe;
-    evaluate.load_distractors takes the folder for the +1M setting."""
-    from dplg_tf import cli
-    from dplg_tf.retrieval import evaluation as evaluate
-    from dplg_tf.storage import extraction as shards
-    from dplg_tf.bulk.reading import fingerprint
+    evaluation.load_distractors takes the folder for the +1M setting."""
+    from dplg_tf.retrieval import evaluation
+    from dplg_tf.storage import extraction
+    from dplg_tf.export.saved_models import fingerprint
     from dplg_tf.retrieval.describers import Describer
     from dplg_tf.search.index import DescriptorIndex
 
@@ -167,17 +166,17 @@ def test_index_and_eval_read_an_extraction_folder(model, tmp_path):
     names = [f"img{i}.jpg" for i in range(7)]
     manifest = {"model": model, "fingerprint": fingerprint(model), "probe": info["probe"],
                 "dim": 512, "requested_scales": None, "limits": {}, "shard_size": 3,
-                "listing_sha256": shards.listing_hash(names), "images": 7, "num_shards": 3}
-    shards.open_folder(out, manifest, names)
+                "listing_sha256": extraction.listing_hash(names), "images": 7, "num_shards": 3}
+    extraction.open_folder(out, manifest, names)
     rng = np.random.default_rng(0)
     rows = rng.normal(size=(7, 512)).astype(np.float32)
     for s in range(2):
         part = slice(3 * s, 3 * s + 3)
         errors = [None, ("too small", "too small: x"), None] if s == 1 else [None] * 3
-        shards.write_shard(out, s, names[part], rows[part], errors, manifest)
+        extraction.write_shard(out, s, names[part], rows[part], errors, manifest)
     with pytest.raises(UserError, match="1 of 3 shards are missing"):
-        shards.read_all(out)
-    shards.write_shard(out, 2, names[6:], rows[6:], [None], manifest)
+        extraction.read_all(out)
+    extraction.write_shard(out, 2, names[6:], rows[6:], [None], manifest)
 
     index_dir = str(tmp_path / "idx")
     run = subprocess.run([sys.executable, "-m", "dplg_tf.cli.index", f"--index_dir={index_dir}",
@@ -190,13 +189,13 @@ def test_index_and_eval_read_an_extraction_folder(model, tmp_path):
         rows, 4, 0) / np.linalg.norm(np.delete(rows, 4, 0), axis=1, keepdims=True), atol=1e-6)
     np.testing.assert_allclose(index.probe, info["probe"], atol=1e-6)
 
-    loaded = evaluate.load_distractors(out, 512, np.asarray(info["probe"]))
+    loaded = evaluation.load_distractors(out, 512, np.asarray(info["probe"]))
     assert loaded.shape == (6, 512)
     with pytest.raises(UserError, match="another model"):
-        evaluate.load_distractors(out, 512, -np.asarray(info["probe"]))
+        evaluation.load_distractors(out, 512, -np.asarray(info["probe"]))
     # a rerun into the folder with other inputs is refused
     with pytest.raises(UserError, match="another input listing"):
-        shards.open_folder(out, dict(manifest, listing_sha256="0"), names)
+        extraction.open_folder(out, dict(manifest, listing_sha256="0"), names)
 
 
 @pytest.mark.slow
@@ -240,7 +239,6 @@ def test_two_node_cluster_matches_local_run(model, tmp_path):
 
 def test_inputs_are_listed_sorted_once(tmp_path):
     """Folders, globs, single files and .txt listings, sorted, each name once."""
-    from dplg_tf import cli
     from dplg_tf.bulk.job import list_inputs
 
     write_images(str(tmp_path / "a"), 3)
@@ -289,7 +287,7 @@ def test_read_rows_sorts_bad_files_by_reason(tmp_path):
 def test_server_describer_matches_the_local_batches(model):
     """--server: the same descriptors through dplg-serve; a batch holding an
     image the model refuses is retried image by image."""
-    from dplg_tf.bulk.reading import BatchDescriber, ServerDescriber
+    from dplg_tf.retrieval.describers import Describer
     from dplg_tf.serving import batching
     from dplg_tf.serving.server import Server
 
@@ -303,13 +301,13 @@ def test_server_describer_matches_the_local_batches(model):
         # the header check passes; the decoder refuses what follows it
         cut = image_bytes(96, 128, seed=5)[:200]
         blobs = [image_bytes(96, 128, seed=1), cut, image_bytes(128, 96, seed=2)]
-        worker = ServerDescriber(srv.address, batch_size=8)
-        rows, errors = worker.describe(blobs)
-        local, _ = BatchDescriber(model).describe([blobs[0], blobs[2]])
+        worker = Describer(server=srv.address, batch_size=8)
+        rows, errors = worker.describe_rows(blobs)
+        local, _ = Describer(model=model).describe_rows([blobs[0], blobs[2]])
         np.testing.assert_allclose(rows[[0, 2]], local, atol=1e-5)
         assert errors[0] is None and errors[2] is None
         assert errors[1][0] == "undecodable" and "refused by the model" in errors[1][1]
-        worker.describer.close()
+        worker.close()
     finally:
         srv.stop(5)
 

@@ -11,7 +11,8 @@ from dplg_tf.nn import backbones
 from dplg_tf import config as config_lib
 from dplg_tf.nn import costs
 from dplg_tf.nn import layers
-from dplg_tf.nn.model import build_dplg, build_training_model
+from dplg_tf.nn.heads import HEADS
+from dplg_tf.nn.model import build_dplg, build_training_model, validate
 
 RNG = np.random.default_rng(1)
 
@@ -20,7 +21,7 @@ def _images(b, h, w):
     return RNG.uniform(0, 255, (b, h, w, 3)).astype("float32")
 
 
-@pytest.mark.parametrize("head", config_lib.HEADS)
+@pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("hw", [(64, 64), (96, 160), (130, 70)])
 def test_shapes_for_non_square_inputs(small_config, head, hw):
     small_config.model.head = head
@@ -35,7 +36,7 @@ def test_shapes_for_non_square_inputs(small_config, head, hw):
     np.testing.assert_allclose(a.sum(axis=(1, 2)), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("head", config_lib.HEADS)
+@pytest.mark.parametrize("head", HEADS)
 def test_every_trainable_weight_gets_a_gradient(small_config, head):
     small_config.model.head = head
     small_config.model.gem_trainable = True
@@ -128,14 +129,14 @@ def test_missing_weights_file_is_a_clear_error(small_config, tmp_path):
 def test_configs_directory_builds_and_matches_the_paper():
     import importlib.util
 
-    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
     loaded = {}
     for name in sorted(os.listdir(root)):
         if name.endswith(".py"):
             spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(root, name))
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
-            loaded[name[:-3]] = config_lib.validate(module.get_config())
+            loaded[name[:-3]] = validate(module.get_config())
     paper = loaded["dplg_r50_gldv2"]
     assert (paper.model.backbone, paper.model.head) == ("resnet50", "dplg")
     for name in ("dplg_r50_gldv2", "ablation_no_rfb", "ablation_no_fusion", "ablation_gem",
@@ -215,7 +216,7 @@ def test_backbone_weights_from_a_local_h5_file(tmp_path):
         model.get_layer("conv4_block6_3_conv").kernel.numpy(), kernel.numpy())
 
 
-@pytest.mark.parametrize("head", config_lib.HEADS)
+@pytest.mark.parametrize("head", HEADS)
 def test_tf_checkpoint_round_trip_restores_every_variable(small_config, head, tmp_path):
     """The trainer's checkpoints (tf.train.Checkpoint) must hold every weight,
     the RFB's convolutions and BatchNorm statistics included."""
@@ -233,3 +234,53 @@ def test_tf_checkpoint_round_trip_restores_every_variable(small_config, head, tm
     reader = tf.train.load_checkpoint(path)
     saved = [k for k in reader.get_variable_to_shape_map() if k.startswith("model/")]
     assert len(saved) >= len(model.weights)
+
+
+@pytest.mark.parametrize("head", ["dplg", "dolg"])
+def test_keras_files_written_before_the_layout_move_still_load(small_config, head, tmp_path):
+    """A .keras file of the flat package named its layers' modules
+    dplg_tf.layers and dplg_tf.model; such a file (made here by writing those
+    names into a fresh file's config) loads in a new process and gives the
+    same descriptors."""
+    import json
+    import subprocess
+    import sys
+    import zipfile
+
+    small_config.model.head = head
+    model = build_dplg(small_config)
+    new, old = tmp_path / "new.keras", tmp_path / "old.keras"
+    model.save(new)
+    old_modules = {"dplg_tf.nn.model": "dplg_tf.model", "dplg_tf.nn.arcface": "dplg_tf.arcface"}
+
+    def rename(node):
+        if isinstance(node, dict):
+            if str(node.get("module", "")).startswith("dplg_tf.nn"):
+                node["module"] = old_modules.get(node["module"], "dplg_tf.layers")
+            for value in node.values():
+                rename(value)
+        elif isinstance(node, list):
+            for value in node:
+                rename(value)
+
+    with zipfile.ZipFile(new) as src, zipfile.ZipFile(old, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                rename(config)
+                assert '"dplg_tf.layers"' in json.dumps(config)
+                data = json.dumps(config).encode()
+            dst.writestr(item, data)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 96, 128, 3)).astype(np.float32)
+    np.save(tmp_path / "images.npy", images)
+    code = ("import sys, numpy as np\n"
+            "from dplg_tf.nn.model import load_model\n"
+            "m = load_model(sys.argv[1])\n"
+            "np.save(sys.argv[2], np.asarray(m(np.load(sys.argv[3]))['descriptor']))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(old), str(tmp_path / "out.npy"),
+                           str(tmp_path / "images.npy")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"),
+                               np.asarray(model(images)["descriptor"]), atol=1e-5)

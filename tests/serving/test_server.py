@@ -31,7 +31,7 @@ from dplg_tf.serving import batching
 from dplg_tf.serving.client import Client, ClientError
 from dplg_tf.serving.server import Server
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RNG = np.random.default_rng(7)
 
 

@@ -14,15 +14,6 @@ def _unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def test_exact_search_returns_the_best_first():
-    rng = np.random.default_rng(0)
-    db, q = _unit(rng.normal(size=(50, 8))), _unit(rng.normal(size=(7, 8)))
-    scores, ids = expansion.exact_search(db, chunk=3)(q, 4)
-    want = np.argsort(-(q @ db.T), axis=1)[:, :4]
-    np.testing.assert_array_equal(ids, want)
-    np.testing.assert_allclose(scores, np.take_along_axis(q @ db.T, want, 1), rtol=1e-6)
-
-
 def test_alpha_qe_adds_the_weighted_neighbours():
     db = _unit([[1, 0, 0], [0.8, 0.6, 0], [0, 0, 1], [-1, 0, 0]])
     q = _unit([[1, 0.1, 0]])

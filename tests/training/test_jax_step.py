@@ -10,7 +10,8 @@ import pytest
 SCRIPT = r"""
 import json, math
 import numpy as np
-from dplg_tf.config import HEADS, base_config
+from dplg_tf.config import base_config
+from dplg_tf.nn.heads import HEADS
 from dplg_tf.training.jax_step import setup
 import keras
 out = {"backend": keras.backend.backend()}
@@ -37,7 +38,7 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_every_head_trains_on_the_jax_backend():
     pytest.importorskip("jax")
-    from dplg_tf.config import HEADS
+    from dplg_tf.nn.heads import HEADS
     from dplg_tf.training.jax_step import backend_environment
 
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,

@@ -1,0 +1,103 @@
+"""The Revisited evaluation and the pictures."""
+
+import os
+
+import numpy as np
+import pytest
+
+from dplg_tf.retrieval import evaluation
+from dplg_tf.retrieval import pictures
+
+
+# ------------------------------------------------------------- compute_map
+
+def test_compute_ap_vector():
+    assert evaluation.compute_ap([0, 2, 5], 3) == pytest.approx(0.677778, abs=1e-6)
+
+
+def test_compute_map_vectors():
+    ranks = np.array([[4, 2, 0, 1, 3], [0, 2, 4, 1, 3], [0, 1, 2, 3, 4]]).T
+    gnd = [{"ok": [0, 1], "junk": [2]}, {"ok": [0, 4], "junk": []}, {"ok": [], "junk": []}]
+    m, aps, pr, prs = evaluation.compute_map(ranks, gnd, kappas=(1, 2, 5))
+    np.testing.assert_allclose(aps[:2], [0.416667, 0.791667], atol=1e-6)
+    assert np.isnan(aps[2]) and np.all(np.isnan(prs[2]))
+    assert m == pytest.approx(0.604167, abs=1e-6)
+    np.testing.assert_allclose(pr, [0.5, 0.5, 0.666667], atol=1e-6)
+
+
+def _direct_protocol(ranking, ok, junk):
+    """The protocol written out plainly: drop junk, then trapezoidal AP and P@k."""
+    kept = [x for x in ranking if x not in set(junk)]
+    hits = [i for i, x in enumerate(kept) if x in set(ok)]
+    ap = 0.0
+    for j, r in enumerate(hits):
+        ap += ((1.0 if r == 0 else j / r) + (j + 1) / (r + 1)) / 2 / len(ok)
+    last = hits[-1] + 1
+    prk = [sum(1 for h in hits if h + 1 <= min(k, last)) / min(k, last) for k in (1, 5, 10)]
+    return ap, prk
+
+
+def test_compute_map_agrees_with_a_direct_implementation():
+    rng = np.random.default_rng(0)
+    n_db, n_q = 60, 25
+    ranks = np.stack([rng.permutation(n_db) for _ in range(n_q)], axis=1)
+    gnd, want_ap, want_pr = [], [], []
+    for q in range(n_q):
+        chosen = rng.permutation(n_db)
+        ok = list(chosen[: rng.integers(0, 8)])
+        junk = list(chosen[20: 20 + rng.integers(0, 10)])
+        gnd.append({"ok": ok, "junk": junk})
+        if ok:
+            ap, prk = _direct_protocol(list(ranks[:, q]), ok, junk)
+            want_ap.append(ap)
+            want_pr.append(prk)
+    m, aps, pr, _ = evaluation.compute_map(ranks, gnd)
+    np.testing.assert_allclose(aps[~np.isnan(aps)], want_ap, atol=1e-12)
+    assert m == pytest.approx(np.mean(want_ap), abs=1e-12)
+    np.testing.assert_allclose(pr, np.mean(want_pr, axis=0), atol=1e-12)
+
+
+def test_perfect_and_reversed_rankings():
+    gnd = [{"ok": [0, 1, 2], "junk": [3]}]
+    best = np.array([[0, 1, 2, 3, 4, 5]]).T
+    m, *_ = evaluation.compute_map(best, gnd)
+    assert m == pytest.approx(1.0)
+    junk_first = np.array([[3, 0, 1, 2, 4, 5]]).T  # junk ahead of positives costs nothing
+    assert evaluation.compute_map(junk_first, gnd)[0] == pytest.approx(1.0)
+    worst = np.array([[5, 4, 3, 2, 1, 0]]).T
+    assert evaluation.compute_map(worst, gnd)[0] < 0.7
+
+
+def test_rank_orders_by_inner_product():
+    db = np.eye(4, dtype=np.float32)
+    q = np.array([[0.1, 0.9, 0.3, 0.0]], np.float32)
+    assert evaluation.rank(q, db)[:, 0].tolist() == [1, 2, 0, 3]
+
+
+def test_markdown_table_side_by_side():
+    row = {"mAP": 10.0, "mP@1": 20.0}
+    table = evaluation.markdown_table({"untrained": {"easy": row}, "trained": {"easy": row}})
+    assert "| untrained | Easy | 10.00 | 20.00 |" in table
+    assert "| trained | Easy | 10.00 | 20.00 |" in table
+
+
+# -------------------------------------------------------------- pictures
+
+def test_pictures_are_written(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    attention = rng.random((4, 6))
+    a = pictures.attention_figure([(image, attention, "query"), (image, attention, "top-1")],
+                                  str(tmp_path / "att.png"))
+    r = pictures.ranked_sheet(image, [(image, "positive", "a"), (image, "negative", "b"),
+                                      (image, "junk", "c")], str(tmp_path / "ranked.png"))
+    for path in (a, r):
+        assert os.path.getsize(path) > 5000
+    from PIL import Image
+
+    sheet = np.asarray(Image.open(r).convert("RGB"))
+    green = np.all(sheet == [0x1A, 0x98, 0x50], axis=-1).sum()
+    red = np.all(sheet == [0xD7, 0x30, 0x27], axis=-1).sum()
+    assert green > 100 and red > 100  # the borders are drawn
+    overlay = pictures.attention_overlay(image, attention)
+    assert overlay.shape == (64, 96, 3) and 0 <= overlay.min() and overlay.max() <= 1
