@@ -16,7 +16,7 @@ from dplg_tf.errors import UserError
 from dplg_tf.progress import progress_bar
 from dplg_tf.retrieval.describers import describe_files
 from dplg_tf.serving.client import Client, ClientError
-from dplg_tf.storage.descriptors import ChunkedOutput
+from dplg_tf.storage.chunks import ChunkedOutput
 
 
 def _define_flags():

@@ -24,20 +24,11 @@ from absl import flags
 from ml_collections import config_flags
 
 from dplg_tf import cli
+from dplg_tf.images.attention import ascii_map
 from dplg_tf.images.probe import facade_image
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo_cpu.py")
 FLAGS = flags.FLAGS
-
-_SHADES = " .:-=+*#%@"
-
-
-def ascii_map(attention):
-    """The attention map as text, one character per X4 cell (dark = low)."""
-    a = np.asarray(attention, np.float64)
-    a = (a - a.min()) / max(a.max() - a.min(), 1e-12)
-    return "\n".join("".join(_SHADES[int(v * (len(_SHADES) - 1))] for v in row) for row in a)
-
 
 def describe(config):
     import keras

@@ -60,41 +60,75 @@ class DescriptorExtractor:
             return descriptors
         return tf.cast(self.whitening(descriptors), tf.float32)
 
-    def multiscale(self, image, scales):
-        """uint8 [H, W, 3], float32 [S] -> dict of descriptor, per-scale, attention."""
+    def _check_scales(self, scales):
+        """The scales, after the graph's check of their count and range."""
         import tensorflow as tf
 
-        image = tf.convert_to_tensor(image)
-        n = tf.size(scales)
         lim = self.limits
+        scales = tf.convert_to_tensor(scales, tf.float32)
+        n = tf.size(scales)
         valid = tf.debugging.Assert(tf.logical_and(tf.logical_and(
             n > 0, n <= lim.max_scales), tf.reduce_all(tf.logical_and(
                 scales > 0.0, scales <= lim.max_scale))), [
             f"scales must be 1 to {lim.max_scales} values in (0, {lim.max_scale:g}]; got",
             scales])
-        shape = tf.shape(image, out_type=tf.int64)
-        large = tf.debugging.Assert(shape[0] * shape[1] <= lim.max_pixels, [
-            "The image has", shape[0] * shape[1], "pixels; the limit is", lim.max_pixels])
-        with tf.control_dependencies([valid, large]):
-            base = self._base(image)
+        with tf.control_dependencies([valid]):
+            return tf.identity(scales)
+
+    def _at_scales(self, images, scales):
+        """The multi-scale extraction, the one implementation behind every
+        signature: images [N, h, w, 3] of one size (from _base) -> (per-scale
+        L2-normalised descriptors [S, N, model_dim], the attention [N, H4, W4]
+        at the scale nearest 1). Each scale resizes the images by `scale`, or by
+        the larger factor that brings the shorter side to min_scaled_side (both
+        sides alike: the aspect ratio is kept)."""
+        import tensorflow as tf
+
+        n = tf.size(scales)
+        size = tf.cast(tf.shape(images)[1:3], tf.float32)
         nearest = tf.argmin(tf.abs(scales - 1.0), output_type=tf.int32)
 
         def body(i, descriptors, attention):
-            d, a = self._describe_scaled(base, scales[i])
+            factor = tf.maximum(scales[i], self.min_scaled_side / tf.reduce_min(size))
+            new = tf.maximum(tf.cast(tf.round(size * factor), tf.int32), self.min_scaled_side)
+            out = self.model(tf.image.resize(images, new, antialias=True), training=False)
+            d = tf.math.l2_normalize(tf.cast(out["descriptor"], tf.float32), axis=-1)
+            a = tf.cast(out["attention"], tf.float32)
             attention = tf.cond(i == nearest, lambda: a, lambda: attention)
             return i + 1, descriptors.write(i, d), attention
 
         _, descriptors, attention = tf.while_loop(
             lambda i, *_: i < n, body,
             (tf.constant(0), tf.TensorArray(tf.float32, size=n,
-                                            element_shape=[self.model_dim]),
-             tf.zeros([0, 0], tf.float32)),
+                                            element_shape=[None, self.model_dim]),
+             tf.zeros([tf.shape(images)[0], 0, 0], tf.float32)),
             shape_invariants=(tf.TensorShape([]), tf.TensorShape(None),
-                              tf.TensorShape([None, None])))
-        per_scale = descriptors.stack()
-        fused = tf.math.l2_normalize(tf.reduce_mean(per_scale, axis=0))
-        return {"global_descriptor": self._whiten(fused[None])[0],
-                "scale_descriptors": self._whiten(per_scale), "attention": attention}
+                              tf.TensorShape([None, None, None])))
+        return descriptors.stack(), attention
+
+    def _fuse(self, per_scale):
+        """[S, N, model_dim] -> [N, dim]: the mean of the scales, normalised
+        (the paper's aggregation), then the optional whitening."""
+        import tensorflow as tf
+
+        return self._whiten(tf.math.l2_normalize(tf.reduce_mean(per_scale, axis=0), axis=-1))
+
+    def multiscale(self, image, scales):
+        """uint8 [H, W, 3], float32 [S] -> dict of descriptor, per-scale, attention."""
+        import tensorflow as tf
+
+        image = tf.convert_to_tensor(image)
+        scales = self._check_scales(scales)
+        shape = tf.shape(image, out_type=tf.int64)
+        large = tf.debugging.Assert(shape[0] * shape[1] <= self.limits.max_pixels, [
+            "The image has", shape[0] * shape[1], "pixels; the limit is",
+            self.limits.max_pixels])
+        with tf.control_dependencies([large]):
+            base = self._base(image)
+        per_scale, attention = self._at_scales(base[None], scales)
+        return {"global_descriptor": self._fuse(per_scale)[0],
+                "scale_descriptors": self._whiten(per_scale[:, 0]),
+                "attention": attention[0]}
 
     def _base(self, image):
         """The image as float32, limited to max_image_side; too small ones fail."""
@@ -108,20 +142,6 @@ class DescriptorExtractor:
             "at least", self.limits.min_side])
         with tf.control_dependencies([small]):
             return limit_side(image, self.max_image_side)
-
-    def _describe_scaled(self, base, scale):
-        """(L2-normalised descriptor [D], attention [H4, W4]) of `base` resized by
-        `scale`, or by the larger factor that brings its shorter side to
-        min_scaled_side (both sides alike: the aspect ratio is kept)."""
-        import tensorflow as tf
-
-        size = tf.cast(tf.shape(base)[:2], tf.float32)
-        factor = tf.maximum(scale, self.min_scaled_side / tf.reduce_min(size))
-        new = tf.maximum(tf.cast(tf.round(size * factor), tf.int32), self.min_scaled_side)
-        scaled = tf.image.resize(base, new, antialias=True)
-        out = self.model(scaled[None], training=False)
-        return (tf.math.l2_normalize(tf.cast(out["descriptor"][0], tf.float32)),
-                tf.cast(out["attention"][0], tf.float32))
 
     def decode_limited(self, image_bytes):
         """string [] -> float32 [h, w, 3]: decoded, checked and limited to
@@ -144,38 +164,18 @@ class DescriptorExtractor:
             tf.reduce_min(shape[1:3]) >= 1), [
             "describe_batch takes at most", lim.max_images, "images from decode_limited, "
             "with sides up to", int(self.max_image_side), "; got shape", shape])
-        scales = tf.convert_to_tensor(scales, tf.float32)
-        n = tf.size(scales)
-        valid = tf.debugging.Assert(tf.logical_and(tf.logical_and(
-            n > 0, n <= lim.max_scales), tf.reduce_all(tf.logical_and(
-                scales > 0.0, scales <= lim.max_scale))), [
-            f"scales must be 1 to {lim.max_scales} values in (0, {lim.max_scale:g}]; got",
-            scales])
-        with tf.control_dependencies([ok, valid]):
+        with tf.control_dependencies([ok]):
             images = tf.identity(images)
-        size = tf.cast(shape[1:3], tf.float32)
-
-        def body(i, total):
-            factor = tf.maximum(scales[i], self.min_scaled_side / tf.reduce_min(size))
-            new = tf.maximum(tf.cast(tf.round(size * factor), tf.int32), self.min_scaled_side)
-            out = self.model(tf.image.resize(images, new, antialias=True), training=False)
-            return i + 1, total + tf.math.l2_normalize(
-                tf.cast(out["descriptor"], tf.float32), axis=-1)
-
-        _, total = tf.while_loop(lambda i, _: i < n, body, (
-            tf.constant(0), tf.zeros([shape[0], self.model_dim], tf.float32)))
-        fused = tf.math.l2_normalize(total / tf.cast(n, tf.float32), axis=-1)
-        return {"global_descriptor": self._whiten(fused)}
+        return {"global_descriptor": self._fuse(self._at_scales(
+            images, self._check_scales(scales))[0])}
 
     def describe_image(self, image):
-        """uint8 [H, W, 3] -> descriptor [D] at the configured scales, laid out
-        one after another in the graph (no loop); equal to multiscale()."""
+        """uint8 [H, W, 3] -> descriptor [dim] at the configured scales; equal to
+        multiscale() at those scales."""
         import tensorflow as tf
 
         base = self._base(image)
-        per_scale = [self._describe_scaled(base, scale)[0] for scale in self.scales]
-        fused = tf.math.l2_normalize(tf.reduce_mean(tf.stack(per_scale), axis=0))
-        return self._whiten(fused[None])[0]
+        return self._fuse(self._at_scales(base[None], tf.constant(self.scales, tf.float32))[0])[0]
 
     def describe_bytes(self, image_bytes):
         """string [N] -> {"global_descriptor": float32 [N, D]} at the configured scales."""

@@ -115,42 +115,41 @@ def cache_key(describer, scales, name, jobs):
 
 
 def extract(describer, scales, jobs, cache_dir, name, chunk=32, progress=True, workers=4):
-    """Descriptors of `jobs` [(path, bbx or None)] at `scales`, cached in
-    resumable chunks."""
+    """Descriptors of `jobs` [(path, bbx or None)] at `scales`, cached: the
+    finished file `cache_dir/<name>-<key>.npz`, or its resumable chunks
+    (storage.chunks) while it is being made."""
     import concurrent.futures
 
     from dplg_tf import images
     from dplg_tf.progress import progress_bar
+    from dplg_tf.storage.chunks import ChunkedOutput
+    from dplg_tf.storage.descriptors import read_npz
 
     key = cache_key(describer, scales, name, jobs)
-    folder = os.path.join(cache_dir, f"{name}-{key}")
-    os.makedirs(folder, exist_ok=True)
-    parts = []
+    final = os.path.join(cache_dir, f"{name}-{key}.npz")
+    names = [f"{path}|{bbx}" for path, bbx in jobs]
+    if os.path.isfile(final):
+        rows, cached, _ = read_npz(final)
+        if cached == names:
+            return rows
+    os.makedirs(cache_dir, exist_ok=True)
+    run = ChunkedOutput(final, names, chunk, describer.probe())
     bar = progress_bar(len(jobs), f"{name} images", enabled=progress)
-    for start in range(0, len(jobs), chunk):
-        part = os.path.join(folder, f"{start:08d}.npy")
-        size = min(chunk, len(jobs) - start)
-        if os.path.isfile(part):
-            parts.append(np.load(part))
-            bar.update(size)
-            continue
 
-        def one(job):
-            path, bbx = job
-            return describer.multiscale(images.load(path, bbx=bbx), scales)["global_descriptor"]
+    def one(job):
+        path, bbx = job
+        return describer.multiscale(images.load(path, bbx=bbx), scales)["global_descriptor"]
 
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            rows = []
-            for row in pool.map(one, jobs[start:start + size]):
-                rows.append(row)
-                bar.update(1)
-        block = np.stack(rows).astype(np.float32)
-        tmp = part + ".tmp.npy"
-        np.save(tmp, block)
-        os.replace(tmp, part)
-        parts.append(block)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for i, chunk_names in run.chunks():
+            part = jobs[i * chunk:i * chunk + len(chunk_names)]
+            if not run.done(i):
+                rows = [row for row in pool.map(one, part)]
+                run.save(i, chunk_names, np.stack(rows).astype(np.float32), [])
+            bar.update(len(part))
     bar.close()
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    run.finish()
+    return read_npz(final)[0] if jobs else np.zeros((0, 0), np.float32)
 
 
 def load_distractors(path, dim, probe=None):

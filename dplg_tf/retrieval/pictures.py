@@ -4,7 +4,7 @@ negative / junk database images."""
 
 import os
 
-import numpy as np
+from dplg_tf.images.attention import overlay
 
 COLOURS = {"positive": "#1a9850", "negative": "#d73027", "junk": "#999999", None: "#ffffff"}
 
@@ -18,20 +18,6 @@ def _pyplot():
     return plt
 
 
-def attention_overlay(image, attention):
-    """RGB float image in [0, 1] with the attention map blended over it."""
-    from PIL import Image
-
-    plt = _pyplot()
-    a = np.asarray(attention, np.float64)
-    a = (a - a.min()) / max(a.max() - a.min(), 1e-12)
-    h, w = image.shape[:2]
-    heat = np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize(
-        (w, h), Image.Resampling.BILINEAR), np.float64) / 255.0
-    coloured = plt.get_cmap("jet")(heat)[..., :3]
-    return np.clip(0.5 * image / 255.0 + 0.5 * coloured, 0, 1)
-
-
 def attention_figure(pairs, path, title="Dot-product attention A (Eq. 2)"):
     """`pairs` [(image uint8, attention, caption)] side by side: image over map."""
     plt = _pyplot()
@@ -39,7 +25,7 @@ def attention_figure(pairs, path, title="Dot-product attention A (Eq. 2)"):
     for col, (image, attention, caption) in enumerate(pairs):
         axes[0, col].imshow(image)
         axes[0, col].set_title(caption, fontsize=9)
-        axes[1, col].imshow(attention_overlay(image, attention))
+        axes[1, col].imshow(overlay(image, attention))
         for ax in axes[:, col]:
             ax.axis("off")
     fig.suptitle(title, fontsize=11)

@@ -2,18 +2,7 @@
 
 import os
 
-
-def attention_images(images, attention):
-    """Images beside their attention maps (upsampled, red), for TensorBoard."""
-    import tensorflow as tf
-
-    size = tf.shape(images)[1:3]
-    a = attention[..., None]
-    a = a / (tf.reduce_max(a, axis=[1, 2, 3], keepdims=True) + 1e-12)
-    heat = tf.image.resize(a, size, method="nearest")
-    base = images / 255.0
-    overlay = base * 0.4 + tf.concat([heat, tf.zeros_like(heat), tf.zeros_like(heat)], -1) * 0.6
-    return tf.clip_by_value(tf.concat([base, overlay], axis=2), 0.0, 1.0)
+from dplg_tf.images.attention import side_by_side
 
 
 class MetricWriter:
@@ -44,7 +33,7 @@ class MetricWriter:
         if self._writer is None:
             return
         with self._writer.as_default(step=step):
-            tf.summary.image("attention", attention_images(images, attention),
+            tf.summary.image("attention", side_by_side(images, attention).astype("float32"),
                              max_outputs=max_outputs)
 
     def flush(self):

@@ -99,5 +99,50 @@ def test_pictures_are_written(tmp_path):
     green = np.all(sheet == [0x1A, 0x98, 0x50], axis=-1).sum()
     red = np.all(sheet == [0xD7, 0x30, 0x27], axis=-1).sum()
     assert green > 100 and red > 100  # the borders are drawn
-    overlay = pictures.attention_overlay(image, attention)
+    from dplg_tf.images.attention import overlay
+
+    overlay = overlay(image, attention)
     assert overlay.shape == (64, 96, 3) and 0 <= overlay.min() and overlay.max() <= 1
+
+
+# ----------------------------------------------------------- the cache
+
+class _CountingDescriber:
+    """multiscale() of an image is its mean colour; fails after `fail_after` calls."""
+
+    identity = "fake/1"
+
+    def __init__(self, fail_after=None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def probe(self):
+        return np.ones(3, np.float32) / np.sqrt(3)
+
+    def multiscale(self, image, scales):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RuntimeError("killed")
+        self.calls += 1
+        return {"global_descriptor": image.reshape(-1, 3).mean(0).astype(np.float32)}
+
+
+def test_extraction_cache_resumes_at_the_first_unfinished_chunk(tmp_path):
+    from PIL import Image
+
+    jobs = []
+    for i in range(10):
+        path = str(tmp_path / f"im{i}.png")
+        Image.fromarray(np.full((20, 20, 3), 20 * i, np.uint8)).save(path)
+        jobs.append((path, None))
+    cache = str(tmp_path / "cache")
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluation.extract(_CountingDescriber(fail_after=7), [1.0], jobs, cache, "db",
+                           chunk=3, progress=False, workers=1)
+    again = _CountingDescriber()
+    rows = evaluation.extract(again, [1.0], jobs, cache, "db", chunk=3, progress=False,
+                              workers=1)
+    assert again.calls == 4          # chunks 0 and 1 were kept; 2 and 3 remain
+    np.testing.assert_allclose(rows[:, 0], 20.0 * np.arange(10))
+    third = _CountingDescriber()
+    np.testing.assert_allclose(evaluation.extract(third, [1.0], jobs, cache, "db", chunk=3,
+                                                  progress=False), rows)
+    assert third.calls == 0          # the finished file is read back

@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -26,9 +27,11 @@ from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grp
 
 from dplg_tf.export import export as export_lib
 from dplg_tf import images
-from dplg_tf.storage.descriptors import ChunkedOutput, read_npz
+from dplg_tf.storage.chunks import ChunkedOutput
+from dplg_tf.storage.descriptors import read_npz
 from dplg_tf.serving import batching
-from dplg_tf.serving.server import Server, tf_error_message
+from dplg_tf.errors import tf_error_message
+from dplg_tf.serving.server import Server
 
 LIMITS = dataclasses.replace(images.DEFAULT_LIMITS, max_images=16, max_pixels=1_000_000,
                              max_request_mb=4)
@@ -280,17 +283,19 @@ def test_batcher_drops_expired_and_abandoned_tasks_unrun():
 
 
 def test_a_large_request_does_not_starve_small_ones():
-    order = []
+    order, started, release = [], threading.Event(), threading.Event()
 
     def run(items):
-        time.sleep(0.05)
+        started.set()
+        release.wait(10)  # the first batch holds the thread until the small request is in
         order.append(tuple(items))
         return items
 
     b = batching.Batcher(run, max_batch_size=4, batch_timeout_micros=0, num_batch_threads=1)
     big = b.submit(list(range(100, 140)))  # 10 tasks of 4
-    time.sleep(0.02)
+    assert started.wait(10)
     small = b.submit([1])
+    release.set()
     assert small[0].result(10) == [1]
     assert [f.result(10) for f in big][-1] == [136, 137, 138, 139]
     assert order.index((1,)) <= 2  # served after at most two of the big request's tasks

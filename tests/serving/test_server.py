@@ -450,14 +450,21 @@ def test_batcher_combines_concurrent_tasks_and_respects_limits():
     assert [f.result(10) for f in futures] == [[i * 10] for i in range(6)]
     assert max(calls) <= 4 and len(calls) < 6  # batched, never over max_batch_size
     # a full queue refuses at once
-    slow = batching.Batcher(lambda items: time.sleep(0.5) or items, max_batch_size=1,
-                            batch_timeout_micros=0, num_batch_threads=1,
-                            max_enqueued_batches=1)
+    taken, release = threading.Event(), threading.Event()
+
+    def held(items):
+        taken.set()
+        release.wait(10)
+        return items
+
+    slow = batching.Batcher(held, max_batch_size=1, batch_timeout_micros=0,
+                            num_batch_threads=1, max_enqueued_batches=1)
     first = slow.submit([1])[0]
-    time.sleep(0.1)  # taken by the batch thread
+    assert taken.wait(10)  # the batch thread holds the first; one more fits the queue
     second = slow.submit([2])[0]
     with pytest.raises(batching.QueueFull, match="queue is full"):
         slow.submit([3])
+    release.set()
     assert first.result(5) == [1] and second.result(5) == [2]
     slow.close()
     b.close()

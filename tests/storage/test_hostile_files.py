@@ -384,7 +384,7 @@ def test_builder_reports_hostile_names_and_keeps_going(tmp_path):
 # ------------------------------------------------------- messages, caches
 
 def test_error_messages_are_whole_sentences_without_tensorflow_framing():
-    from dplg_tf.serving.server import tf_error_message
+    from dplg_tf.errors import tf_error_message
 
     framed = ("Graph execution error:\n\nDetected at node Assert/Assert defined at (most recent "
               "call last):\n<stack traces unavailable>\n{}\n\t [[{{{{node Assert/Assert}}}}]] "

@@ -6,4 +6,5 @@ from dplg_tf.nn.layers import OrthogonalFusion
 
 def build(m, x4, x5):
     vg = global_vector(m, x5)
-    return OrthogonalFusion(name="fusion")(rfb(m, x4), vg)
+    local = rfb(m, x4)
+    return OrthogonalFusion(name="fusion")(local, vg)

@@ -6,5 +6,6 @@ from dplg_tf.nn.layers import DotProductFusion
 
 def build(m, x4, x5):
     vg = global_vector(m, x5)
-    vl, attention = DotProductFusion(m.local_dim, name="fusion")(rfb(m, x4), vg)
+    local = rfb(m, x4)  # built before the fusion: the same initial weights for a seed as before
+    vl, attention = DotProductFusion(m.local_dim, name="fusion")(local, vg)
     return fuse(vg, vl), attention

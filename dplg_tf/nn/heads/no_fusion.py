@@ -6,5 +6,6 @@ from dplg_tf.nn.layers import GeM, UniformAttention
 
 def build(m, x4, x5):
     vg = global_vector(m, x5)
-    vl = GeM(p=m.gem_p, name="local_gem")(rfb(m, x4))
+    local = rfb(m, x4)
+    vl = GeM(p=m.gem_p, name="local_gem")(local)
     return fuse(vg, vl), UniformAttention(name="attention")(x4)
