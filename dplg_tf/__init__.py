@@ -3,7 +3,8 @@
 The subpackages, bottom up (each imports only from the layers below it;
 README "Layout"):
 
-- errors, config, progress: user errors and exit codes, the config tree, progress bars
+- errors, config, console: user errors and exit codes, the config tree, what a command
+  prints (progress bars, TensorFlow start-up lines filtered)
 - storage: atomic files and every file format we write and read back
 - images: limits, header checks, host decoding, listing, the probe image
 - nn: Keras layers, backbones, the head registry, the model, costs

@@ -112,8 +112,10 @@ class _Describe:
     """A Ray actor: the model, loaded once."""
 
     def __init__(self, model, server, model_name, scales, batch_size, threads):
+        from dplg_tf.console import quiet_tensorflow
         from dplg_tf.retrieval.describers import Describer
 
+        quiet_tensorflow()  # each actor is its own process: keep its start-up lines out
         self.worker = Describer(model, server, model_name, scales=scales,
                                 batch_size=batch_size, threads=threads)
 
@@ -179,7 +181,7 @@ class _Progress:
     """The console bar and OUT/progress.json."""
 
     def __init__(self, out, total, shards_total, shards_done):
-        from dplg_tf.progress import progress_bar
+        from dplg_tf.console import progress_bar
 
         self.path = os.path.join(out, "progress.json")
         self.total, self.done, self.errors = total, 0, 0

@@ -10,6 +10,7 @@ import sys
 
 from absl import app
 
+from dplg_tf.console import quiet_tensorflow
 from dplg_tf.errors import BAD_INPUT, UserError
 
 
@@ -19,10 +20,18 @@ def fail(name, message, code=BAD_INPUT):
     sys.exit(code)
 
 
-def run(main, name):
-    """`app.run(main)`, turning UserError into `name: error: <sentence>`, exit 2."""
+def run(main, name, uses_tensorflow=True):
+    """`app.run(main)`, turning UserError into `name: error: <sentence>`, exit 2.
+
+    Quiet by default: TensorFlow's start-up lines and noisy library loggers
+    are filtered (dplg_tf.console); --verbosity=1 shows everything."""
 
     def guarded(argv):
+        from absl import flags
+
+        verbose = flags.FLAGS.verbosity >= 1
+        if uses_tensorflow:
+            quiet_tensorflow(verbose)
         try:
             return main(argv)
         except UserError as e:

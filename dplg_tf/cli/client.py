@@ -13,7 +13,7 @@ from absl import flags
 from dplg_tf import cli, images
 from dplg_tf.cli.flags import define_limit_flags, limits_from_flags
 from dplg_tf.errors import UserError
-from dplg_tf.progress import progress_bar
+from dplg_tf.console import progress_bar
 from dplg_tf.retrieval.describers import describe_files
 from dplg_tf.serving.client import Client, ClientError
 from dplg_tf.storage.chunks import ChunkedOutput

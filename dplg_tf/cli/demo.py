@@ -243,7 +243,7 @@ def _index(config, workdir, data, address):
     from dplg_tf.search import index
     from dplg_tf.data.revisited import load_dataset
     from dplg_tf.retrieval.describers import Describer
-    from dplg_tf.progress import progress_bar
+    from dplg_tf.console import progress_bar
 
     _stage("6/8 index the database through gRPC")
     dataset = load_dataset(data, "synthetic")

@@ -2,5 +2,5 @@
 input pipeline, the synthetic landmark set, the Revisited Oxford / Paris
 loaders and the safe pickle reader of their ground truth.
 
-Imports: errors, config, progress, storage, images, nn.
+Imports: errors, config, console, storage, images, nn.
 """

@@ -274,7 +274,7 @@ def generate(out_dir, num_landmarks=20, views_per_landmark=30, num_eval_landmark
                         width, height, seed)
     num_workers = num_workers or os.cpu_count() or 1
     bbx = {}
-    from dplg_tf.progress import progress_bar
+    from dplg_tf.console import progress_bar
 
     bar = progress_bar(len(tasks), "synthetic images", enabled=progress)
     if num_workers > 1:

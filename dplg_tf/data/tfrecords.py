@@ -248,7 +248,7 @@ def _claim(output_dir, fingerprint, overwrite):
 
 def _write_shards(output_dir, todo, labels, max_image_size, num_workers, progress):
     """Writes the shards of `todo` [(name, items)] in threads; {name: result}."""
-    from dplg_tf.progress import progress_bar
+    from dplg_tf.console import progress_bar
 
     total = sum(len(i) for _, i in todo)
     results = {}

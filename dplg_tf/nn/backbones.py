@@ -15,6 +15,9 @@ RESNETS = {
     "resnet50": ("ResNet50", "conv4_block6_out", "conv5_block3_out"),
     "resnet101": ("ResNet101", "conv4_block23_out", "conv5_block3_out"),
 }
+# the keras.applications weight files of the ResNets (include_top=False)
+WEIGHT_FILES = {"resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                "resnet101": "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5"}
 SMALL = "small"
 BACKBONES = tuple(RESNETS) + (SMALL,)
 
@@ -73,6 +76,10 @@ def small_backbone(widths=(16, 32, 64, 128, 256)):
     return keras.Model(inputs, taps[-2:], name="small_backbone")
 
 
+def _first_line(error):
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+
+
 def build_backbone(name, weights=None):
     """The backbone `name` with its X4/X5 taps and the preprocessing it expects."""
     if name not in BACKBONES:
@@ -87,8 +94,16 @@ def build_backbone(name, weights=None):
         logging.warning("%s starts from random weights: the paper's recipe fine-tunes "
                         "ImageNet weights; set config.model.backbone_weights to "
                         "'imagenet' or the path of a local .h5 file.", name)
-    full = getattr(keras.applications, ctor)(
-        include_top=False, weights=weights, input_shape=(None, None, 3))
+    try:
+        full = getattr(keras.applications, ctor)(
+            include_top=False, weights=weights, input_shape=(None, None, 3))
+    except Exception as e:  # noqa: BLE001 - keras raises a bare Exception for a failed fetch
+        if weights != "imagenet" or "fetch" not in str(e).lower():
+            raise
+        raise UserError(
+            f"The ImageNet weights of {name} could not be downloaded ({_first_line(e)}); "
+            f"download {WEIGHT_FILES[name]} on a machine with a network and set "
+            "config.model.backbone_weights to its local path.") from None
     model = keras.Model(full.inputs,
                         [full.get_layer(tap4).output, full.get_layer(tap5).output],
                         name=name)

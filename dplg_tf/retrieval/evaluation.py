@@ -121,7 +121,7 @@ def extract(describer, scales, jobs, cache_dir, name, chunk=32, progress=True, w
     import concurrent.futures
 
     from dplg_tf import images
-    from dplg_tf.progress import progress_bar
+    from dplg_tf.console import progress_bar
     from dplg_tf.storage.chunks import ChunkedOutput
     from dplg_tf.storage.descriptors import read_npz
 

@@ -112,7 +112,7 @@ def read_records(pattern, max_images=0):
 
 
 def describe_records(describer, blobs, batch_size=16, progress=True):
-    from dplg_tf.progress import progress_bar
+    from dplg_tf.console import progress_bar
 
     bar = progress_bar(len(blobs), "images", enabled=progress)
     rows = []

@@ -8,7 +8,7 @@ import numpy as np
 
 from dplg_tf import images
 from dplg_tf.errors import UserError
-from dplg_tf.progress import progress_bar
+from dplg_tf.console import progress_bar
 from dplg_tf.storage import extraction
 from dplg_tf.storage.descriptors import read_npz
 

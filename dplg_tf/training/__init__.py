@@ -1,5 +1,5 @@
 """Training: the tf.distribute trainer, the optimiser and step, summaries,
 fusion diagnostics, malloc tuning and the JAX step.
 
-Imports: errors, config, progress, storage, images, nn, data.
+Imports: errors, config, console, storage, images, nn, data.
 """

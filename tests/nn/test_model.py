@@ -284,3 +284,21 @@ def test_keras_files_written_before_the_layout_move_still_load(small_config, hea
     assert proc.returncode == 0, proc.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"),
                                np.asarray(model(images)["descriptor"]), atol=1e-5)
+
+
+def test_imagenet_weights_offline_are_one_sentence_naming_the_local_file(monkeypatch):
+    """keras' failed download (a bare Exception 'URL fetch failure ...') becomes a
+    UserError that says which .h5 to fetch and where to point the config."""
+    from keras.src.utils import file_utils
+
+    from dplg_tf.errors import UserError
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://example.invalid/w.h5: None -- "
+                        "[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    with pytest.raises(UserError, match=r"could not be downloaded .*"
+                       r"resnet50_weights_tf_dim_ordering_tf_kernels_notop\.h5.*"
+                       r"backbone_weights"):
+        backbones.build_backbone("resnet50", "imagenet")

@@ -1,0 +1,92 @@
+"""What a command prints on the console: progress bars, and TensorFlow's
+start-up chatter kept out of sight.
+
+Progress bars (tqdm) show count, rate and ETA on stderr. On a terminal the
+bar is redrawn in place; in logs (CI, nohup) a plain line is printed at most
+every 10 seconds, so logs stay short and readable.
+
+TensorFlow's C++ runtime prints a dozen lines when it is imported and when
+its devices are first listed (absl's "All log messages before
+absl::InitializeLog()", oneDNN, CUDA stubs on machines without a GPU),
+before any logging setting applies. `quiet_tensorflow()` does both with
+stderr captured and passes on only the lines that are not that chatter;
+--verbosity=1 (any command) shows everything.
+"""
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+
+# TensorFlow's start-up lines that say nothing to a user of this package
+_CHATTER = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog|[IWE]\d{4} [\d:.]+ +\d+ "
+    r"(port|cudart_stub|cpu_feature_guard|cuda_platform|cuda_executor|cuda_dnn|cuda_fft|"
+    r"cuda_blas|gpu_device|cuda_diagnostics)\.cc|To enable the following instructions|"
+    r"this TensorFlow binary is optimized)")
+# third-party loggers that report normal events as if they were failures
+_QUIET_LOGGERS = ("faiss", "faiss.loader")
+
+
+class _Lines:
+    """A file for tqdm that turns its in-place redraws into whole lines (for logs)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = text.replace("\r", "\n").strip("\n")
+        if text.strip():
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(total, unit="images", enabled=True):
+    """A tqdm bar over `total` items; `.update(n)` and `.close()`."""
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=int(total), unit=f" {unit}", disable=not enabled,
+                file=sys.stderr if tty else _Lines(sys.stderr),
+                mininterval=0.2 if tty else 10.0, dynamic_ncols=tty, ascii=not tty)
+
+
+@contextlib.contextmanager
+def _filtered_stderr():
+    """File descriptor 2 into a temporary file; then its lines that are not
+    chatter go to the real stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode("utf-8", "replace").splitlines():
+                if line.strip() and not _CHATTER.search(line):
+                    print(line, file=sys.stderr)
+
+
+def quiet_tensorflow(verbose=False):
+    """Import TensorFlow and list its devices with the start-up chatter
+    filtered out (everything shown when `verbose`), and quiet the loggers of
+    libraries that report normal events as failures."""
+    if verbose:
+        return
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if "tensorflow" in sys.modules and getattr(quiet_tensorflow, "done", False):
+        return
+    with _filtered_stderr():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    quiet_tensorflow.done = True
