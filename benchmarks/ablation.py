@@ -177,7 +177,8 @@ def main():
         shards = os.path.join(work, "shards")
         if not os.path.isdir(shards):
             items, _ = tfrecords.list_image_dir(os.path.join(data, "train"))
-            tfrecords.build(shards + ".tmp", items, num_shards=4, progress=False)
+            tfrecords.build(shards + ".tmp", items, num_shards=4, progress=False,
+                            validation_fraction=0.2)
             os.replace(shards + ".tmp", shards)
         scores = {}
         seeds = [int(s) for s in args.seeds.split(",")]

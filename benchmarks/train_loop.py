@@ -39,7 +39,8 @@ def make_records(work, images, size):
                        width=size, height=size, seed=0, progress=False)
     items, ignored = tfrecords.list_image_dir(os.path.join(work, "data", "train"))
     shards = os.path.join(work, "shards")
-    tfrecords.build(shards, items, num_shards=4, ignored=ignored, progress=False)
+    tfrecords.build(shards, items, num_shards=4, ignored=ignored, progress=False,
+                    validation_fraction=0.2)
     return os.path.join(shards, "train-*")
 
 

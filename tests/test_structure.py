@@ -162,3 +162,17 @@ def test_bazel_lists_every_test_file():
     listed = set(re.findall(r'"([\w/]*test_\w+)"', (tests / "BUILD").read_text()))
     found = {str(p.relative_to(tests).with_suffix("")) for p in tests.rglob("test_*.py")}
     assert listed == found
+
+
+def test_every_console_script_resolves_and_every_command_runs_as_a_module():
+    import importlib
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    for script, target in project["scripts"].items():
+        module, _, function = target.partition(":")
+        assert module.startswith("dplg_tf.cli."), script
+        assert callable(getattr(importlib.import_module(module), function)), script
+    for path in (PACKAGE / "cli").glob("*.py"):
+        if path.stem not in ("__init__", "flags"):  # `python -m dplg_tf.cli.<name>` works
+            assert 'if __name__ == "__main__":' in path.read_text(), path.name

@@ -8,6 +8,7 @@ import sys
 from absl import flags
 
 from dplg_tf import cli
+from dplg_tf.errors import DONE, PARTLY_FAILED
 from dplg_tf.data.sources import BuildError, list_gldv2, list_image_dir
 from dplg_tf.data.tfrecords import build, relabel
 
@@ -19,8 +20,11 @@ def _define_flags():
     flags.DEFINE_string("output_dir", None, "Where the shards go.", required=True)
     flags.DEFINE_integer("num_shards", 8, "Training shards.")
     flags.DEFINE_integer("num_validation_shards", 0,
-                         "Validation shards (0: num_shards * validation_fraction, at least 1).")
-    flags.DEFINE_float("validation_fraction", 0.2, "Share of each class for validation.")
+                         "Validation shards (0: in proportion to num_shards, at least 1).")
+    flags.DEFINE_float("validation_fraction", 0.0, "Share of each class held out for "
+                       "validation (0: every image trains, as the paper does).")
+    flags.DEFINE_integer("validation_per_class", 0, "Instead: this many images of each "
+                         "class held out (a class keeps at least one for training).")
     flags.DEFINE_integer("seed", 0, "Seed of the split and the shard order.")
     flags.DEFINE_integer("max_image_size", 0,
                          "Re-encode images whose longest side is larger (0: keep sizes).")
@@ -43,11 +47,14 @@ def main(argv):
     summary = build(f.output_dir, items, f.num_shards, f.num_validation_shards,
                     f.validation_fraction, f.seed, f.max_image_size, f.num_workers,
                     f.overwrite, ignored=ignored,
-                    log=lambda m: print(m, file=sys.stderr), listing_problems=problems)
+                    log=lambda m: print(m, file=sys.stderr), listing_problems=problems,
+                    validation_per_class=f.validation_per_class)
     print(json.dumps(summary))
     if summary["bad_files"]:
         print(f"{summary['bad_files']} files skipped: see "
               f"{os.path.join(f.output_dir, 'bad_files.txt')}", file=sys.stderr)
+        return PARTLY_FAILED
+    return DONE
 
 
 def run():

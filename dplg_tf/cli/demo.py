@@ -183,7 +183,8 @@ def _shards(workdir, data):
     _stage("2/8 TFRecord shards")
     shards = os.path.join(workdir, "shards")
     items, ignored = tfrecords.list_image_dir(os.path.join(data, "train"))
-    print(json.dumps(tfrecords.build(shards, items, num_shards=4, ignored=ignored)))
+    print(json.dumps(tfrecords.build(shards, items, num_shards=4, ignored=ignored,
+                                       validation_fraction=0.2)))
     return shards
 
 

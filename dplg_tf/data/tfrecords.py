@@ -39,6 +39,7 @@ from dplg_tf.images import DEFAULT_LIMITS
 from dplg_tf.storage.atomic import write_atomic
 
 STATE_DIR = ".build"  # per-shard results, kept out of the shard glob
+MAX_SHARDS = 100_000
 
 
 # ------------------------------------------------------------- split, shards
@@ -48,8 +49,10 @@ def relabel(items):
     return {old: new for new, old in enumerate(sorted({cls for _, _, cls in items}))}
 
 
-def split(items, labels, fraction, seed):
-    """Per class, a seeded shuffle, then max(1, floor(fraction * n)) to validation."""
+def split(items, labels, fraction, seed, per_class=0):
+    """Per class, a seeded shuffle, then `per_class` images, or max(1,
+    floor(fraction * n)), to validation; never all of a class (a class of one
+    image stays in training). fraction 0 and per_class 0: all in training."""
     by_class = {}
     for item in items:
         by_class.setdefault(labels[item[2]], []).append(item)
@@ -57,7 +60,8 @@ def split(items, labels, fraction, seed):
     for label in sorted(by_class):
         members = by_class[label]
         order = np.random.default_rng([seed, label]).permutation(len(members))
-        n_val = max(1, math.floor(fraction * len(members))) if fraction > 0 else 0
+        n_val = per_class or (max(1, math.floor(fraction * len(members))) if fraction > 0 else 0)
+        n_val = min(n_val, len(members) - 1)
         validation += [members[i] for i in order[:n_val]]
         train += [members[i] for i in order[n_val:]]
     return train, validation
@@ -185,14 +189,25 @@ def _done_result(output_dir, name):
     return None
 
 
-def build(output_dir, items, num_shards=8, num_validation_shards=0, validation_fraction=0.2,
+def build(output_dir, items, num_shards=8, num_validation_shards=0, validation_fraction=0.0,
           seed=0, max_image_size=0, num_workers=4, overwrite=False, progress=True,
-          ignored=0, log=print, listing_problems=()):
-    """Build the shards of `items` [(path, image_id, class)]; returns the summary."""
-    if num_shards < 1:
-        raise BuildError(f"--num_shards must be >= 1, got {num_shards}.")
+          ignored=0, log=print, listing_problems=(), validation_per_class=0):
+    """Build the shards of `items` [(path, image_id, class)]; returns the summary.
+
+    Every image goes to training unless a validation split is asked for
+    (`validation_fraction` of each class, or `validation_per_class` images of
+    each), as the paper and DELG's builder train on all of GLDv2-clean."""
+    if not 1 <= num_shards <= MAX_SHARDS:
+        raise BuildError(f"--num_shards must lie in [1, {MAX_SHARDS}], got {num_shards}.")
     if not 0 <= validation_fraction < 1:
         raise BuildError(f"--validation_fraction must lie in [0, 1), got {validation_fraction}.")
+    if validation_per_class < 0 or (validation_per_class and validation_fraction):
+        raise BuildError("Give --validation_fraction or --validation_per_class (>= 0), "
+                         "not both.")
+    if not 0 <= num_validation_shards <= MAX_SHARDS or max_image_size < 0:
+        raise BuildError(f"--num_validation_shards must lie in [0, {MAX_SHARDS}] and "
+                         f"--max_image_size be >= 0, got {num_validation_shards} and "
+                         f"{max_image_size}.")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise BuildError(f"--output_dir {output_dir!r} is a file, not a folder.")
     start = time.perf_counter()
@@ -202,9 +217,10 @@ def build(output_dir, items, num_shards=8, num_validation_shards=0, validation_f
         raise BuildError("None of the listed images exists or is non-empty; "
                          "check --image_dir / --gldv2_image_dir.")
     labels = relabel(items)
-    train, validation = split(items, labels, validation_fraction, seed)
-    num_validation_shards = num_validation_shards or max(
-        1, round(num_shards * validation_fraction))
+    train, validation = split(items, labels, validation_fraction, seed, validation_per_class)
+    num_validation_shards = min(len(validation) or 1, num_validation_shards or max(
+        1, round(num_shards * (validation_fraction or len(validation) / len(items)))))
+    num_shards = min(num_shards, len(train))  # no empty shard (a worker would get no data)
     plans = shard_plan(train, num_shards, seed, "train")
     if validation:
         plans.update(shard_plan(validation, num_validation_shards, seed, "validation"))
@@ -295,14 +311,15 @@ def _finish(output_dir, plans, results, labels, listed, missing, ignored, start,
     from dplg_tf.images import display_name
 
     bad = [(display_name(p), r) for p, r in bad]
+    records = {f"{k}_records": splits.get(k, {}).get("num_records", 0)
+               for k in ("train", "validation")}
     report = {"listed_images": listed, "ignored_non_image_files": ignored,
               "bad_files": len(bad), "bad": [{"path": p, "reason": r} for p, r in bad],
-              **{f"{k}_records": v["num_records"] for k, v in splits.items()}}
+              **records}
     write_atomic(os.path.join(output_dir, "build_report.json"), json.dumps(report, indent=1))
     write_atomic(os.path.join(output_dir, "bad_files.txt"),  # one line per file
                  "".join(f"{display_name(p)}\t{r}\n" for p, r in bad))
-    return {"num_classes": len(labels),
-            **{f"{k}_records": v["num_records"] for k, v in splits.items()},
+    return {"num_classes": len(labels), **records,
             "bad_files": len(bad), "shards_written": written,
             "shards_total": len(plans), "images_processed": total,
             "seconds": round(seconds, 2),

@@ -234,14 +234,16 @@ def test_builder_rerun_rewrites_only_the_missing_shard(messy_tree, tmp_path):
     root, _, _ = messy_tree
     out = str(tmp_path / "shards")
     items, _ = tfrecords.list_image_dir(root)
-    tfrecords.build(out, items, num_shards=3, seed=1, num_workers=2, progress=False)
+    tfrecords.build(out, items, num_shards=3, seed=1, num_workers=2, progress=False,
+                    validation_fraction=0.2)
     shards = sorted(n for n in os.listdir(out) if n.startswith(("train-", "validation-")))
     assert shards == ["train-00000-of-00003", "train-00001-of-00003", "train-00002-of-00003",
                       "validation-00000-of-00001"]
     before = {n: (os.stat(os.path.join(out, n)).st_mtime_ns,
                   open(os.path.join(out, n), "rb").read()) for n in shards}
     os.remove(os.path.join(out, "train-00001-of-00003"))
-    summary = tfrecords.build(out, items, num_shards=3, seed=1, num_workers=2, progress=False)
+    summary = tfrecords.build(out, items, num_shards=3, seed=1, num_workers=2, progress=False,
+                              validation_fraction=0.2)
     assert summary["shards_written"] == 1
     for n in shards:
         data = open(os.path.join(out, n), "rb").read()
@@ -412,3 +414,33 @@ def test_resized_images_stay_within_0_255():
             for _ in range(5):
                 image = fn(tf.constant(record))[0].numpy()
                 assert 0.0 <= image.min() and image.max() <= 255.0
+
+
+def test_builds_keep_every_image_for_training_unless_asked(tmp_path):
+    """The paper trains on all of GLDv2-clean: no split by default; asked for,
+    a split never takes a class's last image (a class of one stays in training)."""
+    from PIL import Image
+
+    root = tmp_path / "classes"
+    for cls, n in (("a", 6), ("b", 3), ("single", 1)):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(root / cls / f"{i}.jpg")
+    items, _ = tfrecords.list_image_dir(str(root))
+    out = str(tmp_path / "all")
+    summary = tfrecords.build(out, items, num_shards=2, progress=False)
+    assert (summary["train_records"], summary["validation_records"]) == (10, 0)
+    assert not [n for n in os.listdir(out) if n.startswith("validation-")]
+    labels = tfrecords.relabel(items)
+    for per_class, fraction, held in ((2, 0.0, {"a": 2, "b": 2, "single": 0}),
+                                      (0, 0.5, {"a": 3, "b": 1, "single": 0}),
+                                      (9, 0.0, {"a": 5, "b": 2, "single": 0})):
+        train, validation = tfrecords.split(items, labels, fraction, 0, per_class)
+        for cls, count in held.items():
+            assert sum(c == cls for _, _, c in validation) == count, (per_class, cls)
+            assert sum(c == cls for _, _, c in train) >= 1
+    with pytest.raises(tfrecords.BuildError, match="not both"):
+        tfrecords.build(str(tmp_path / "x"), items, validation_fraction=0.1,
+                        validation_per_class=1, progress=False)
+    with pytest.raises(tfrecords.BuildError, match="num_shards"):
+        tfrecords.build(str(tmp_path / "x"), items, num_shards=10 ** 9, progress=False)
