@@ -40,6 +40,7 @@ def base_config():
     c.data = ml_collections.ConfigDict()
     c.data.train_pattern = ""
     c.data.validation_pattern = ""
+    c.data.num_train_records = 0             # 0 = from dataset_info.json or counted once
     c.data.image_size = 512                  # square training crops
     c.data.random_resized_crop = True        # else the whole image, resized
     c.data.crop_area_range = (0.05, 1.0)     # share of the image a crop covers

@@ -22,13 +22,16 @@ def _define_flags():
     flags.DEFINE_string("model", None, "SavedModel base path or version folder.")
     flags.DEFINE_string("server", None, "host:port of dplg-serve or TF Serving.")
     flags.DEFINE_string("model_name", "dplg", "Model name on the server.")
-    flags.DEFINE_list("scales", None, "Extraction scales (default: the paper's 5).")
+    flags.DEFINE_list("scales", None, "Extraction scales (default: those of the model's "
+                      "serving_default; the paper's 5 for a server).")
     flags.DEFINE_string("output_dir", None, "Results, cache and figures "
                         "(default: <data_root>/<dataset>/eval).")
     flags.DEFINE_string("distractors", None, "Distractor descriptors (+1M): a dplg-extract "
                         "folder, or an .npz/.npy.")
     flags.DEFINE_integer("figures", 0, "Write ranked-result and attention pictures for N queries.")
     flags.DEFINE_integer("workers", 4, "Images extracted at once.")
+    flags.DEFINE_bool("allow_unverified", False, "Accept distractors without a probe "
+                      "descriptor (an .npy; the model that made them is then not checked).")
     define_expansion_flags(qe=True, dba=True)
 
 
@@ -38,7 +41,8 @@ def main(argv):
     results, *_ = run_eval(f.dataset, f.data_root, f.model, f.server, f.model_name,
                            [float(s) for s in f.scales] if f.scales else None,
                            None, f.distractors, f.figures, f.output_dir, workers=f.workers,
-                           expansion=expansion_from_flags())
+                           expansion=expansion_from_flags(),
+                           allow_unverified=f.allow_unverified)
     print(markdown_table(results, f.dataset))
     out = f.output_dir or os.path.join(f.data_root, f.dataset, "eval")
     print(f"results in {out}/results.json and results.md", file=sys.stderr)

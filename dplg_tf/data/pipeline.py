@@ -29,14 +29,53 @@ FEATURES = {
 
 
 def dataset_info(pattern):
-    """The builder's dataset_info.json beside the shards of `pattern`."""
+    """{"num_classes", "splits": {split: {"num_records"}}} of the shards of
+    `pattern`: the builder's dataset_info.json beside them when it knows the
+    split, else (shards of DELG's builder, or any others in the schema)
+    counted from the records once and cached beside them."""
     path = os.path.join(os.path.dirname(pattern), "dataset_info.json")
-    if not tf.io.gfile.exists(path):
-        raise InputNotFound(
-            f"No dataset_info.json beside {pattern!r}; build the shards with "
-            "dplg-build-tfrecords, which writes it.")
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            info = json.load(f)
+        if split_of(pattern) in info.get("splits", {}):
+            return info
+    return _counted(pattern)
+
+
+def _counted(pattern):
+    """Record count and classes (largest label + 1) read from the records."""
+    import hashlib
+
+    from absl import logging
+
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise InputNotFound(f"No TFRecord shards match {pattern!r}.")
+    key = hashlib.sha1("\n".join(f"{f}:{tf.io.gfile.stat(f).length}" for f in files)
+                       .encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    cache = os.path.join(os.path.dirname(pattern), f".dplg_counts-{key}.json")
+    if tf.io.gfile.exists(cache):
+        with tf.io.gfile.GFile(cache) as f:
+            return json.load(f)
+    logging.info("no dataset_info.json for %s: counting its %d shards once", pattern, len(files))
+    label = {"image/class/label": FEATURES["image/class/label"]}
+    ds = tf.data.TFRecordDataset(files, num_parallel_reads=AUTOTUNE).map(
+        lambda r: tf.io.parse_single_example(r, label)["image/class/label"],
+        num_parallel_calls=AUTOTUNE).batch(65536)
+    count, largest = 0, -1
+    for labels in ds.as_numpy_iterator():
+        count, largest = count + len(labels), max(largest, int(labels.max()))
+    if count == 0 or largest < 0:
+        raise UserError(f"The shards {pattern!r} hold no records with labels.")
+    info = {"num_classes": largest + 1, "splits": {split_of(pattern): {"num_records": count}},
+            "counted_from": pattern}
+    try:
+        from dplg_tf.storage.atomic import write_atomic
+
+        write_atomic(cache, json.dumps(info))
+    except OSError:  # a read-only data folder: counted again next time
+        pass
+    return info
 
 
 def split_of(pattern):
@@ -45,8 +84,7 @@ def split_of(pattern):
 
 
 def num_records(pattern):
-    info = dataset_info(pattern)
-    return info["splits"][split_of(pattern)]["num_records"]
+    return dataset_info(pattern)["splits"][split_of(pattern)]["num_records"]
 
 
 def num_classes(pattern):
@@ -122,6 +160,12 @@ def make_dataset(pattern, data_config, training, batch_size, input_context=None,
     files = tf.io.gfile.glob(pattern)
     if not files:
         raise InputNotFound(f"No TFRecord shards match {pattern!r}.")
+    workers = input_context.num_input_pipelines if input_context else 1
+    if training and len(files) < workers:  # a worker with no file would stop first and
+        # leave the others waiting in the all-reduce
+        raise UserError(f"{len(files)} shard files match {pattern!r} but {workers} workers "
+                        "read them whole; build at least as many shards as workers "
+                        "(dplg-build-tfrecords --num_shards).")
     files = tf.data.Dataset.from_tensor_slices(sorted(files))
     if input_context and input_context.num_input_pipelines > 1:
         files = files.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)

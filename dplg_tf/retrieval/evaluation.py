@@ -114,10 +114,14 @@ def cache_key(describer, scales, name, jobs):
     return h.hexdigest()[:16]
 
 
-def extract(describer, scales, jobs, cache_dir, name, chunk=32, progress=True, workers=4):
+def extract(describer, scales, jobs, cache_dir, name, chunk=32, progress=True, workers=4,
+            serving_default=False):
     """Descriptors of `jobs` [(path, bbx or None)] at `scales`, cached: the
     finished file `cache_dir/<name>-<key>.npz`, or its resumable chunks
-    (storage.chunks) while it is being made."""
+    (storage.chunks) while it is being made. `serving_default`: whole images
+    through the model's serving_default (its decoder, its scales), as
+    dplg-client and dplg-extract describe; else decoded here (cropped to the
+    bbx) and described by the multiscale signature at `scales`."""
     import concurrent.futures
 
     from dplg_tf import images
@@ -125,7 +129,7 @@ def extract(describer, scales, jobs, cache_dir, name, chunk=32, progress=True, w
     from dplg_tf.storage.chunks import ChunkedOutput
     from dplg_tf.storage.descriptors import read_npz
 
-    key = cache_key(describer, scales, name, jobs)
+    key = cache_key(describer, "serving_default" if serving_default else scales, name, jobs)
     final = os.path.join(cache_dir, f"{name}-{key}.npz")
     names = [f"{path}|{bbx}" for path, bbx in jobs]
     if os.path.isfile(final):
@@ -138,6 +142,8 @@ def extract(describer, scales, jobs, cache_dir, name, chunk=32, progress=True, w
 
     def one(job):
         path, bbx = job
+        if serving_default and bbx is None:
+            return describer.describe_bytes([images.read_bytes(path)])[0]
         return describer.multiscale(images.load(path, bbx=bbx), scales)["global_descriptor"]
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -152,25 +158,55 @@ def extract(describer, scales, jobs, cache_dir, name, chunk=32, progress=True, w
     return read_npz(final)[0] if jobs else np.zeros((0, 0), np.float32)
 
 
-def load_distractors(path, dim, probe=None):
-    """Descriptors from a dplg-extract folder (checked against the model's
-    `probe`), an .npz (`descriptors`) or an .npy file."""
-    if os.path.isdir(path):
-        from dplg_tf.storage import extraction
-        from dplg_tf.storage.descriptors import same_probe
+def _same_scales(a, b):
+    return a is not None and b is not None and len(a) == len(b) and np.allclose(
+        np.asarray(a, np.float64), np.asarray(b, np.float64), atol=1e-6)
 
+
+def load_distractors(path, dim, probe, scales, serving_scales=None, allow_unverified=False):
+    """Distractor descriptors (+1M), each kind checked against the model like
+    every descriptor file: a dplg-extract folder (its probe, and the scales it
+    used must be `scales`), a dplg-client .npz (its probe; it was described by
+    serving_default, so `scales` must be the model's `serving_scales`) or an
+    .npy (no probe: only with `allow_unverified`)."""
+    from dplg_tf.storage import extraction
+    from dplg_tf.storage.descriptors import read_npz, same_probe
+
+    theirs, kind = None, "npy"
+    if os.path.isdir(path):
+        manifest = extraction.check_complete(path)
+        if not _same_scales(manifest.get("scales"), scales):
+            raise UserError(f"The distractors in {path} were described at scales "
+                            f"{manifest.get('scales')}, this evaluation uses {list(scales)}; "
+                            "pass the same --scales or extract them again.")
         rows, _, theirs = extraction.read_all(path, dim)
-        if probe is not None and not same_probe(probe, theirs):
-            raise UserError(f"The distractors in {path} were described by another model "
-                                "or at other scales (the probe descriptor differs); "
-                                "extract them with this model.")
-        return rows
-    data = np.load(path)
-    array = data["descriptors"] if hasattr(data, "files") else data
-    if array.ndim != 2 or array.shape[1] != dim:
-        raise UserError(f"Distractors in {path} have shape {array.shape}; expected "
-                         f"[N, {dim}] descriptors from the same model.")
-    return array.astype(np.float32)
+        kind = "folder"
+    elif path.endswith(".npz"):
+        rows, _, theirs = read_npz(path)
+        kind = "npz"
+        if serving_scales is not None and not _same_scales(serving_scales, scales):
+            raise UserError(f"{path} was described by serving_default at the export's scales "
+                            f"{[round(s, 4) for s in serving_scales]}, this evaluation uses "
+                            f"{[round(s, 4) for s in scales]}; leave --scales out.")
+    else:
+        try:
+            rows = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is not a readable .npy array ({type(e).__name__}); "
+                            "give a dplg-extract folder or a dplg-client .npz.") from None
+    if theirs is None and not allow_unverified:
+        raise UserError(f"{path} carries no probe descriptor, so the model that made it "
+                        "cannot be checked; describe the distractors with dplg-extract or "
+                        "dplg-client, or pass --allow_unverified.")
+    if theirs is not None and probe is not None and not same_probe(probe, theirs):
+        raise UserError(f"The distractors in {path} were described by another model "
+                        "(the probe descriptor differs); describe them with this model.")
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or rows.shape[1] != dim or rows.dtype.kind != "f" or (
+            kind == "npy" and not np.all(np.isfinite(rows))):
+        raise UserError(f"Distractors in {path} have shape {list(rows.shape)} of "
+                        f"{rows.dtype}; expected finite [N, {dim}] descriptors of this model.")
+    return rows.astype(np.float32, copy=False)
 
 
 EXPANSION_OFF = {"qe_k": 0, "qe_alpha": 3.0, "dba_k": 0, "dba_alpha": 3.0}
@@ -187,7 +223,7 @@ def expand(queries, database, settings):
 
 def run_eval(dataset_name, data_root, model=None, server=None, model_name="dplg",
              scales=None, cache_dir=None, distractors=None, figures=0, output_dir=None,
-             progress=True, workers=4, expansion=None):
+             progress=True, workers=4, expansion=None, allow_unverified=False):
     """Extract, rank, score; returns (results, ranks, dataset, db, queries).
 
     `expansion` {qe_k, qe_alpha, dba_k, dba_alpha}: alpha-QE of the queries
@@ -197,20 +233,26 @@ def run_eval(dataset_name, data_root, model=None, server=None, model_name="dplg"
     from dplg_tf.retrieval.describers import Describer
 
     dataset = load_dataset(data_root, dataset_name)
-    scales = list(scales or PAPER_SCALES)
     describer = Describer(model, server, model_name)
+    serving = describer.scales   # a local SavedModel's serving_default scales (None: a server)
+    scales = list(scales or serving or PAPER_SCALES)
+    # the database (like distractors from dplg-client or dplg-extract) through the
+    # SavedModel's own decoder at its own scales when those are the scales asked for
+    own_path = _same_scales(serving, scales) if serving else scales == list(PAPER_SCALES)
     output_dir = output_dir or os.path.join(data_root, dataset_name, "eval")
     cache_dir = cache_dir or os.path.join(output_dir, "cache")
     db = extract(describer, scales, [(dataset.image_path(i), None)
                                      for i in range(len(dataset.imlist))],
-                 cache_dir, "database", progress=progress, workers=workers)
+                 cache_dir, "database", progress=progress, workers=workers,
+                 serving_default=own_path)
     queries = extract(describer, scales, [(dataset.query_path(i), dataset.bbx(i))
                                           for i in range(len(dataset.qimlist))],
                       cache_dir, "queries", progress=progress, workers=workers)
     full_db = db
     if distractors:
-        full_db = np.concatenate([db, load_distractors(distractors, db.shape[1],
-                                                       describer.probe())])
+        full_db = np.concatenate([db, load_distractors(
+            distractors, db.shape[1], describer.probe(), scales, serving,
+            allow_unverified)])
     expansion = dict(EXPANSION_OFF, **(expansion or {}))
     full_db, expanded = expand(queries, full_db, expansion)
     ranks = rank(expanded, full_db)

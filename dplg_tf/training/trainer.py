@@ -29,12 +29,14 @@
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 
 from absl import logging
 
 from dplg_tf.errors import UserError
+from dplg_tf.storage.atomic import write_atomic
 
 
 class TrainingError(RuntimeError):
@@ -105,14 +107,18 @@ class Trainer:
         if not d.train_pattern:
             raise UserError("config.data.train_pattern is empty; point it at the "
                              "train-* shards of dplg-build-tfrecords.")
-        self.num_classes = pipeline.dataset_info(d.train_pattern)["num_classes"]
         loss = self.config.loss
+        if loss.num_classes and d.num_train_records:  # given: the shards are not read for them
+            self.num_classes, self.num_train = loss.num_classes, d.num_train_records
+        else:  # dataset_info.json, or counted from the records once (DELG's shards)
+            info = pipeline.dataset_info(d.train_pattern)
+            self.num_classes = info["num_classes"]
+            self.num_train = info["splits"][pipeline.split_of(d.train_pattern)]["num_records"]
         if loss.num_classes and loss.num_classes != self.num_classes:
             raise UserError(
                 f"config.loss.num_classes={loss.num_classes} but the training data "
                 f"has {self.num_classes} classes; set it to {self.num_classes} or 0.")
         loss.num_classes = self.num_classes  # recorded in workdir/config.json
-        self.num_train = pipeline.num_records(d.train_pattern)
         self.global_batch = t.batch_size
         replicas = self.strategy.num_replicas_in_sync
         if self.global_batch % replicas:
@@ -138,8 +144,9 @@ class Trainer:
         checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                          step=self.step)
         folder = os.path.join(self.workdir, "checkpoints")
-        if not self.chief:  # other workers write to a scratch copy, as TF asks
-            folder = tempfile.mkdtemp(prefix="dplg_worker_ckpt_")
+        self.scratch = None
+        if not self.chief:  # other workers write to a scratch copy, as TF asks; removed at the end
+            folder = self.scratch = tempfile.mkdtemp(prefix="dplg_worker_ckpt_")
         self.manager = tf.train.CheckpointManager(checkpoint, folder,
                                                   max_to_keep=t.keep_checkpoints)
         self.embedder = self.model.get_layer("dplg")
@@ -203,10 +210,14 @@ class Trainer:
         self.writers = (MetricWriter(self.workdir, "train", self.chief),
                         MetricWriter(self.workdir, "validation", self.chief))
         if self.chief:
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(self.config.to_json_best_effort(indent=1))
-        history, rate = self._loop(start_step)
-        return self._finish(start_step, history, rate)
+            write_atomic(os.path.join(self.workdir, "config.json"),
+                         self.config.to_json_best_effort(indent=1))
+        try:
+            history, rate = self._loop(start_step)
+            return self._finish(start_step, history, rate)
+        finally:
+            if self.scratch:
+                shutil.rmtree(self.scratch, ignore_errors=True)
 
     def _restore(self):
         restored = self.manager.restore_or_initialize()
@@ -295,12 +306,13 @@ class Trainer:
                   "losses": [round(h[1], 5) for h in history],
                   "images_per_sec": rate,
                   "validation_accuracy": acc}
-        if self.chief:
+        if self.chief:  # each file whole or not at all: export falls back to checkpoints
             path = os.path.join(self.workdir, "model.keras")
-            self.embedder.save(path)
+            tmp = os.path.join(self.workdir, f".model-{os.getpid()}.tmp.keras")
+            self.embedder.save(tmp)
+            os.replace(tmp, path)
             result["model"] = path
-            with open(os.path.join(self.workdir, "result.json"), "w") as f:
-                json.dump(result, f, indent=1)
+            write_atomic(os.path.join(self.workdir, "result.json"), json.dumps(result, indent=1))
         for w in self.writers:
             w.flush()
         logging.info("done at step %d: loss %s -> %s, validation accuracy %s", step,

@@ -162,10 +162,12 @@ def test_index_and_eval_read_an_extraction_folder(model, tmp_path):
     from dplg_tf.search.index import DescriptorIndex
 
     out = str(tmp_path / "out")
-    info = {"probe": Describer(model=model).probe().tolist()}
+    describer = Describer(model=model)
+    info = {"probe": describer.probe().tolist(), "scales": describer.scales}
     names = [f"img{i}.jpg" for i in range(7)]
     manifest = {"model": model, "fingerprint": fingerprint(model), "probe": info["probe"],
                 "dim": 512, "requested_scales": None, "limits": {}, "shard_size": 3,
+                "scales": info["scales"],
                 "listing_sha256": extraction.listing_hash(names), "images": 7, "num_shards": 3}
     extraction.open_folder(out, manifest, names)
     rng = np.random.default_rng(0)
@@ -189,10 +191,13 @@ def test_index_and_eval_read_an_extraction_folder(model, tmp_path):
         rows, 4, 0) / np.linalg.norm(np.delete(rows, 4, 0), axis=1, keepdims=True), atol=1e-6)
     np.testing.assert_allclose(index.probe, info["probe"], atol=1e-6)
 
-    loaded = evaluation.load_distractors(out, 512, np.asarray(info["probe"]))
+    used = info["scales"]
+    loaded = evaluation.load_distractors(out, 512, np.asarray(info["probe"]), used)
     assert loaded.shape == (6, 512)
     with pytest.raises(UserError, match="another model"):
-        evaluation.load_distractors(out, 512, -np.asarray(info["probe"]))
+        evaluation.load_distractors(out, 512, -np.asarray(info["probe"]), used)
+    with pytest.raises(UserError, match="described at scales"):
+        evaluation.load_distractors(out, 512, np.asarray(info["probe"]), used[:2])
     # a rerun into the folder with other inputs is refused
     with pytest.raises(UserError, match="another input listing"):
         extraction.open_folder(out, dict(manifest, listing_sha256="0"), names)

@@ -15,6 +15,7 @@ import tensorflow as tf
 from PIL import Image
 
 from dplg_tf.config import base_config
+from dplg_tf.errors import UserError
 from dplg_tf.data import pipeline, revisited, safe_pickle, synthetic, tfrecords
 
 SMALL = dict(num_landmarks=4, views_per_landmark=6, num_eval_landmarks=3,
@@ -324,7 +325,8 @@ def test_builder_cli_end_to_end(synthetic_root, tmp_path):
 def shards(synthetic_root, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("shards"))
     items, _ = tfrecords.list_image_dir(os.path.join(synthetic_root, "train"))
-    tfrecords.build(out, items, num_shards=4, num_workers=2, progress=False)
+    tfrecords.build(out, items, num_shards=4, num_workers=2, progress=False,
+                    validation_fraction=0.2)
     return out
 
 
@@ -361,8 +363,34 @@ def test_validation_is_deterministic_and_complete(shards):
 def test_pipeline_errors_are_clear(tmp_path, shards):
     with pytest.raises(FileNotFoundError, match="No TFRecord shards match"):
         pipeline.make_dataset(str(tmp_path / "train-*"), _data_config(), True, 4)
-    with pytest.raises(FileNotFoundError, match="dataset_info.json"):
+    with pytest.raises(FileNotFoundError, match="No TFRecord shards match"):
         pipeline.num_classes(str(tmp_path / "train-*"))
+    # a worker with no shard file would stop first and leave the others hanging
+    files = len(tf.io.gfile.glob(shards + "/train-*"))
+    context = tf.distribute.InputContext(num_input_pipelines=files + 1, input_pipeline_id=0)
+    with pytest.raises(UserError, match=f"{files} shard files .* {files + 1} workers"):
+        pipeline.make_dataset(shards + "/train-*", _data_config(), True, 4, context)
+
+
+def test_shards_without_dataset_info_are_counted_once(shards, tmp_path, monkeypatch):
+    """Shards from DELG's builder (no dataset_info.json) train: classes and
+    counts are read from the records once and cached beside them."""
+    import shutil
+
+    delg = tmp_path / "delg"
+    delg.mkdir()
+    for name in os.listdir(shards):
+        if name.startswith("train-"):
+            shutil.copy(os.path.join(shards, name), delg / name)
+    ours = pipeline.dataset_info(shards + "/train-*")
+    counted = pipeline.dataset_info(str(delg / "train-*"))
+    assert counted["num_classes"] == ours["num_classes"] == 4
+    assert counted["splits"]["train"] == {"num_records": ours["splits"]["train"]["num_records"]}
+    assert [n for n in os.listdir(delg) if n.startswith(".dplg_counts-")]
+    monkeypatch.setattr(tf.data, "TFRecordDataset", None)   # the cache answers now
+    assert pipeline.dataset_info(str(delg / "train-*")) == counted
+    # the builder's file without a validation split: that split is counted too
+    assert pipeline.num_records(shards + "/validation-*") == 4
 
 
 MIRRORED_SCRIPT = r"""

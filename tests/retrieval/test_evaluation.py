@@ -146,3 +146,33 @@ def test_extraction_cache_resumes_at_the_first_unfinished_chunk(tmp_path):
     np.testing.assert_allclose(evaluation.extract(third, [1.0], jobs, cache, "db", chunk=3,
                                                   progress=False), rows)
     assert third.calls == 0          # the finished file is read back
+
+
+def test_distractor_files_are_checked_against_the_model(tmp_path):
+    """An .npz from another model, an .npz described at other scales than the
+    evaluation's, and an .npy (no probe) are refused in one sentence."""
+    from dplg_tf.errors import UserError
+    from dplg_tf.storage.descriptors import write_npz
+
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(5, 4)).astype(np.float32)
+    probe = np.array([0.5, 0.5, 0.5, 0.5], np.float32)
+    ours = str(tmp_path / "ours.npz")
+    write_npz(ours, [f"d{i}" for i in range(5)], rows, probe)
+    scales = [0.5, 1.0]
+    np.testing.assert_allclose(evaluation.load_distractors(ours, 4, probe, scales, scales), rows)
+    with pytest.raises(UserError, match="another model"):
+        evaluation.load_distractors(ours, 4, -probe, scales, scales)
+    with pytest.raises(UserError, match="at the export's scales"):
+        evaluation.load_distractors(ours, 4, probe, [1.0], scales)
+    with pytest.raises(UserError, match="4"):
+        evaluation.load_distractors(ours, 8, probe, scales, scales)
+    bare = str(tmp_path / "bare.npy")
+    np.save(bare, rows)
+    with pytest.raises(UserError, match="no probe descriptor.*--allow_unverified"):
+        evaluation.load_distractors(bare, 4, probe, scales, scales)
+    np.testing.assert_allclose(evaluation.load_distractors(
+        bare, 4, probe, scales, scales, allow_unverified=True), rows)
+    np.save(bare, np.full((2, 4), np.nan, np.float32))
+    with pytest.raises(UserError, match="finite"):
+        evaluation.load_distractors(bare, 4, probe, scales, scales, allow_unverified=True)

@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 
 from dplg_tf.nn import layers
 from dplg_tf.nn.model import build_training_model
@@ -81,7 +82,117 @@ def test_coupled_weight_decay_adds_wd_times_w_to_the_gradient(small_config):
         checked += id(v) not in skipped
     assert checked > 5
     small_config.train.weight_decay_mode = "l2"
-    import pytest
-
     with pytest.raises(ValueError, match="weight_decay_mode='l2' is unknown"):
         weight_decay_mode(small_config.train)
+
+
+# what a GPU user turns on first, and the all-reduce: each in a fresh process
+# (the precision policy and the logical devices are set before TensorFlow starts)
+OPTIONS_SCRIPT = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from dplg_tf.config import base_config
+from dplg_tf.nn.model import build_training_model
+from dplg_tf.training.optim import build_train_step, freeze_batchnorm, make_optimizer
+
+mode = sys.argv[1]
+c = base_config()
+c.model.backbone, c.model.local_dim, c.loss.num_classes, c.data.image_size = "small", 32, 5, 64
+t = c.train
+t.learning_rate, t.warmup_steps, t.weight_decay = 0.02, 0, 0.0
+if mode.startswith("mixed"):
+    t.mixed_precision = mode
+    keras.mixed_precision.set_global_policy(mode)
+t.jit_compile = mode == "jit_compile"
+t.frozen_batchnorm = mode in ("frozen_batchnorm", "replicas")
+rng = np.random.default_rng(0)
+images = rng.uniform(0, 255, (8, 64, 64, 3)).astype("float32")
+labels = rng.integers(0, 5, 8).astype("int32")
+
+
+def trained(devices, steps):
+    keras.utils.set_random_seed(0)
+    strategy = tf.distribute.MirroredStrategy(devices)
+    with strategy.scope():
+        model = build_training_model(c, 5)
+        if t.frozen_batchnorm:
+            freeze_batchnorm(model)
+        optimizer = make_optimizer(c, model, 100)
+        optimizer.build(model.trainable_variables)
+        step = tf.Variable(0, dtype=tf.int64)
+    bn = [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+    stats = [np.array(l.moving_mean) for l in bn]
+    model.initial = [v.numpy().copy() for v in model.trainable_variables]
+    data = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensors((images, labels)).repeat())
+    train_step = build_train_step(strategy, model, optimizer, t, 8, step)
+    it = iter(data)
+    losses = [float(train_step(it)[0]) for _ in range(steps)]
+    moved = any(not np.allclose(s, np.array(l.moving_mean)) for s, l in zip(stats, bn))
+    return model, losses, moved
+
+
+if mode == "replicas":  # one update: 2 replicas x 4 images against 1 replica x 8
+    out = {}
+    for clip in (1.0, 0.0):   # clipped by the global norm (active), and not clipped
+        t.learning_rate, t.momentum, t.clip_norm = 0.5 if clip else 0.01, 0.9, clip
+        one, _, _ = trained(["/cpu:0"], 1)
+        two, _, _ = trained(["/cpu:0", "/cpu:1"], 1)
+        d1 = [v.numpy() - w for v, w in zip(one.trainable_variables, one.initial)]
+        d2 = [v.numpy() - w for v, w in zip(two.trainable_variables, two.initial)]
+        out["clipped" if clip else "plain"] = {
+            "same_start": max(float(np.max(np.abs(a - b))) for a, b in zip(one.initial, two.initial)),
+            "update": max(float(np.max(np.abs(a))) for a in d1),
+            "update_norm": float(np.sqrt(sum(np.sum(a * a) for a in d1))),
+            "max_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(d1, d2))}
+    print(json.dumps(out))
+else:
+    model, losses, moved = trained(["/cpu:0"], 8)
+    fc = model.get_layer("dplg").get_layer("descriptor_fc")
+    print(json.dumps({"losses": losses, "compute": fc.compute_dtype,
+                      "variable": fc.kernel.dtype, "bn_moved": moved,
+                      "descriptor": model.get_layer("dplg").output["descriptor"].dtype}))
+"""
+
+
+def _options_run(mode):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", OPTIONS_SCRIPT, mode], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["mixed_float16", "mixed_bfloat16", "jit_compile",
+                                  "frozen_batchnorm"])
+def test_each_gpu_option_trains_with_finite_falling_loss(mode):
+    out = _options_run(mode)
+    losses = out["losses"]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    compute = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}.get(mode, "float32")
+    assert out["compute"] == compute and out["variable"] == "float32"
+    assert out["descriptor"] == "float32"           # the descriptor stays float32
+    assert out["bn_moved"] == (mode != "frozen_batchnorm")
+
+
+@pytest.mark.slow
+def test_one_update_on_two_replicas_equals_one_replica_on_the_same_global_batch():
+    """The private all-reduce (the optimiser's own is skipped) and the clip by
+    the all-reduced gradient's global norm give the 1-replica update."""
+    runs = _options_run("replicas")
+    for out in runs.values():
+        assert out["same_start"] == 0.0 and out["update"] > 1e-4, runs
+        assert out["max_diff"] < 1e-3 * out["update"], runs   # the same, to float precision
+    # clipped to lr * clip_norm = 0.5 (the gradient's norm is larger); not clipped, a
+    # wrong reduction (a mean of the replicas' halves) would be off by 2x
+    assert runs["clipped"]["update_norm"] == pytest.approx(0.5, rel=1e-3)
+    assert runs["plain"]["update_norm"] < 0.5

@@ -192,10 +192,13 @@ def test_multiworker_training_with_two_local_workers(shards, tmp_path):
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     for index in range(2):
         env = os.environ.copy()
         env["TF_CONFIG"] = json.dumps({"cluster": cluster,
                                        "task": {"type": "worker", "index": index}})
+        env["TMPDIR"] = str(scratch)  # where the non-chief worker's scratch checkpoints go
         cmd = [sys.executable, "-m", "dplg_tf.cli.train", "--strategy=multiworker"] + _flags(
             shards, workdir, **{"train.max_steps": 4, "train.log_every": 1})
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
@@ -213,3 +216,28 @@ def test_multiworker_training_with_two_local_workers(shards, tmp_path):
             in outputs[0][1])
     result = _result(workdir)  # written by the chief only
     assert result["step"] == 4 and result["replicas"] == 2
+    assert not [n for n in os.listdir(scratch) if n.startswith("dplg_worker_ckpt_")]
+    assert not [n for n in os.listdir(workdir) if n.endswith(".tmp.keras")]
+
+
+@pytest.mark.slow
+def test_shards_of_another_builder_train_without_dataset_info(shards, tmp_path):
+    """DELG's builder writes no dataset_info.json: classes and counts are read
+    from the records once; every output file is whole."""
+    import shutil
+
+    delg = tmp_path / "delg"
+    delg.mkdir()
+    for name in os.listdir(shards):
+        if name.startswith("train-"):
+            shutil.copy(os.path.join(shards, name), delg / name)
+    workdir = str(tmp_path / "run")
+    args = _flags(str(delg), workdir, **{"train.max_steps": 3, "train.log_every": 1,
+                                         "data.validation_pattern": ""})
+    proc = _train(args, cpu_devices=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["loss"]["num_classes"] == 6
+    assert _result(workdir)["step"] == 3
+    assert sorted(n for n in os.listdir(workdir) if not os.path.isdir(
+        os.path.join(workdir, n))) == ["config.json", "model.keras", "result.json"]
