@@ -77,7 +77,7 @@ def main():
     from dplg_tf.storage import whitening as whitening_file
     from dplg_tf.data.revisited import load_dataset
     from dplg_tf.retrieval.describers import Describer
-    from dplg_tf.cli.whiten import describe_records, read_records
+    from dplg_tf.retrieval.whitening import describe_records
 
     work = os.path.abspath(args.workdir)
     model_base = os.path.join(work, "models", "dplg")
@@ -85,8 +85,8 @@ def main():
     dataset = load_dataset(os.path.join(work, "data"), "synthetic")
     cache = tempfile.mkdtemp(prefix="dplg_retrieval_")
     db, queries = evaluation_descriptors(describer, dataset, cache)
-    blobs, labels = read_records(os.path.join(work, "shards", "train-*"))
-    train = describe_records(describer, blobs, progress=False)
+    train, labels = describe_records(describer, os.path.join(work, "shards", "train-*"),
+                                     progress=False)
     print(f"{len(db)} database, {len(queries)} queries, {len(train)} training descriptors",
           flush=True)
 

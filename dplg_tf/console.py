@@ -50,7 +50,7 @@ def progress_bar(total, unit="images", enabled=True):
     from tqdm import tqdm
 
     tty = sys.stderr.isatty()
-    return tqdm(total=int(total), unit=f" {unit}", disable=not enabled,
+    return tqdm(total=None if total is None else int(total), unit=f" {unit}", disable=not enabled,
                 file=sys.stderr if tty else _Lines(sys.stderr),
                 mininterval=0.2 if tty else 10.0, dynamic_ncols=tty, ascii=not tty)
 

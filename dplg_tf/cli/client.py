@@ -26,8 +26,9 @@ def _define_flags():
     flags.DEFINE_string("output", "descriptors.npz", "The descriptor file to write (exactly "
                         "this name; unfinished work waits in <output>.parts/).")
     flags.DEFINE_integer("batch_size", 8, "Images per request.", lower_bound=1)
-    flags.DEFINE_integer("chunk_size", 256, "Images per saved chunk (a rerun resumes at "
-                         "the first unfinished chunk).", lower_bound=1)
+    flags.DEFINE_integer("chunk_size", 256, "Images per saved part at most; a part is "
+                         "also saved every minute (a rerun resumes after the saved parts).",
+                         lower_bound=1)
     flags.DEFINE_integer("concurrency", 4, "Requests in flight.", lower_bound=1)
     flags.DEFINE_float("deadline", 120.0, "Seconds per request before it is abandoned.")
     flags.DEFINE_integer("retries", 4, "Retries on UNAVAILABLE / RESOURCE_EXHAUSTED.")
@@ -55,18 +56,20 @@ def main(argv):
         try:
             probe = c.describe_bytes([images.probe_bytes()])[0]
             run = ChunkedOutput(f.output, files, f.chunk_size, probe)
+            for name, reason in run.damaged:
+                print(f"dplg-client: {f.output}.parts/{name} is {reason}: its images are "
+                      "described again", file=sys.stderr)
             bar = progress_bar(len(files), "images")
-            for i, names in run.chunks():
-                if run.done(i):
-                    bar.update(len(names))
-                    continue
-                ok, rows, errors = describe_files(c.describe_bytes, names, f.batch_size,
-                                                  f.concurrency, limits, bar)
-                run.save(i, ok, rows, errors)
+            bar.update(int(run.done.sum()))
+            for start, end in run.batches(f.batch_size * f.concurrency):
+                ok, rows, errors = describe_files(c.describe_bytes, files[start:end],
+                                                  f.batch_size, f.concurrency, limits, bar)
+                run.add(start, end, ok, rows, errors)
             bar.close()
         except ClientError as e:
-            print(f"dplg-client: error: {e}; finished chunks are kept in {f.output}.parts "
-                  "and a rerun resumes from them.", file=sys.stderr)
+            run.flush()
+            print(f"dplg-client: error: {e}; finished work is kept in {f.output}.parts "
+                  "and a rerun resumes from it.", file=sys.stderr)
             sys.exit(1)
         count, dim, errors = run.finish()
     errors = problems + errors

@@ -192,40 +192,46 @@ def describe_files(describe, paths, batch_size=8, concurrency=4, limits=None,
                    progress=None, refusal=refusal):
     """(names, descriptors [n, D], [(name, reason)]) of image files, through
     `describe(list of bytes) -> rows` (a Client's or a SavedModel's): each file
-    is read and checked first, a batch the model refuses is retried image by
-    image, and every bad image is reported, never fatal. Other errors (server
-    gone, deadline) are raised."""
+    is read and checked just before its batch is sent (at most `concurrency`
+    batches of bytes in memory, whatever the number of files), a batch the
+    model refuses is retried image by image, and every bad image is reported,
+    never fatal. Other errors (server gone, deadline) are raised."""
     import concurrent.futures
 
     limits = limits or images.DEFAULT_LIMITS
-    blobs, errors = [], []
-    for path in paths:
-        try:
-            blobs.append((path, images.read_bytes(path, limits)))
-        except images.ImageError as e:
-            errors.append((images.display_name(path), f"{e.reason}: {e}"))
-            if progress is not None:
-                progress.update(1)
+    paths = list(paths)
 
     def send(batch):
-        rows = send_or_split(describe, [b for _, b in batch], refusal)
-        return [(p, row, error) for (p, _), (row, error) in zip(batch, rows)]
+        readable, results = [], {}
+        for path in batch:
+            try:
+                readable.append((path, images.read_bytes(path, limits)))
+            except images.ImageError as e:
+                results[path] = (None, f"{e.reason}: {e}")
+        rows = send_or_split(describe, [b for _, b in readable], refusal) if readable else []
+        for (path, _), (row, error) in zip(readable, rows):
+            results[path] = (row, None if error is None else f"refused by the model: {error}")
+        if progress is not None:
+            progress.update(len(batch))
+        return [(path, *results[path]) for path in batch]
 
-    batches = [blobs[i:i + batch_size] for i in range(0, len(blobs), batch_size)]
-    done = {}
+    names, descriptors, errors = [], [], []
     with concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool:
-        for batch, rows in zip(batches, pool.map(send, batches)):
-            for path, row, error in rows:
-                done[path] = (row, error)
-            if progress is not None:
-                progress.update(len(batch))
-    names, descriptors = [], []
-    for path, _ in blobs:
-        row, error = done[path]
-        if error is None:
-            names.append(path)
-            descriptors.append(row)
-        else:
-            errors.append((images.display_name(path), f"refused by the model: {error}"))
+        pending, batches = [], iter(range(0, len(paths), batch_size))
+        for start in batches:   # a bounded window of batches in flight
+            pending.append(pool.submit(send, paths[start:start + batch_size]))
+            if len(pending) >= 2 * max(1, concurrency):
+                _collect(pending.pop(0).result(), names, descriptors, errors)
+        for future in pending:
+            _collect(future.result(), names, descriptors, errors)
     dim = len(descriptors[0]) if descriptors else 0
     return names, np.asarray(descriptors, np.float32).reshape(len(names), dim), errors
+
+
+def _collect(results, names, descriptors, errors):
+    for path, row, error in results:
+        if error is None:
+            names.append(path)
+            descriptors.append(np.asarray(row, np.float32))
+        else:
+            errors.append((images.display_name(path), error))

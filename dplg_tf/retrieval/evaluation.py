@@ -146,13 +146,15 @@ def extract(describer, scales, jobs, cache_dir, name, chunk=32, progress=True, w
             return describer.describe_bytes([images.read_bytes(path)])[0]
         return describer.multiscale(images.load(path, bbx=bbx), scales)["global_descriptor"]
 
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for i, chunk_names in run.chunks():
-            part = jobs[i * chunk:i * chunk + len(chunk_names)]
-            if not run.done(i):
-                rows = [row for row in pool.map(one, part)]
-                run.save(i, chunk_names, np.stack(rows).astype(np.float32), [])
-            bar.update(len(part))
+    bar.update(int(run.done.sum()))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for start, end in run.batches(max(1, workers)):
+                rows = list(pool.map(one, jobs[start:end]))
+                run.add(start, end, names[start:end], np.stack(rows).astype(np.float32), [])
+                bar.update(end - start)
+    finally:
+        run.flush()   # what was described is kept, whatever stopped the loop
     bar.close()
     run.finish()
     return read_npz(final)[0] if jobs else np.zeros((0, 0), np.float32)

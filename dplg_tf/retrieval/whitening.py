@@ -47,24 +47,33 @@ def learn_pca(x, dim, shrinkage=0.1):
 
 
 def matching_pairs(labels, max_pairs=200_000, seed=0):
-    """(i, j) index arrays of images of the same class, i < j (sampled if many)."""
+    """(i, j) index arrays of images of the same class, i != j: every pair when
+    there are at most `max_pairs`, else a sample drawn class by class in
+    proportion to its pairs (never building them all: memory O(max_pairs))."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    first, second = [], []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        if len(members) < 2:
-            continue
-        i, j = np.triu_indices(len(members), 1)
-        first.append(members[i])
-        second.append(members[j])
-    if not first:
+    order = np.argsort(labels, kind="stable")
+    _, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+    pairs = counts * (counts - 1) // 2
+    total = int(pairs.sum())
+    if total == 0:
         raise UserError("Supervised whitening needs at least one class with two images.")
-    first, second = np.concatenate(first), np.concatenate(second)
-    if len(first) > max_pairs:
-        keep = rng.choice(len(first), max_pairs, replace=False)
-        first, second = first[keep], second[keep]
-    return first, second
+    first, second = [], []
+    if total <= max_pairs:
+        for start, n in zip(starts[counts > 1], counts[counts > 1]):
+            i, j = np.triu_indices(n, 1)
+            first.append(order[start + i])
+            second.append(order[start + j])
+    else:
+        share = rng.multinomial(max_pairs, pairs / total)   # pairs to draw per class
+        for start, n, k in zip(starts, counts, share):
+            if k == 0:
+                continue
+            i = rng.integers(0, n, k)
+            j = (i + rng.integers(1, n, k)) % n   # another member of the class
+            first.append(order[start + i])
+            second.append(order[start + j])
+    return np.concatenate(first), np.concatenate(second)
 
 
 def learn_supervised(x, labels, dim, ridge=1e-6):
@@ -72,8 +81,11 @@ def learn_supervised(x, labels, dim, ridge=1e-6):
     x = _check(x, dim)
     i, j = matching_pairs(labels)
     mean = x.mean(axis=0)
-    diff = x[i] - x[j]
-    within = diff.T @ diff / len(diff)
+    within = np.zeros((x.shape[1], x.shape[1]))
+    for start in range(0, len(i), 16384):   # the pairs' differences, a block at a time
+        diff = x[i[start:start + 16384]] - x[j[start:start + 16384]]
+        within += diff.T @ diff
+    within /= len(i)
     within += ridge * np.trace(within) / len(within) * np.eye(len(within))
     whiten = np.linalg.inv(np.linalg.cholesky(within))  # within^-1/2 up to a rotation
     white = (x - mean) @ whiten.T
@@ -89,46 +101,40 @@ def apply(x, mean, projection):
     return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
 
 
-def read_records(pattern, max_images=0):
-    """(encoded images [bytes], labels [int]) of the records matching `pattern`."""
+def describe_records(describer, pattern, max_images=0, batch_size=16, progress=True):
+    """(descriptors [N, D] float32, labels [N]) of the records matching `pattern`,
+    read and described a batch at a time (the encoded images are never all in
+    memory), through the SavedModel's serving_default."""
     import tensorflow as tf
 
+    from dplg_tf.console import progress_bar
     from dplg_tf.data.pipeline import FEATURES
 
     files = sorted(tf.io.gfile.glob(pattern))
     if not files:
         raise InputNotFound(f"No TFRecord shards match {pattern!r}.")
-    blobs, labels = [], []
     ds = tf.data.TFRecordDataset(files).map(
         lambda r: tf.io.parse_single_example(r, FEATURES))
     if max_images:
         ds = ds.take(max_images)
-    for example in ds:
-        blobs.append(example["image/encoded"].numpy())
-        labels.append(int(example["image/class/label"]))
-    if not blobs:
-        raise UserError(f"The shards {pattern!r} hold no records.")
-    return blobs, np.asarray(labels)
-
-
-def describe_records(describer, blobs, batch_size=16, progress=True):
-    from dplg_tf.console import progress_bar
-
-    bar = progress_bar(len(blobs), "images", enabled=progress)
-    rows = []
-    for start in range(0, len(blobs), batch_size):
-        rows.append(describer.describe_bytes(blobs[start:start + batch_size]))
-        bar.update(min(batch_size, len(blobs) - start))
+    bar = progress_bar(max_images or None, "images", enabled=progress)
+    rows, labels = [], []
+    for batch in ds.batch(batch_size).as_numpy_iterator():
+        rows.append(np.asarray(describer.describe_bytes(list(batch["image/encoded"])),
+                               np.float32))
+        labels.append(batch["image/class/label"])
+        bar.update(len(labels[-1]))
     bar.close()
-    return np.concatenate(rows).astype(np.float32)
+    if not rows:
+        raise UserError(f"The shards {pattern!r} hold no records.")
+    return np.concatenate(rows), np.concatenate(labels)
 
 
 def learn(describer, pattern, kind, dim, max_images=0, shrinkage=0.1, progress=True):
     """(mean, projection, metadata) learned on the records of `pattern`."""
     if kind not in KINDS:
         raise UserError(f"--kind={kind!r} is unknown; use supervised or pca.")
-    blobs, labels = read_records(pattern, max_images)
-    x = describe_records(describer, blobs, progress=progress)
+    x, labels = describe_records(describer, pattern, max_images, progress=progress)
     dim = dim or x.shape[1]
     if kind == "supervised":
         mean, projection = learn_supervised(x, labels, dim)

@@ -100,3 +100,15 @@ def test_whitening_file_round_trip_and_refusals(tmp_path):
         whitening_file.load(str(tmp_path / "shape.npz"))
     with pytest.raises(FileNotFoundError):
         whitening_file.load(str(tmp_path / "missing.npz"))
+
+
+def test_matching_pairs_are_sampled_per_class_without_building_them_all():
+    labels = np.repeat(np.arange(50), np.arange(1, 51))        # 1275 images, 20825 pairs
+    i, j = whitening.matching_pairs(labels, max_pairs=1000, seed=3)
+    assert len(i) == 1000 and np.all(labels[i] == labels[j]) and np.all(i != j)
+    big = np.bincount(labels[i], minlength=50)                 # in proportion to the pairs
+    assert big[49] > big[10] and big[0] == 0
+    i, j = whitening.matching_pairs([0, 0, 0, 1, 2, 2], max_pairs=1000)
+    assert sorted(zip(i.tolist(), j.tolist())) == [(0, 1), (0, 2), (1, 2), (4, 5)]
+    with pytest.raises(UserError, match="two images"):
+        whitening.matching_pairs([0, 1, 2])

@@ -460,7 +460,7 @@ def test_client_killed_at_random_moments_resumes_without_redoing(server, photos,
         parts = str(out) + ".parts"
         if os.path.isdir(parts):
             for name in os.listdir(parts):
-                if name.startswith("chunk-"):
+                if name.startswith("part-"):
                     mtime = os.stat(os.path.join(parts, name)).st_mtime_ns
                     assert mtimes.setdefault(name, mtime) == mtime, name  # never redone
         if out.is_file():
@@ -481,13 +481,14 @@ def test_client_killed_at_random_moments_resumes_without_redoing(server, photos,
 def test_unfinished_client_work_of_another_model_is_refused(tmp_path):
     names = [f"n{i}" for i in range(10)]
     run = ChunkedOutput(str(tmp_path / "o.npz"), names, 4, np.ones(8) / np.sqrt(8))
-    run.save(0, names[:4], np.ones((4, 8)), [])
+    run.add(0, 4, names[:4], np.ones((4, 8)), [])
     with pytest.raises(ValueError, match="another model"):
         ChunkedOutput(str(tmp_path / "o.npz"), names, 4, -np.ones(8) / np.sqrt(8))
     with pytest.raises(ValueError, match="other inputs"):
         ChunkedOutput(str(tmp_path / "o.npz"), names[:-1], 4, np.ones(8) / np.sqrt(8))
     again = ChunkedOutput(str(tmp_path / "o.npz"), names, 4, np.ones(8) / np.sqrt(8))
-    assert again.done(0) and not again.done(1)
+    assert again.done[:4].all() and not again.done[4:].any()
+    assert again.batches(3) == [(4, 7), (7, 10)]
 
 
 @pytest.mark.slow
