@@ -32,7 +32,10 @@ def _define_flags():
                         "TF Serving batching_parameters.txt (default: built-in values).")
     flags.DEFINE_float("file_system_poll_wait_seconds", 1.0, "How often to look for versions.")
     define_limit_flags()
-    flags.DEFINE_integer("grpc_workers", 32, "Threads serving gRPC calls.")
+    flags.DEFINE_integer("grpc_workers", 32, "Threads serving gRPC calls.", lower_bound=1)
+    flags.DEFINE_integer("maximum_concurrent_rpcs", 0, "Calls in progress or waiting at most; "
+                         "more are answered RESOURCE_EXHAUSTED (0: 4 x --grpc_workers).",
+                         lower_bound=0)
     flags.DEFINE_float("grace_seconds", 30.0, "On SIGTERM, time for requests in flight.")
 
 
@@ -51,7 +54,7 @@ def main(argv):
                                 "export a model there with dplg-export.")
     server = Server(f.model_base_path, f.model_name, f.host, f.port, params,
                     f.file_system_poll_wait_seconds, limits_from_flags(),
-                    f.grpc_workers).start()
+                    f.grpc_workers, max_concurrent_rpcs=f.maximum_concurrent_rpcs).start()
     print(f"dplg-serve: listening on {server.address} for model {f.model_name!r} "
           f"from {f.model_base_path}", flush=True)
     stopping = threading.Event()

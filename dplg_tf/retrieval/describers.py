@@ -41,13 +41,21 @@ class Describer:
                 raise UserError("Scales need --model: a server describes at its own scales.")
             self.client = Client(server, model_name, timeout, retries, version=model_version,
                                  max_message_mb=self.limits.max_request_mb)
-            version = model_version or self.client.status()[0][0]
+            version = model_version or self._served_version(server, model_name)
             self.identity = f"grpc://{server}/{model_name}/{version}"
             self.concurrency, self.scales, self.batched = 4, None, False
         else:
             self.client = None
             self.concurrency = 1
             self._load(model, scales, threads)
+
+    def _served_version(self, server, model_name):
+        """The newest AVAILABLE version (failed versions are listed too, as END)."""
+        available = [v for v, state in self.client.status() if state == "AVAILABLE"]
+        if not available:
+            raise UserError(f"{server} serves no available version of {model_name!r}; "
+                            "see dplg-client --status.")
+        return max(available)
 
     def _load(self, model, scales, threads):
         import tensorflow as tf

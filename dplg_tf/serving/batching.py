@@ -10,10 +10,14 @@ RESOURCE_EXHAUSTED). A batch that fails is rerun task by task, so one bad
 request cannot fail the others.
 
 A request larger than max_batch_size is cut into tasks of at most that
-size, and the queue serves tasks by round (every request's first task
-before any request's second), so a large request cannot hold every batch
-thread while small ones wait. A task whose deadline has passed or whose
-caller has gone is dropped when it is taken, never run.
+size. Tasks are served by round, counted from the round being served when
+the request arrived: a new request's first task shares the current round
+with the next task of every older request (the older first), so under
+sustained small traffic a large request still gets one task per round and
+finishes, and a large request cannot hold every batch thread while small
+ones wait. A task whose deadline has passed or whose caller has gone is
+dropped when it is taken, never run; a caller never waits past its deadline.
+A batch thread that dies answers its callers with the error and is replaced.
 """
 
 import heapq
@@ -91,8 +95,10 @@ class Batcher:
         self.capacity = max_enqueued_batches * max_batch_size
         self._heap = []            # (round, sequence, task)
         self._seq = itertools.count()
+        self._round = 0            # the round of the task taken last
         self._queued_items = 0
         self.items_run = 0         # items handed to `run` (a count for tests and logs)
+        self.replaced = 0          # batch threads that died and were replaced
         self._cond = threading.Condition()
         self._closed = False
         self._threads = [threading.Thread(target=self._loop, name=f"batch-{i}", daemon=True)
@@ -114,21 +120,32 @@ class Batcher:
                 raise QueueFull(
                     f"the batch queue is full ({self._queued_items} items waiting, "
                     f"capacity {self.capacity}); retry later")
-            for round_, task in enumerate(tasks):
-                heapq.heappush(self._heap, (round_, next(self._seq), task))
+            for k, task in enumerate(tasks):
+                heapq.heappush(self._heap, (self._round + 1 + k, next(self._seq), task))
             self._queued_items += len(items)
             self._cond.notify(len(tasks))
         return [task.future for task in tasks]
 
     def __call__(self, items, timeout=None, deadline=None, is_active=None):
+        """The results of `items`; waits at most until `deadline` (then Expired)."""
+        import concurrent.futures
+
         results = []
         for future in self.submit(items, deadline, is_active):
-            results.extend(future.result(timeout))
+            wait = timeout
+            if deadline is not None:
+                left = max(0.0, deadline - time.monotonic())
+                wait = left if wait is None else min(wait, left)
+            try:
+                results.extend(future.result(wait))
+            except concurrent.futures.TimeoutError:
+                raise Expired("the request's deadline passed while it ran") from None
         return results
 
     def _remove_top(self):
-        _, _, task = heapq.heappop(self._heap)
+        round_, _, task = heapq.heappop(self._heap)
         self._queued_items -= len(task.items)
+        self._round = max(self._round, round_)
         return task
 
     def _next(self, room):
@@ -180,26 +197,47 @@ class Batcher:
             start += len(task.items)
 
     def _loop(self):
-        while True:
-            tasks = self._take()
-            if tasks is None:
+        tasks = []
+        try:
+            while True:
+                tasks = self._take()
+                if tasks is None:
+                    return
+                self._run_isolated(tasks)
+        except BaseException as error:  # the thread dies: answer its callers, replace it
+            for task in tasks or []:
+                if not task.future.done():
+                    task.future.set_exception(RuntimeError(
+                        f"the batch thread stopped ({type(error).__name__}: {error})"))
+            self._replace(threading.current_thread())
+            raise
+
+    def _run_isolated(self, tasks):
+        try:
+            self._execute(tasks)
+        except Exception as error:  # noqa: BLE001 - isolate the failing task
+            if len(tasks) == 1:
+                tasks[0].future.set_exception(error)
                 return
-            try:
-                self._execute(tasks)
-            except Exception as error:  # noqa: BLE001 - isolate the failing task
-                if len(tasks) == 1:
-                    tasks[0].future.set_exception(error)
-                    continue
-                for task in tasks:
-                    try:
-                        self._execute([task])
-                    except Exception as e:  # noqa: BLE001
-                        task.future.set_exception(e)
+            for task in tasks:
+                try:
+                    self._execute([task])
+                except Exception as e:  # noqa: BLE001
+                    task.future.set_exception(e)
+
+    def _replace(self, dead):
+        with self._cond:
+            if self._closed:
+                return
+            thread = threading.Thread(target=self._loop, name=dead.name, daemon=True)
+            self._threads = [t for t in self._threads if t is not dead] + [thread]
+            self.replaced += 1
+        thread.start()
 
     def close(self):
         """Finish the queued tasks, then stop the threads."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        for t in self._threads:
+        for t in list(self._threads):
             t.join()

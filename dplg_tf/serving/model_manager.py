@@ -15,7 +15,7 @@ import grpc
 
 from dplg_tf.errors import tf_error_message
 from dplg_tf.serving import batching
-from dplg_tf.serving.requests import ServingError
+from dplg_tf.serving.requests import ServingError, shorten
 
 log = logging.getLogger("dplg_tf.serving")
 
@@ -90,8 +90,9 @@ class ModelManager:
     def poll_once(self):
         """Load the newest version if it is newer than the one served. A version
         that failed to load is tried again once its files change."""
+        failed = self.failed_versions(stamps=True)
         versions = [v for v in self.versions_on_disk()
-                    if v not in self._failed or self._failed[v][0] != self._stamp(v)]
+                    if v not in failed or failed[v][0] != self._stamp(v)]
         if not versions:
             return False
         newest = versions[-1]
@@ -107,10 +108,11 @@ class ModelManager:
             message = tf_error_message(e)
             log.error("version %d failed to load and is skipped until its files change: %s",
                       newest, message)
-            self._failed[newest] = (stamp, message)
+            with self._lock:
+                self._failed[newest] = (stamp, message)
             return False
-        self._failed.pop(newest, None)
         with self._lock:
+            self._failed.pop(newest, None)
             old, self._current = self._current, loaded
         log.info("serving %s version %d (loaded in %.1f s)", self.name, newest,
                  time.perf_counter() - start)
@@ -130,9 +132,12 @@ class ModelManager:
                 stamp.append((os.path.join(root, name), st.st_size, st.st_mtime_ns))
         return tuple(sorted(stamp))
 
-    def failed_versions(self):
-        """{version: error message} of the versions that failed to load."""
-        return {v: message for v, (_, message) in self._failed.items()}
+    def failed_versions(self, stamps=False):
+        """{version: error message} of the versions that failed to load (a copy
+        taken under the lock: the poll thread changes the table)."""
+        with self._lock:
+            table = dict(self._failed)
+        return table if stamps else {v: message for v, (_, message) in table.items()}
 
     def start(self):
         self.poll_once()
@@ -149,6 +154,8 @@ class ModelManager:
 
     def stop(self):
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(60)   # a load in progress finishes first
         if self._current is not None:
             self._current.close()
 
@@ -160,7 +167,7 @@ class ModelManager:
         """The loaded version a request's ModelSpec asks for, or ServingError."""
         if model_spec.name != self.name:
             raise ServingError(grpc.StatusCode.NOT_FOUND,
-                               f"model {model_spec.name!r} is not served here "
+                               f"model {shorten(model_spec.name)} is not served here "
                                f"(this server serves {self.name!r})")
         current = self._current
         if current is None:
@@ -172,5 +179,6 @@ class ModelManager:
                                f"loaded (serving version {current.version})")
         if model_spec.version_label:
             raise ServingError(grpc.StatusCode.NOT_FOUND,
-                               f"version label {model_spec.version_label!r} is not defined")
+                               f"version label {shorten(model_spec.version_label)} is not "
+                               "defined")
         return current

@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dplg_tf import images
 from dplg_tf.serving import batching
-from dplg_tf.serving.requests import ServingError, read_inputs
+from dplg_tf.serving.requests import ServingError, read_inputs, shorten
 from dplg_tf.serving.model_manager import BATCHED_SIGNATURE, ModelManager, tf_error_message
 
 log = logging.getLogger("dplg_tf.serving")
@@ -74,7 +74,7 @@ class PredictionServicer:
         name = request.model_spec.signature_name or "serving_default"
         if name not in model.signatures:
             raise ServingError(grpc.StatusCode.NOT_FOUND,
-                               f"signature {name!r} not found; the model has "
+                               f"signature {shorten(name)} not found; the model has "
                                f"{sorted(model.signatures)}")
         arrays = read_inputs(name, model.inputs[name], request.inputs, self.limits)
         outputs = model.signature_defs[name].outputs
@@ -82,7 +82,7 @@ class PredictionServicer:
         unknown = [o for o in wanted if o not in outputs]
         if unknown:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"output_filter names unknown outputs {unknown}; "
+                               f"output_filter names unknown outputs {shorten(unknown)}; "
                                f"the signature has {sorted(outputs)}")
         deadline, is_active = _deadline(context)
         try:
@@ -95,7 +95,7 @@ class PredictionServicer:
             raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
         except batching.Cancelled as e:
             raise ServingError(grpc.StatusCode.CANCELLED, str(e)) from None
-        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
+        except tf.errors.InvalidArgumentError as e:   # the graph's checks refused the input
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, tf_error_message(e)) from None
         except tf.errors.ResourceExhaustedError as e:
             raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -172,8 +172,8 @@ class PredictionServicer:
         spec = request.model_spec
         if spec.name != self.manager.name:
             context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"model {spec.name!r} is not served here (this server serves "
-                          f"{self.manager.name!r})")
+                          f"model {shorten(spec.name)} is not served here (this server "
+                          f"serves {self.manager.name!r})")
         states = get_model_status_pb2.ModelVersionStatus
         rows = [(v, states.END, error_codes_pb2.UNKNOWN, message)
                 for v, message in self.manager.failed_versions().items()]
@@ -204,13 +204,16 @@ class Server:
 
     def __init__(self, model_base_path, model_name="dplg", host="127.0.0.1", port=8500,
                  batching_params=None, poll_seconds=1.0, limits=images.DEFAULT_LIMITS,
-                 workers=32, warm_up=True):
+                 workers=32, warm_up=True, max_concurrent_rpcs=None):
         (_, _, model_service_pb2_grpc, _, prediction_service_pb2_grpc) = _apis()
         self.manager = ModelManager(model_name, model_base_path, batching_params,
                                     poll_seconds, warm_up)
         limit = limits.max_request_mb * 1024 * 1024
+        # calls past max_concurrent_rpcs (in progress or waiting for a worker) are
+        # answered RESOURCE_EXHAUSTED at once instead of queueing without bound
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers),
+            maximum_concurrent_rpcs=max_concurrent_rpcs or 4 * workers,
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)])

@@ -497,3 +497,131 @@ def test_client_output_that_is_a_folder_is_refused(server, photos, tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "is a folder" in stderr.strip().splitlines()[-1]
     assert "Traceback" not in stderr
+
+
+def test_a_large_request_finishes_while_small_ones_keep_arriving():
+    """Sustained small traffic: each new request's first task shares the round
+    being served with the large request's next task, so the large one advances."""
+    b = batching.Batcher(lambda items: time.sleep(0.002) or items, max_batch_size=4,
+                         batch_timeout_micros=0, num_batch_threads=1)
+    big = b.submit(list(range(1000, 1040)))   # 10 tasks of 4
+    small_served, stop = [], threading.Event()
+
+    def traffic():
+        while not stop.is_set() and len(small_served) < 400:
+            small_served.append(b([len(small_served)], timeout=10)[0])
+
+    threads = [threading.Thread(target=traffic) for _ in range(4)]  # the queue never empties
+    for thread in threads:
+        thread.start()
+    try:
+        big[-1].result(30)
+        served_before = len(small_served)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        b.close()
+    assert [f.result(1) for f in big][-1] == [1036, 1037, 1038, 1039]
+    assert served_before < 100, served_before  # not starved until the traffic ends (400)
+
+
+class _ThreadKiller(BaseException):
+    pass
+
+
+def test_a_dead_batch_thread_answers_its_callers_and_is_replaced():
+    calls = []
+
+    def run(items):
+        calls.append(items)
+        if len(calls) == 1:
+            raise _ThreadKiller("boom")
+        return items
+
+    b = batching.Batcher(run, max_batch_size=2, batch_timeout_micros=0, num_batch_threads=1)
+    (first,) = b.submit([1])
+    with pytest.raises(RuntimeError, match="batch thread stopped .*_ThreadKiller"):
+        first.result(10)
+    assert b([2], timeout=10) == [2] and b.replaced == 1   # a new thread serves
+    b.close()
+
+
+def test_a_caller_never_waits_past_its_deadline():
+    release = threading.Event()
+    b = batching.Batcher(lambda items: release.wait(10) and items, max_batch_size=1,
+                         batch_timeout_micros=0, num_batch_threads=1)
+    start = time.monotonic()
+    with pytest.raises(batching.Expired, match="while it ran"):
+        b([1], deadline=time.monotonic() + 0.3)
+    assert time.monotonic() - start < 2.0
+    release.set()
+    b.close()
+
+
+def test_error_details_never_echo_unbounded_client_text():
+    from dplg_tf.serving.requests import shorten
+
+    assert shorten("dplg") == "'dplg'"
+    long = shorten("x" * 10 ** 6)
+    assert len(long) < 120 and "1000000 chars" in long
+
+
+@pytest.mark.slow
+def test_a_huge_model_name_is_not_found_with_short_details(server):
+    request = _request({"image_bytes": np.array([_image()], dtype=object)})
+    request.model_spec.name = "m" * 10 ** 6
+    with pytest.raises(grpc.RpcError) as info:
+        server.stub.Predict(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert len(info.value.details()) < 300
+    assert np.allclose(_describe(server.stub, [_image(seed=42)]), server.reference, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_calls_past_maximum_concurrent_rpcs_are_refused_and_our_bugs_are_internal(exported):
+    """At most 2 calls: with 2 held inside the server the 3rd is RESOURCE_EXHAUSTED
+    at once; a ValueError of ours is INTERNAL, not the client's fault."""
+    import concurrent.futures
+
+    srv = Server(exported[0], "dplg", "127.0.0.1", 0, None, poll_seconds=0.2, limits=LIMITS,
+                 workers=4, max_concurrent_rpcs=2).start()
+    try:
+        deadline = time.time() + 60
+        while srv.manager.current is None and time.time() < deadline:
+            time.sleep(0.1)
+        channel = grpc.insecure_channel(srv.address)
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        release, inside = threading.Event(), threading.Semaphore(0)
+        real_get = srv.manager.get
+
+        def held_get(spec):
+            if spec.signature_name == "hold":
+                inside.release()
+                release.wait(30)
+                raise ValueError("a bug of ours")
+            return real_get(spec)
+
+        srv.manager.get = held_get
+        held = _request({"image_bytes": np.array([_image()], dtype=object)}, "hold")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            calls = [pool.submit(stub.Predict, held, timeout=60) for _ in range(2)]
+            assert inside.acquire(timeout=30) and inside.acquire(timeout=30)  # both inside
+            start = time.time()
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Predict(_request({"image_bytes": np.array([_image()], dtype=object)}),
+                             timeout=30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.time() - start < 5
+            release.set()
+            codes = []
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as info:
+                    call.result(60)
+                codes.append(info.value.code())
+        assert codes == [grpc.StatusCode.INTERNAL] * 2
+        srv.manager.get = real_get
+        assert _describe(stub, [_image(seed=42)]).shape == (1, 512)
+        channel.close()
+    finally:
+        srv.stop(5)
