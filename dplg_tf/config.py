@@ -68,7 +68,9 @@ def _train_config():
     t.max_steps = 0                    # 0 = derived from epochs and the data
     t.optimizer = "sgd"
     t.momentum = 0.9
-    t.learning_rate = 0.03
+    t.learning_rate = 0.03             # the paper's; taken as the rate for lr_base_batch
+    t.lr_scaling = "none"              # "linear": learning_rate * batch_size / lr_base_batch
+    t.lr_base_batch = 64
     t.lr_schedule = "cosine"
     t.warmup_steps = 0
     t.weight_decay = 1e-4
@@ -121,6 +123,9 @@ def validate(config):
             _fail(f"config.train.batch_size must be > 0, got {t.batch_size!r}.")
         if not t.learning_rate > 0:
             _fail(f"config.train.learning_rate must be > 0, got {t.learning_rate!r}.")
+        if t.lr_scaling not in ("none", "linear") or t.lr_base_batch <= 0:
+            _fail(f"config.train.lr_scaling must be 'none' or 'linear' and lr_base_batch > 0, "
+                  f"got {t.lr_scaling!r} and {t.lr_base_batch!r}.")
         if t.mixed_precision not in ("", "mixed_float16", "mixed_bfloat16"):
             _fail(f"config.train.mixed_precision={t.mixed_precision!r} is unknown; "
                   "use '', 'mixed_float16' or 'mixed_bfloat16'.")

@@ -32,7 +32,7 @@ def _define_flags():
     flags.DEFINE_integer("workers", 4, "Images extracted at once.")
     flags.DEFINE_bool("allow_unverified", False, "Accept distractors without a probe "
                       "descriptor (an .npy; the model that made them is then not checked).")
-    define_expansion_flags(qe=True, dba=True)
+    define_expansion_flags(qe=True, dba=True, dba_graph=True)
 
 
 def main(argv):

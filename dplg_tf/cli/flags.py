@@ -22,7 +22,7 @@ def limits_from_flags(names=tuple(images.LIMIT_FLAGS)):
         images.LIMIT_FLAGS[n][0]: getattr(flags.FLAGS, n) for n in names})
 
 
-def define_expansion_flags(qe=False, dba=False):
+def define_expansion_flags(qe=False, dba=False, dba_graph=False):
     """The --qe_k/--qe_alpha and --dba_k/--dba_alpha flags of the commands."""
     if qe:
         flags.DEFINE_integer("qe_k", 0, "alpha-QE: nearest database vectors added to each "
@@ -32,12 +32,17 @@ def define_expansion_flags(qe=False, dba=False):
         flags.DEFINE_integer("dba_k", 0, "DBA: nearest database vectors averaged into each "
                              "database vector, itself included (0: off).", lower_bound=0)
         flags.DEFINE_float("dba_alpha", 3.0, "DBA: similarity exponent.", lower_bound=0.0)
+    if dba_graph:
+        flags.DEFINE_enum("dba_graph", "auto", ["auto", "exact", "ivf"], "DBA's neighbour "
+                          "graph: exact, ivf (approximate FAISS, its recall printed) or auto "
+                          "(exact up to 200,000 descriptors).")
 
 
 def expansion_from_flags():
     """{qe_k, qe_alpha, dba_k, dba_alpha} of the flags a command defined."""
     f = flags.FLAGS
-    return {k: getattr(f, k) for k in ("qe_k", "qe_alpha", "dba_k", "dba_alpha") if k in f}
+    return {k: getattr(f, k) for k in ("qe_k", "qe_alpha", "dba_k", "dba_alpha", "dba_graph")
+            if k in f}
 
 
 def define_index_input_flags():

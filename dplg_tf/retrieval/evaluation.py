@@ -211,14 +211,24 @@ def load_distractors(path, dim, probe, scales, serving_scales=None, allow_unveri
     return rows.astype(np.float32, copy=False)
 
 
-EXPANSION_OFF = {"qe_k": 0, "qe_alpha": 3.0, "dba_k": 0, "dba_alpha": 3.0}
+EXPANSION_OFF = {"qe_k": 0, "qe_alpha": 3.0, "dba_k": 0, "dba_alpha": 3.0, "dba_graph": "auto"}
 
 
-def expand(queries, database, settings):
-    """(database after DBA, queries after alpha-QE against it)."""
+def expand(queries, database, settings, log=None):
+    """(database after DBA, queries after alpha-QE against it). DBA's neighbour
+    graph is exact, or approximate at +1M scale (settings["dba_graph"]); the
+    recall of an approximate one is measured and logged."""
     from dplg_tf.retrieval import expansion
 
-    database = expansion.dba(database, settings["dba_k"], settings["dba_alpha"])
+    neighbours = None
+    if settings["dba_k"]:
+        database = expansion.normalise(database, in_place=True)
+        neighbours, graph = expansion.dba_neighbours(database, settings.get("dba_graph", "auto"))
+        if graph != "exact" and log is not None:
+            log(f"DBA over {len(database)} descriptors with an approximate ({graph}) "
+                f"neighbour graph: recall@{settings['dba_k']} "
+                f"{neighbours.recall(settings['dba_k']):.3f} against exact on 1000 rows")
+    database = expansion.dba(database, settings["dba_k"], settings["dba_alpha"], neighbours)
     queries = expansion.alpha_qe(queries, database, settings["qe_k"], settings["qe_alpha"])
     return database, queries
 
@@ -256,7 +266,8 @@ def run_eval(dataset_name, data_root, model=None, server=None, model_name="dplg"
             distractors, db.shape[1], describer.probe(), scales, serving,
             allow_unverified)])
     expansion = dict(EXPANSION_OFF, **(expansion or {}))
-    full_db, expanded = expand(queries, full_db, expansion)
+    full_db, expanded = expand(queries, full_db, expansion,
+                               log=lambda m: print(m, file=sys.stderr))
     ranks = rank(expanded, full_db)
     results = evaluate(ranks, dataset)
     os.makedirs(output_dir, exist_ok=True)

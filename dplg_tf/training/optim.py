@@ -9,18 +9,27 @@ global norm and applies it.
 from dplg_tf.errors import UserError
 
 
+def peak_learning_rate(t):
+    """t.learning_rate, scaled by t.batch_size / t.lr_base_batch when
+    t.lr_scaling is "linear" (Goyal et al.'s rule; pair it with a warm-up)."""
+    if t.get("lr_scaling", "none") == "linear":
+        return t.learning_rate * t.batch_size / t.lr_base_batch
+    return t.learning_rate
+
+
 def learning_rate_schedule(t, max_steps):
-    """Cosine decay from t.learning_rate to 0 over max_steps, after a linear warm-up."""
+    """Cosine decay from the peak rate to 0 over max_steps, after a linear warm-up."""
     import keras
 
     if t.lr_schedule != "cosine":
         raise UserError(f"config.train.lr_schedule={t.lr_schedule!r} is unknown; use 'cosine'.")
+    peak = peak_learning_rate(t)
     warmup = min(t.warmup_steps, max(0, max_steps - 1))
     decay = max(1, max_steps - warmup)
     if warmup:
         return keras.optimizers.schedules.CosineDecay(
-            0.0, decay, alpha=0.0, warmup_target=t.learning_rate, warmup_steps=warmup)
-    return keras.optimizers.schedules.CosineDecay(t.learning_rate, decay, alpha=0.0)
+            0.0, decay, alpha=0.0, warmup_target=peak, warmup_steps=warmup)
+    return keras.optimizers.schedules.CosineDecay(peak, decay, alpha=0.0)
 
 
 def no_decay_variables(model):

@@ -190,6 +190,16 @@ def test_index_and_eval_read_an_extraction_folder(model, tmp_path):
     np.testing.assert_allclose(index.vectors(np.arange(6)), np.delete(
         rows, 4, 0) / np.linalg.norm(np.delete(rows, 4, 0), axis=1, keepdims=True), atol=1e-6)
     np.testing.assert_allclose(index.probe, info["probe"], atol=1e-6)
+    # dplg-search takes the folder's described images as its queries
+    hits = str(tmp_path / "hits.json")
+    run = subprocess.run([sys.executable, "-m", "dplg_tf.cli.search", f"--index_dir={index_dir}",
+                          f"--descriptors={out}", "--top_k=1", f"--output={hits}"], env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with open(hits) as f:
+        found = json.load(f)
+    assert [h["query"] for h in found] == index.names
+    assert all(h["results"][0]["name"] == h["query"] for h in found)
 
     used = info["scales"]
     loaded = evaluation.load_distractors(out, 512, np.asarray(info["probe"]), used)

@@ -112,3 +112,21 @@ def test_matching_pairs_are_sampled_per_class_without_building_them_all():
     assert sorted(zip(i.tolist(), j.tolist())) == [(0, 1), (0, 2), (1, 2), (4, 5)]
     with pytest.raises(UserError, match="two images"):
         whitening.matching_pairs([0, 1, 2])
+
+
+def test_dba_over_an_approximate_graph_reports_its_recall_and_matches_exact():
+    """Clustered descriptors (as real ones are): the IVF graph finds the exact
+    neighbours, so DBA through it equals exact DBA; its recall is measured."""
+    rng = np.random.default_rng(0)
+    centres = _unit(rng.normal(size=(60, 32)))
+    db = _unit(centres[rng.integers(0, 60, 3000)] + 0.05 * rng.normal(size=(3000, 32)))
+    approx = expansion.ivf_neighbours(db)
+    assert approx.recall(3) >= 0.95
+    exact = expansion.dba(db, 3, 3.0)
+    through_graph = expansion.dba(db, 3, 3.0, approx)
+    close = np.mean(np.all(np.abs(exact - through_graph) < 1e-4, axis=1))
+    assert close >= 0.95
+    neighbours, graph = expansion.dba_neighbours(db, "auto")
+    assert graph == "exact"
+    with pytest.raises(UserError, match="dba_graph"):
+        expansion.dba_neighbours(db, "hnsw2")

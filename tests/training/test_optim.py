@@ -19,6 +19,8 @@ def test_cosine_schedule_with_warmup(small_config):
     plain = learning_rate_schedule(t, 100)
     np.testing.assert_allclose([float(plain(0)), float(plain(50)), float(plain(100))],
                                [0.03, 0.015, 0.0], atol=1e-6)
+    t.batch_size, t.lr_scaling, t.lr_base_batch = 256, "linear", 64   # 4x the batch, 4x lr
+    np.testing.assert_allclose(float(learning_rate_schedule(t, 100)(0)), 0.12, atol=1e-6)
 
 
 def test_weight_decay_skips_batchnorm_biases_and_gem_p(small_config):
