@@ -8,6 +8,9 @@ Parts (each recorded in RESULTS.md as its own section):
   bytes all-reduced per step (every trainable variable's float32 gradient:
   the proxies' gradient is dense), a training step's time and peak RSS on
   this CPU (small backbone, so the head dominates), and ResNet50's numbers.
+- serve: the server with 4x more concurrent clients than gRPC workers, mixed
+  small and large requests, for --seconds: latency per kind, refusals, calls
+  past their deadline, hung clients.
 - eval: peak RSS (VmHWM, /usr/bin/time -v) and wall time of `dplg-eval` on the
   synthetic set with N generated distractors (descriptor-like: clustered unit
   vectors, carrying the model's probe), plain, +QE (k=2), +DBA (k=2; exact
@@ -176,14 +179,117 @@ Command: `python benchmarks/scale.py --work /tmp/scale --parts eval --sizes {arg
     record("Scale: dplg-eval with distractors", body)
 
 
+SERVE_SCRIPT = r"""
+import io, json, sys, threading, time
+import numpy as np
+import grpc
+from PIL import Image
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from dplg_tf.serving.server import Server
+
+model, workers, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+srv = Server(model, "dplg", "127.0.0.1", 0, None, poll_seconds=1.0, workers=workers).start()
+while srv.manager.current is None:
+    time.sleep(0.1)
+rng = np.random.default_rng(0)
+
+def jpeg(seed):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (96, 128, 3), np.uint8)).save(
+        buf, "JPEG")
+    return buf.getvalue()
+
+blobs = [jpeg(i) for i in range(32)]
+def request(n):
+    r = predict_pb2.PredictRequest()
+    r.model_spec.name = "dplg"
+    r.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(np.array(blobs[:n], dtype=object)))
+    return r
+kinds = {"small": (request(1), 10.0), "large": (request(32), 60.0)}
+stats = {k: {"latency": [], "rejected": 0, "deadline_exceeded": 0, "late": 0, "other": 0}
+         for k in kinds}
+lock, stop_at = threading.Lock(), time.time() + seconds
+channel = grpc.insecure_channel(srv.address)
+stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+def client(kind):
+    req, deadline = kinds[kind]
+    while time.time() < stop_at:
+        t = time.time()
+        try:
+            stub.Predict(req, timeout=deadline)
+            outcome = None
+        except grpc.RpcError as e:
+            outcome = e.code()
+        took = time.time() - t
+        with lock:
+            s = stats[kind]
+            if took > deadline + 1.0:
+                s["late"] += 1
+            if outcome is None:
+                s["latency"].append(took)
+            elif outcome == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                s["rejected"] += 1
+                time.sleep(0.05)
+            elif outcome == grpc.StatusCode.DEADLINE_EXCEEDED:
+                s["deadline_exceeded"] += 1
+            else:
+                s["other"] += 1
+
+threads = [threading.Thread(target=client, args=("large" if i % 4 == 0 else "small",))
+           for i in range(4 * workers)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(seconds + 120)
+hung = sum(t.is_alive() for t in threads)
+out = {"clients": len(threads), "hung": hung}
+for kind, s in stats.items():
+    lat = np.array(s.pop("latency")) if s["latency"] else np.zeros(1)
+    out[kind] = dict(s, ok=int(len(lat)), p50=round(float(np.percentile(lat, 50)), 3),
+                     p99=round(float(np.percentile(lat, 99)), 3))
+srv.stop(5)
+print(json.dumps(out))
+"""
+
+
+def serve(args):
+    _, model = _prepare(args.work)
+    workers = 4
+    _, rss, stdout, _ = timed([sys.executable, "-c", SERVE_SCRIPT, model, str(workers),
+                               str(args.seconds)])
+    out = json.loads(stdout.strip().splitlines()[-1])
+    rows = "\n".join(
+        f"| {k} | {out[k]['ok']} | {out[k]['p50']} | {out[k]['p99']} | {out[k]['rejected']} | "
+        f"{out[k]['deadline_exceeded']} | {out[k]['late']} | {out[k]['other']} |"
+        for k in ("small", "large"))
+    body = f"""dplg-serve (in-process `Server`, --grpc_workers={workers}, default batching,
+maximum_concurrent_rpcs 4 x workers) under {out['clients']} concurrent clients
+(4x the workers) for {args.seconds:.0f} s: three in four send 1 JPEG (deadline 10 s),
+one in four 32 JPEGs (deadline 60 s), each again as soon as answered (50 ms
+after a refusal). Untrained demo model.
+
+| requests | answered | p50 s | p99 s | RESOURCE_EXHAUSTED | DEADLINE_EXCEEDED | past deadline + 1 s | other errors |
+|---|---:|---:|---:|---:|---:|---:|---:|
+{rows}
+
+Hung clients at the end: {out['hung']}. Peak RSS of the process (server and
+clients): {rss:.0f} MB.
+Command: `python benchmarks/scale.py --parts serve --seconds {args.seconds:.0f}`."""
+    print(body)
+    record("Scale: the server under sustained load", body)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/dplg_scale")
     parser.add_argument("--parts", default="arcface,eval")
     parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--seconds", type=float, default=60.0)
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
-    parts = {"arcface": arcface, "eval": evaluation}
+    parts = {"arcface": arcface, "eval": evaluation, "serve": serve}
     for name in args.parts.split(","):
         parts[name](args)
 

@@ -312,7 +312,16 @@ def _run(options, ray, names, limits, manifest):
     manifest.update(format=1, model=options.model and resolve_saved_model(options.model)
                     or manifest["fingerprint"], num_shards=count)
     os.makedirs(out, exist_ok=True)   # progress.json goes here before the manifest
-    done = extraction.done_shards(out, count)
+    damaged = []
+    existing = extraction.read_manifest(out) if os.path.isfile(
+        os.path.join(out, "manifest.json")) else None
+    done = extraction.done_shards(out, count, existing, damaged)
+    for path, reason in damaged:
+        print(f"dplg-extract: {path} is damaged ({reason}): it is described again",
+              file=sys.stderr)
+    if done or damaged:
+        print(f"dplg-extract: resuming {out}: {len(done)} of {count} shards kept, "
+              f"{len(damaged)} damaged", file=sys.stderr)
     todo = [s for s in range(count) if s not in done]
     total = sum(len(names[s * size:(s + 1) * size]) for s in todo)
     progress = _Progress(out, total, count, len(done))

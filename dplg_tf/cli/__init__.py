@@ -37,4 +37,13 @@ def run(main, name, uses_tensorflow=True):
         except UserError as e:
             fail(name, e)
 
-    app.run(guarded)
+    def parse(argv):
+        """absl's flag parsing, with a bad flag value as one sentence and exit 2."""
+        from absl import flags
+
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            fail(name, f"{e}; see --helpfull.")
+
+    app.run(guarded, flags_parser=parse)

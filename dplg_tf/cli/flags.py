@@ -2,10 +2,14 @@
 knobs and the index commands' inputs. Only the command layer calls these."""
 
 import dataclasses
+import math
 
 from absl import flags
 
 from dplg_tf import images
+
+MAX_K = 1000        # neighbours for QE / DBA: more is no expansion but a blow-up
+MAX_ALPHA = 100.0   # similarity exponents: finite (inf and nan are refused)
 
 
 def define_limit_flags(names=tuple(images.LIMIT_FLAGS)):
@@ -26,12 +30,18 @@ def define_expansion_flags(qe=False, dba=False, dba_graph=False):
     """The --qe_k/--qe_alpha and --dba_k/--dba_alpha flags of the commands."""
     if qe:
         flags.DEFINE_integer("qe_k", 0, "alpha-QE: nearest database vectors added to each "
-                             "query (0: off).", lower_bound=0)
-        flags.DEFINE_float("qe_alpha", 3.0, "alpha-QE: similarity exponent.", lower_bound=0.0)
+                             "query (0: off).", lower_bound=0, upper_bound=MAX_K)
+        flags.DEFINE_float("qe_alpha", 3.0, "alpha-QE: similarity exponent.", lower_bound=0.0,
+                           upper_bound=MAX_ALPHA)
     if dba:
         flags.DEFINE_integer("dba_k", 0, "DBA: nearest database vectors averaged into each "
-                             "database vector, itself included (0: off).", lower_bound=0)
-        flags.DEFINE_float("dba_alpha", 3.0, "DBA: similarity exponent.", lower_bound=0.0)
+                             "database vector, itself included (0: off).", lower_bound=0,
+                             upper_bound=MAX_K)
+        flags.DEFINE_float("dba_alpha", 3.0, "DBA: similarity exponent.", lower_bound=0.0,
+                           upper_bound=MAX_ALPHA)
+    for name in ("qe_alpha",) * qe + ("dba_alpha",) * dba:   # the bounds let nan through
+        flags.register_validator(name, lambda v: v is None or math.isfinite(v),
+                                 message=f"--{name} must be a finite number")
     if dba_graph:
         flags.DEFINE_enum("dba_graph", "auto", ["auto", "exact", "ivf"], "DBA's neighbour "
                           "graph: exact, ivf (approximate FAISS, its recall printed) or auto "

@@ -56,12 +56,15 @@ def search_main(argv):
 
 def run_search():
     define_index_input_flags()
-    flags.DEFINE_integer("top_k", 10, "Results per query.")
+    flags.DEFINE_integer("top_k", 10, "Results per query.", lower_bound=1, upper_bound=10000)
     flags.DEFINE_string("output", None, "Also write the results as JSON here.")
     flags.DEFINE_integer("refine", None, "pq / ivfpq: candidates re-ranked exactly, as a "
-                         "multiple of top_k (default: the index's).")
-    flags.DEFINE_integer("nprobe", None, "ivfpq: inverted lists scanned per query.")
-    flags.DEFINE_integer("ef_search", None, "hnsw: size of the search frontier.")
+                         "multiple of top_k (default: the index's).", lower_bound=1,
+                         upper_bound=1000)
+    flags.DEFINE_integer("nprobe", None, "ivfpq: inverted lists scanned per query.",
+                         lower_bound=1, upper_bound=65536)
+    flags.DEFINE_integer("ef_search", None, "hnsw: size of the search frontier.",
+                         lower_bound=1, upper_bound=100000)
     define_expansion_flags(qe=True)
     cli.run(search_main, "dplg-search")
 

@@ -153,7 +153,7 @@ def dba(database, k=2, alpha=3.0, neighbours=None, chunk=4096):
 
 
 def _check(k, alpha, database):
-    if k < 0 or alpha < 0:
+    if not (k >= 0 and np.isfinite(alpha) and alpha >= 0):
         raise UserError(f"Query expansion needs k >= 0 and alpha >= 0, got k={k}, "
                         f"alpha={alpha}.")
     if database.ndim != 2:

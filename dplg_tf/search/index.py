@@ -50,8 +50,9 @@ class DescriptorIndex:
             fs_m = self.dim // 2 if self.dim % 2 == 0 else self.dim
         if self.dim % fs_m:
             raise UserError(f"fs_m={fs_m} must divide the dimension {self.dim}.")
-        if dba_k < 0 or dba_alpha < 0:
-            raise UserError(f"DBA needs k >= 0 and alpha >= 0, got {dba_k}, {dba_alpha}.")
+        if not (0 <= dba_k <= 1000 and np.isfinite(dba_alpha) and dba_alpha >= 0):
+            raise UserError(f"DBA needs 0 <= k <= 1000 and a finite alpha >= 0, got {dba_k}, "
+                            f"{dba_alpha}.")
         # DBA (dplg_tf.retrieval.expansion) of every vector added, kept with the index
         self.params = dict(hnsw_m=hnsw_m, ef_search=ef_search, nlist=nlist, pq_m=pq_m,
                            nprobe=nprobe, refine=refine, fs_m=fs_m, dba_k=int(dba_k),

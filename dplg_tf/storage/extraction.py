@@ -40,12 +40,46 @@ def listing_hash(names):
     return digest.hexdigest()
 
 
+MAX_MANIFEST_BYTES = 1 << 24   # a manifest holds a probe and a few numbers
+
+
 def read_manifest(out):
+    """The folder's manifest.json, checked: an object with the fields a reader
+    needs, numbers in range, one shard count that fits the images."""
     path = os.path.join(out, "manifest.json")
     if not os.path.isfile(path):
         raise InputNotFound(f"{out} is not a dplg-extract output folder (no manifest.json).")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        if os.path.getsize(path) > MAX_MANIFEST_BYTES:
+            raise ValueError("too large")
+        with open(path) as f:
+            manifest = json.load(f)
+        if not isinstance(manifest, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is damaged ({e}); delete {out} and extract again.") from None
+    _check_manifest(out, manifest)
+    return manifest
+
+
+def _check_manifest(out, m):
+    def bad(what):
+        raise UserError(f"{out}/manifest.json is damaged ({what}); delete {out} and "
+                        "extract again.")
+
+    ints = {k: m.get(k) for k in ("images", "shard_size", "num_shards") if k in m}
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in ints.values()):
+        bad("a count that is not a whole number >= 0")
+    if {"images", "shard_size", "num_shards"} <= set(m) and (
+            m["shard_size"] < 1 or m["num_shards"] != -(-m["images"] // m["shard_size"])):
+        bad("its shard count does not fit its images and shard size")
+    if "dim" in m and (not isinstance(m["dim"], int) or not 1 <= m["dim"] <= 65536):
+        bad("the descriptor size is out of range")
+    probe = m.get("probe")
+    if probe is not None and (not isinstance(probe, list) or len(probe) != m.get("dim")
+                              or not all(isinstance(v, (int, float)) and np.isfinite(v)
+                                         for v in probe)):
+        bad("its probe descriptor is not dim finite numbers")
 
 
 def check_folder(out, manifest):
@@ -84,8 +118,54 @@ def _what(key):
             "shard_size": "another --shard_size", "dim": "another descriptor size"}[key]
 
 
-def done_shards(out, count):
-    return {i for i in range(count) if os.path.isfile(shard_path(out, i))}
+def done_shards(out, count, manifest=None, damaged=None):
+    """The shards committed and whole: with `manifest`, each file is also
+    checked (its Parquet footer, schema, model and row count, its errors
+    file); a damaged one is set aside (renamed *.damaged, and listed in
+    `damaged` as (path, reason)) so that a rerun describes it again."""
+    done = set()
+    for i in range(count):
+        path = shard_path(out, i)
+        if not os.path.isfile(path):
+            continue
+        problem = check_shard(path, manifest, i) if manifest else None
+        if problem:
+            os.replace(path, path + ".damaged")
+            if damaged is not None:
+                damaged.append((path, problem))
+            continue
+        done.add(i)
+    return done
+
+
+def check_shard(path, manifest, i):
+    """Why shard file `path` (shard `i`) cannot be used with `manifest`, or None."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+        schema = meta.schema.to_arrow_schema()
+    except (OSError, pa.ArrowException, ValueError) as e:
+        return f"unreadable ({type(e).__name__})"
+    dim = int(manifest["dim"])
+    want = pa.schema([("name", pa.string()), ("descriptor", pa.list_(pa.float32(), dim)),
+                      ("status", pa.string())])
+    if not schema.remove_metadata().equals(want):
+        return "another schema"
+    info = schema.metadata or {}
+    if info.get(b"dplg.fingerprint", b"").decode() != str(manifest.get("fingerprint")):
+        return "written by another model"
+    size = int(manifest["shard_size"])
+    expected = min(size, int(manifest["images"]) - i * size)
+    if meta.num_rows != expected:
+        return f"{meta.num_rows} rows, not {expected}"
+    errors = shard_path(os.path.dirname(os.path.dirname(path)), i, "errors")
+    try:
+        pq.ParquetFile(errors).metadata
+    except (OSError, pa.ArrowException, ValueError):
+        return "its errors file is missing or damaged"
+    return None
 
 
 def _write_parquet(path, table):
@@ -122,8 +202,19 @@ def write_shard(out, i, names, descriptors, errors, manifest):
 
 
 def check_complete(out):
-    """The manifest of a finished extraction folder, or a UserError."""
+    """The manifest of a finished extraction folder, or a UserError (a damaged
+    shard is named: it is set aside, and the same command describes it again)."""
     manifest = read_manifest(out)
+    for key in ("num_shards", "dim", "probe", "shard_size", "images", "fingerprint"):
+        if key not in manifest:
+            raise UserError(f"{out}/manifest.json has no {key!r}: the extraction never "
+                            "started or the file was changed; rerun dplg-extract.")
+    for i in range(manifest["num_shards"]):
+        path = shard_path(out, i)
+        problem = check_shard(path, manifest, i) if os.path.isfile(path) else None
+        if problem:
+            raise UserError(f"{path} is damaged ({problem}); rerun the same dplg-extract "
+                            "command, which describes that shard again.")
     missing = manifest["num_shards"] - len(done_shards(out, manifest["num_shards"]))
     if missing:
         raise UserError(f"{out} is unfinished: {missing} of {manifest['num_shards']} shards "
@@ -139,14 +230,21 @@ def iter_descriptors(out):
     manifest = check_complete(out)
     dim = int(manifest["dim"])
     for i in range(manifest["num_shards"]):
-        table = pq.read_table(shard_path(out, i))
+        try:
+            table = pq.read_table(shard_path(out, i))
+        except Exception as e:  # noqa: BLE001 - Arrow's errors of a damaged file
+            raise UserError(f"{shard_path(out, i)} cannot be read ({type(e).__name__}); "
+                            "rerun the same dplg-extract command.") from None
         ok = np.asarray(table.column("status").to_pylist()) == "ok"
         names = [n for n, good in zip(table.column("name").to_pylist(), ok) if good]
         column = table.column("descriptor").combine_chunks()
         # the child values hold a (zero) row for each null too
         values = column.values.to_numpy(zero_copy_only=False)[column.offset * dim:]
-        rows = np.asarray(values, np.float32)[:len(table) * dim].reshape(-1, dim)
-        yield names, rows[ok]
+        rows = np.asarray(values, np.float32)[:len(table) * dim].reshape(-1, dim)[ok]
+        if not np.all(np.isfinite(rows)):
+            raise UserError(f"{shard_path(out, i)} holds NaN or infinite descriptors; delete "
+                            "it and rerun the same dplg-extract command.")
+        yield names, rows
 
 
 def read_errors(out):
@@ -156,8 +254,14 @@ def read_errors(out):
     errors = []
     manifest = read_manifest(out)
     for i in sorted(done_shards(out, manifest["num_shards"])):
-        table = pq.read_table(shard_path(out, i, "errors"))
-        errors += list(zip(table.column("name").to_pylist(), table.column("reason").to_pylist()))
+        try:
+            table = pq.read_table(shard_path(out, i, "errors"))
+            errors += list(zip(table.column("name").to_pylist(),
+                               table.column("reason").to_pylist()))
+        except Exception as e:  # noqa: BLE001 - Arrow's errors of a damaged file
+            raise UserError(f"{shard_path(out, i, 'errors')} cannot be read "
+                            f"({type(e).__name__}); rerun the same dplg-extract command.") \
+                from None
     return errors
 
 

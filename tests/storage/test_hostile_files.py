@@ -415,3 +415,22 @@ def test_evaluation_cache_key_follows_model_and_scales():
     assert key != cache_key(_FakeDescriber("m/2"), [1.0, 0.5], "database", jobs)  # identity
     assert key != cache_key(_FakeDescriber("m/1"), [1.0, 0.5], "database", jobs[:1] + [
         ("c.jpg", None)])  # images
+
+
+@pytest.mark.parametrize("module,args", [
+    ("dplg_tf.cli.search", ["--qe_k=1000000000"]),
+    ("dplg_tf.cli.search", ["--qe_k=-1"]),
+    ("dplg_tf.cli.search", ["--qe_alpha=nan"]),
+    ("dplg_tf.cli.search", ["--refine=1000000000"]),
+    ("dplg_tf.cli.search", ["--ef_search=1000000000"]),
+    ("dplg_tf.cli.search", ["--top_k=0"]),
+    ("dplg_tf.cli.index", ["--dba_k=1000000000"]),
+    ("dplg_tf.cli.index", ["--dba_alpha=inf"]),
+    ("dplg_tf.cli.eval", ["--dataset=x", "--data_root=y", "--dba_alpha=-1"]),
+    ("dplg_tf.cli.eval", ["--dataset=x", "--data_root=y", "--dba_graph=hnsw9"]),
+])
+def test_numeric_flags_out_of_range_are_one_sentence_and_exit_2(tmp_path, module, args):
+    proc = _cli(module, f"--index_dir={tmp_path / 'idx'}", *args, "some.jpg",
+                timeout=60) if "eval" not in module else _cli(module, *args, timeout=60)
+    line = _one_sentence_error(proc)
+    assert "flag --" in line and "see --helpfull" in line, line
