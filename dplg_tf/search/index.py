@@ -32,6 +32,16 @@ from dplg_tf.retrieval.expansion import augment_for_index, normalise
 from dplg_tf.storage.atomic import StateFolder
 
 KINDS = ("exact", "pq", "hnsw", "ivfpq")
+def _sha256(path):
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class IndexMismatch(UserError):
     """The index and the request do not fit together."""
 
@@ -198,7 +208,9 @@ class DescriptorIndex:
                 json.dump(self.names, f)
             meta = {"dim": self.dim, "kind": self.kind, "count": len(self),
                     "params": self.params,
-                    "probe": None if self.probe is None else self.probe.tolist()}
+                    "probe": None if self.probe is None else self.probe.tolist(),
+                    "sha256": {n: _sha256(os.path.join(tmp, n))
+                               for n in ("index.faiss", "names.json")}}
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f)
             states.commit(tmp)
@@ -237,12 +249,26 @@ class DescriptorIndex:
 
         with open(os.path.join(state, "meta.json")) as f:
             meta = json.load(f)
+        for name, digest in (meta.get("sha256") or {}).items():   # indexes since the checksums
+            if name not in ("index.faiss", "names.json") or _sha256(
+                    os.path.join(state, name)) != digest:
+                raise IndexMismatch(f"{state}/{name} was changed after dplg-index wrote it "
+                                    "(its checksum differs); rebuild the index.")
         index = cls(meta["dim"], meta["kind"], meta["probe"], **meta["params"])
         index.index = faiss.read_index(os.path.join(state, "index.faiss"))
         if meta["kind"] == "hnsw":
             index.index.hnsw.efSearch = meta["params"]["ef_search"]
         with open(os.path.join(state, "names.json")) as f:
             index.names = json.load(f)
+        if meta["kind"] in ("exact", "hnsw"):   # stored as floats: a damaged one shows NaN
+            flat = index.index if meta["kind"] == "exact" else faiss.downcast_index(
+                index.index.storage)
+            n = flat.ntotal
+            stored = faiss.rev_swig_ptr(flat.get_xb(), n * index.dim) if n else np.zeros(0)
+            for start in range(0, n * index.dim, 1 << 24):
+                if not np.all(np.isfinite(stored[start:start + (1 << 24)])):
+                    raise IndexMismatch(f"{state} holds NaN or infinite vectors; rebuild "
+                                        "the index with dplg-index.")
         if index.index.ntotal != len(index.names) or index.index.d != index.dim:
             raise IndexMismatch(f"{state} is inconsistent: {index.index.ntotal} vectors, "
                                 f"{len(index.names)} names; rebuild it.")

@@ -14,6 +14,7 @@ import numpy as np
 
 from dplg_tf.errors import InputNotFound, UserError
 from dplg_tf.storage.atomic import write_atomic
+from dplg_tf.storage.npz import read_arrays
 
 PROBE_TOLERANCE = 1e-3
 
@@ -36,22 +37,19 @@ def read_npz(path):
     checked: a 2-D finite array and one name per row."""
     if not os.path.isfile(path):
         raise InputNotFound(f"Descriptor file {path} does not exist.")
-    try:
-        data = np.load(path, allow_pickle=False)
-        files = data.files
-        descriptors = data["descriptors"] if "descriptors" in files else None
-        names = data["names"] if "names" in files else None
-        probe = data["probe"] if "probe" in files else None
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
-        raise UserError(f"{path} is not a readable .npz descriptor file "
-                         f"({type(e).__name__}).") from None
+    data = read_arrays(path, {"descriptors": "fiu", "names": "U", "probe": "fiu",
+                              "error_names": "U", "error_reasons": "U"},
+                       "descriptor file", "describe the images again")
+    descriptors, names, probe = (data.get(k) for k in ("descriptors", "names", "probe"))
     if descriptors is None:
-        raise UserError(f"{path} has no 'descriptors' array (found {files}).")
+        raise UserError(f"{path} has no 'descriptors' array; describe the images again.")
+    if names is not None and names.ndim != 1:
+        raise UserError(f"{path}: 'names' must be a list of names; describe the images again.")
     if descriptors.ndim != 2 or descriptors.dtype.kind not in "fiu" or (
             descriptors.size and descriptors.shape[1] == 0):
         raise UserError(f"{path}: 'descriptors' must be a 2-D array of numbers [N, D], "
                          f"got shape {list(descriptors.shape)} of {descriptors.dtype}.")
-    descriptors = descriptors.astype(np.float32)
+    descriptors = descriptors.astype(np.float32, copy=False)
     if not np.all(np.isfinite(descriptors)):
         bad = int(np.sum(~np.all(np.isfinite(descriptors), axis=1)))
         raise UserError(f"{path}: {bad} descriptors hold NaN or infinite values.")

@@ -92,7 +92,7 @@ def test_whitening_file_round_trip_and_refusals(tmp_path):
     np.testing.assert_array_equal(p, projection)
     assert meta == {"kind": "supervised", "probe": [0.5, 0.5]}
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(UserError, match="not a whitening file"):
+    with pytest.raises(UserError, match="not a readable whitening file"):
         whitening_file.load(str(tmp_path / "bad.npz"))
     np.savez(tmp_path / "shape.npz", mean=np.zeros(3), projection=np.zeros((2, 4)),
              metadata=np.array("{}"))

@@ -142,4 +142,4 @@ def test_pq_index_through_the_commands(tmp_path):
     # re-ranking 250 candidates of 400 finds the exact top-5
     assert found == np.argsort(-(q @ db.T), axis=1)[:, :5].tolist()
     bad = subprocess.run(search + ["--refine=0"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "refine must be at least 1" in bad.stderr
+    assert bad.returncode == 2 and "not an integer in the range [1, 1000]" in bad.stderr

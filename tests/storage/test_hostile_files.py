@@ -252,11 +252,11 @@ def test_search_refuses_bad_queries_in_one_sentence(tmp_path, index_dir):
     cases = [
         ([f"--descriptors={tmp_path / 'nan.npz'}"], "NaN"),
         ([f"--descriptors={tmp_path / 'flat.npz'}"], "2-D array"),
-        ([f"--descriptors={queries}", "--top_k=-3"], "--top_k must be at least 1"),
-        ([f"--descriptors={queries}", "--top_k=0"], "--top_k must be at least 1"),
+        ([f"--descriptors={queries}", "--top_k=-3"], "not an integer in the range [1, 10000]"),
+        ([f"--descriptors={queries}", "--top_k=0"], "not an integer in the range [1, 10000]"),
         ([f"--descriptors={noprobe}"], "carries no probe"),
         ([f"--descriptors={other}"], "built with another model"),
-        ([f"--descriptors={queries}", "--refine=0"], "refine must be at least 1"),
+        ([f"--descriptors={queries}", "--refine=0"], "not an integer in the range [1, 1000]"),
     ]
     for extra, text in cases:
         proc = _search_cli(f"--index_dir={index_dir}", *extra)
