@@ -82,6 +82,11 @@ def check_ground_truth(cfg, name):
     for key in ("imlist", "qimlist"):
         if not all(isinstance(n, str) and n and "\0" not in n for n in cfg[key]):
             raise UserError(f"{file}: {key!r} must be a list of image names.")
+        outside = [n for n in cfg[key] if os.path.isabs(n) or ".." in n.replace("\\", "/")
+                   .split("/")]
+        if outside:   # names stay inside the data set's jpg/ folder
+            raise UserError(f"{file}: {key!r} names {outside[0][:80]!r}, outside the data "
+                            "set's folder.")
     if len(cfg["gnd"]) != len(cfg["qimlist"]):
         raise UserError(f"{file} has {len(cfg['gnd'])} ground-truth entries for "
                          f"{len(cfg['qimlist'])} queries.")
@@ -95,7 +100,7 @@ def check_ground_truth(cfg, name):
         if bbx is not None:
             try:
                 bbx = np.asarray(bbx, np.float64).ravel()
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 bbx = np.zeros(0)
             if bbx.shape != (4,) or not np.all(np.isfinite(bbx)):
                 raise UserError(f"{file}: entry {i}'s 'bbx' must be 4 finite numbers.")

@@ -130,6 +130,13 @@ def _bytearray(data=b""):
     return bytearray(_raw(data))  # never bytearray(n): that allocates n bytes
 
 
+def _bytes(data=b""):
+    """bytes() (protocol-2 pickles of Python 3 write b'' as a call of it)."""
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data)
+    raise UnsafePickleError("bytes of something other than bytes")
+
+
 def _encode(text, encoding="utf-8"):
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise UnsafePickleError("_codecs.encode is allowed for latin-1 text only")
@@ -143,6 +150,7 @@ _CALLABLES = {
     ("builtins", "frozenset"): _container(frozenset),
     ("builtins", "complex"): _complex,
     ("builtins", "bytearray"): _bytearray,
+    ("builtins", "bytes"): _bytes, ("__builtin__", "bytes"): _bytes,
     ("_codecs", "encode"): _encode,
 }
 for _core in ("numpy.core", "numpy._core"):
@@ -168,6 +176,20 @@ class _Unpickler(pickle._Unpickler):  # the pure-Python one: its opcodes can be 
     def _refuse(self):
         raise UnsafePickleError("it uses a pickle opcode that builds arbitrary objects")
 
+    def _bytearray8(self):
+        """BYTEARRAY8, its declared length checked against the file first (the
+        stock opcode allocates the length it reads before reading the bytes)."""
+        import struct
+
+        (length,) = struct.unpack("<Q", self.read(8))
+        if length > self.size_limit:
+            raise UnsafePickleError(f"it declares a bytearray of {length} bytes in a file of "
+                                    f"{self.size_limit}")
+        data = self.read(length)
+        if len(data) != length:
+            raise UnsafePickleError("it is cut short")
+        self.append(bytearray(data))
+
     def _build(self):
         state = self.stack.pop()
         target = self.stack[-1]
@@ -180,6 +202,7 @@ class _Unpickler(pickle._Unpickler):  # the pure-Python one: its opcodes can be 
 for _op in _REFUSED_OPCODES:
     _Unpickler.dispatch[_op[0]] = _Unpickler._refuse
 _Unpickler.dispatch[pickle.BUILD[0]] = _Unpickler._build
+_Unpickler.dispatch[pickle.BYTEARRAY8[0]] = _Unpickler._bytearray8
 
 
 def _resolve(obj, seen):
@@ -213,7 +236,9 @@ def _resolve(obj, seen):
 def loads(data):
     """The plain data in pickle bytes `data`, or UnsafePickleError."""
     try:
-        obj = _Unpickler(io.BytesIO(data), encoding="latin1").load()
+        unpickler = _Unpickler(io.BytesIO(data), encoding="latin1")
+        unpickler.size_limit = len(data)
+        obj = unpickler.load()
         return _resolve(obj, {})
     except UnsafePickleError:
         raise

@@ -183,15 +183,24 @@ class DescriptorExtractor:
 
         from dplg_tf.export.graph_decode import decode
 
+        from dplg_tf.export.graph_decode import header_size
+
         lim = self.limits
         count = tf.debugging.Assert(tf.size(image_bytes) <= lim.max_images, [
             "A request may hold at most", lim.max_images, "images; it holds",
             tf.size(image_bytes)])
+        with tf.control_dependencies([count]):
+            # every header is read before any image is decoded: the request's total
+            total = tf.reduce_sum(tf.map_fn(lambda d: header_size(d)[2], image_bytes,
+                                            fn_output_signature=tf.int64))
+        budget = tf.debugging.Assert(total <= lim.max_request_pixels, [
+            "The request's images hold", total, "pixels together; the limit is",
+            lim.max_request_pixels, ": send fewer images per request"])
 
         def one(data):
             return self.describe_image(decode(data, lim.max_pixels, lim.min_side))
 
-        with tf.control_dependencies([count]):
+        with tf.control_dependencies([count, budget]):
             image_bytes = tf.identity(image_bytes)
         # two images at a time at most: each decoded frame may be max_pixels large
         descriptors = tf.map_fn(one, image_bytes, parallel_iterations=2,

@@ -13,6 +13,7 @@ class Limits:
     max_scales: int = 8               # scales in one multiscale request
     max_scale: float = 2.0            # largest scale (applied after max_image_side)
     max_pixels: int = 40_000_000      # pixels of an image's decoded frames
+    max_request_pixels: int = 200_000_000   # pixels of all the images of one request
     min_side: int = 16                # shorter side, in pixels
     max_request_mb: int = 64          # bytes of one gRPC message
 
@@ -32,6 +33,8 @@ LIMIT_FLAGS = {
     "max_scales": ("max_scales", "Scales in one multiscale request."),
     "max_scale": ("max_scale", "Largest scale a request may ask for."),
     "max_pixels": ("max_pixels", "Pixels of an image's decoded frames (all GIF frames)."),
+    "max_request_pixels": ("max_request_pixels", "Pixels of all the images of one request "
+                           "(what decoding it allocates)."),
     "min_image_side": ("min_side", "Shorter side of an image, in pixels."),
     "max_request_mb": ("max_request_mb", "Largest gRPC message, in MiB."),
 }
@@ -39,5 +42,5 @@ LIMIT_FLAGS = {
 
 # the limits each kind of command takes flags for
 GRAPH_LIMITS = ("max_images_per_request", "max_scales", "max_scale", "max_pixels",
-                "min_image_side")   # enforced inside the SavedModel (dplg-export)
+                "max_request_pixels", "min_image_side")   # enforced inside the SavedModel (dplg-export)
 READ_LIMITS = ("max_pixels", "min_image_side", "max_request_mb")   # reading image files

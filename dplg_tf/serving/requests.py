@@ -115,11 +115,16 @@ def check_limits(arrays, limits):
         if len(blobs) > limits.max_images:
             raise _invalid(f"A request may hold at most {limits.max_images} images; this "
                            f"one holds {len(blobs)}.")
+        total = 0
         for i, blob in enumerate(blobs):
             try:
                 images.check_bytes(blob, limits)
             except images.ImageError as e:
                 raise _invalid(f"Image {i} of the request: {e}") from None
+            total += images.frame_size(blob)[2]
+        if total > limits.max_request_pixels:
+            raise _invalid(f"The request's images hold {total} pixels together; the limit is "
+                           f"{limits.max_request_pixels}: send fewer images per request.")
     if "image" in arrays:
         try:
             images.check_array(arrays["image"].shape, limits)

@@ -34,7 +34,7 @@ from dplg_tf.errors import tf_error_message
 from dplg_tf.serving.server import Server
 
 LIMITS = dataclasses.replace(images.DEFAULT_LIMITS, max_images=16, max_pixels=1_000_000,
-                             max_request_mb=4)
+                             max_request_pixels=5_000_000, max_request_mb=4)
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
 
 
@@ -625,3 +625,34 @@ def test_calls_past_maximum_concurrent_rpcs_are_refused_and_our_bugs_are_interna
         channel.close()
     finally:
         srv.stop(5)
+
+
+def _claims(height, width):
+    """A small JPEG whose frame header claims height x width (not decodable as such)."""
+    data = bytearray(_image(16, 16))
+    i = data.index(b"\xff\xc0")
+    data[i + 5:i + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_a_request_of_many_legal_large_images_is_refused_before_decoding():
+    """Each header claims 6000 x 6600 (under the 40 Mpx image limit); together
+    they exceed the request's pixel budget: INVALID_ARGUMENT, nothing decoded."""
+    from dplg_tf import images
+    from dplg_tf.serving.requests import ServingError, check_limits
+
+    blob = _claims(6000, 6600)
+    assert images.frame_size(blob)[2] == 39_600_000
+    check_limits({"image_bytes": np.array([blob] * 5, dtype=object)}, images.DEFAULT_LIMITS)
+    with pytest.raises(ServingError, match="hold 237600000 pixels together") as info:
+        check_limits({"image_bytes": np.array([blob] * 6, dtype=object)}, images.DEFAULT_LIMITS)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.slow
+def test_the_graph_refuses_the_request_pixel_budget_too(exported):
+    """serving_default (what TF Serving runs) sums the headers before decoding:
+    6 images each under the 1 Mpx limit hold more than the 5 Mpx budget."""
+    loaded = tf.saved_model.load(os.path.join(exported[0], "1"))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="pixels together"):
+        loaded.signatures["serving_default"](image_bytes=tf.constant([_claims(990, 1000)] * 6))

@@ -434,3 +434,35 @@ def test_numeric_flags_out_of_range_are_one_sentence_and_exit_2(tmp_path, module
                 timeout=60) if "eval" not in module else _cli(module, *args, timeout=60)
     line = _one_sentence_error(proc)
     assert "flag --" in line and "see --helpfull" in line, line
+
+
+def test_ground_truth_round_two_bytearray8_overflow_protocol2_and_paths():
+    """BYTEARRAY8 may not allocate its declared length before reading; a box of
+    10**400 is one sentence; a genuine protocol-2 file with an empty junk array
+    loads; image names stay inside the data set's folder."""
+    import pickle
+    import struct
+    import tracemalloc
+
+    from dplg_tf.data import safe_pickle
+    from dplg_tf.data.revisited import check_ground_truth
+    from dplg_tf.errors import UserError
+
+    bomb = b"\x80\x05" + pickle.BYTEARRAY8 + struct.pack("<Q", 3 * 10 ** 9) + b"."
+    tracemalloc.start()
+    with pytest.raises(safe_pickle.UnsafePickleError, match="declares a bytearray"):
+        safe_pickle.loads(bomb)
+    assert tracemalloc.get_traced_memory()[1] < 10 ** 7
+    tracemalloc.stop()
+    genuine = {"imlist": ["a", "b"], "qimlist": ["q"],
+               "gnd": [{"ok": np.array([0]), "junk": np.array([], np.int64),
+                        "bbx": [0.0, 0.0, 5.0, 5.0]}]}
+    loaded = check_ground_truth(safe_pickle.loads(pickle.dumps(genuine, protocol=2)), "x")
+    assert loaded["gnd"][0]["junk"] == [] and loaded["gnd"][0]["ok"] == [0]
+    for cfg, text in (({"imlist": ["../../etc/passwd"], "qimlist": ["q"], "gnd": [{}]},
+                       "outside the data set's folder"),
+                      ({"imlist": ["/abs/x"], "qimlist": ["q"], "gnd": [{}]}, "outside"),
+                      ({"imlist": ["a"], "qimlist": ["q"], "gnd": [{"bbx": [10 ** 400, 0, 0, 0]}]},
+                       "4 finite numbers")):
+        with pytest.raises(UserError, match=text):
+            check_ground_truth(cfg, "x")
