@@ -10,7 +10,7 @@ import sys
 from absl import flags
 
 from dplg_tf import cli
-from dplg_tf.cli.flags import define_expansion_flags, expansion_from_flags
+from dplg_tf.cli.flags import define_expansion_flags, define_model_flags, expansion_from_flags
 from dplg_tf.retrieval.evaluation import markdown_table, run_eval
 
 
@@ -19,9 +19,7 @@ def _define_flags():
                         "folder <data_root>/NAME in the Revisited layout.", required=True)
     flags.DEFINE_string("data_root", None, "Folder holding <dataset>/jpg and the gnd file.",
                         required=True)
-    flags.DEFINE_string("model", None, "SavedModel base path or version folder.")
-    flags.DEFINE_string("server", None, "host:port of dplg-serve or TF Serving.")
-    flags.DEFINE_string("model_name", "dplg", "Model name on the server.")
+    define_model_flags()
     flags.DEFINE_list("scales", None, "Extraction scales (default: those of the model's "
                       "serving_default; the paper's 5 for a server).")
     flags.DEFINE_string("output_dir", None, "Results, cache and figures "

@@ -12,13 +12,11 @@ from absl import flags
 from dplg_tf import cli
 from dplg_tf.bulk.job import Options, extract
 from dplg_tf.images import READ_LIMITS
-from dplg_tf.cli.flags import define_limit_flags, limits_from_flags
+from dplg_tf.cli.flags import define_limit_flags, define_model_flags, limits_from_flags
 
 
 def define_flags():
-    flags.DEFINE_string("model", None, "SavedModel base path or version folder.")
-    flags.DEFINE_string("server", None, "host:port of dplg-serve or TF Serving instead.")
-    flags.DEFINE_string("model_name", "dplg", "Model name on the server.")
+    define_model_flags()
     flags.DEFINE_string("output_dir", None, "Where the shards go.", required=True)
     flags.DEFINE_list("inputs", None, "Folders, globs, files, .txt listings (also positional).")
     flags.DEFINE_integer("shard_size", 1000, "Images per shard.", lower_bound=1)

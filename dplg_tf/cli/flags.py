@@ -55,11 +55,16 @@ def expansion_from_flags():
             if k in f}
 
 
+def define_model_flags():
+    """--model (a local SavedModel) or --server (and --model_name): the describer."""
+    flags.DEFINE_string("model", None, "A SavedModel base path or version folder.")
+    flags.DEFINE_string("server", None, "host:port of dplg-serve or TF Serving instead.")
+    flags.DEFINE_string("model_name", "dplg", "Model name on the server.")
+
+
 def define_index_input_flags():
     flags.DEFINE_string("index_dir", None, "The index folder.", required=True)
-    flags.DEFINE_string("server", None, "host:port of dplg-serve or TF Serving.")
-    flags.DEFINE_string("model", None, "A SavedModel base path or version folder.")
-    flags.DEFINE_string("model_name", "dplg", "Model name on the server.")
+    define_model_flags()
     flags.DEFINE_string("descriptors", None, "An .npz with descriptors (and names, probe), "
                         "or a dplg-extract output folder.")
     flags.DEFINE_bool("allow_unverified", False, "Accept a descriptor file without a probe "
