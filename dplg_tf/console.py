@@ -8,9 +8,10 @@ every 10 seconds, so logs stay short and readable.
 TensorFlow's C++ runtime prints a dozen lines when it is imported and when
 its devices are first listed (absl's "All log messages before
 absl::InitializeLog()", oneDNN, CUDA stubs on machines without a GPU),
-before any logging setting applies. `quiet_tensorflow()` does both with
-stderr captured and passes on only the lines that are not that chatter;
---verbosity=1 (any command) shows everything.
+before any logging setting applies. After `quiet_tensorflow()`, the first
+`import tensorflow` (whoever makes it) and its device listing run with
+stderr captured, and only the lines that are not that chatter are passed
+on; --verbosity=1 (any command) shows everything.
 """
 
 import contextlib
@@ -75,18 +76,46 @@ def _filtered_stderr():
                     print(line, file=sys.stderr)
 
 
+class _QuietImport:
+    """A meta-path finder for the first `import tensorflow`: it runs the import,
+    and the listing of the devices, with stderr filtered. TensorFlow is not
+    imported before some code needs it (commands that never do start fast)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        import importlib.util
+
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+class _QuietLoader:
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        with _filtered_stderr():
+            self.loader.exec_module(module)
+            module.config.list_physical_devices()
+
+
 def quiet_tensorflow(verbose=False):
-    """Import TensorFlow and list its devices with the start-up chatter
-    filtered out (everything shown when `verbose`), and quiet the loggers of
-    libraries that report normal events as failures."""
+    """Keep TensorFlow's start-up chatter (at its import and first device
+    listing) out of the console, and quiet the loggers of libraries that
+    report normal events as failures; everything is shown when `verbose`."""
     if verbose:
         return
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    if "tensorflow" in sys.modules and getattr(quiet_tensorflow, "done", False):
+    if "tensorflow" in sys.modules:
         return
-    with _filtered_stderr():
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()
-    quiet_tensorflow.done = True
+    if not any(isinstance(f, _QuietImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietImport())

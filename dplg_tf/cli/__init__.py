@@ -20,7 +20,7 @@ def fail(name, message, code=BAD_INPUT):
     sys.exit(code)
 
 
-def run(main, name, uses_tensorflow=True):
+def run(main, name):
     """`app.run(main)`, turning UserError into `name: error: <sentence>`, exit 2.
 
     Quiet by default: TensorFlow's start-up lines and noisy library loggers
@@ -29,9 +29,7 @@ def run(main, name, uses_tensorflow=True):
     def guarded(argv):
         from absl import flags
 
-        verbose = flags.FLAGS.verbosity >= 1
-        if uses_tensorflow:
-            quiet_tensorflow(verbose)
+        quiet_tensorflow(verbose=flags.FLAGS.verbosity >= 1)
         try:
             return main(argv)
         except UserError as e:

@@ -32,7 +32,7 @@ def run():
     flags.DEFINE_string("data_root", None, "Folder holding <dataset>/.", required=True)
     flags.DEFINE_string("dataset", None, "roxford5k, rparis6k or a data set of yours in the "
                         "same layout.", required=True)
-    cli.run(main, "revisited", uses_tensorflow=False)
+    cli.run(main, "revisited")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def _define_flags():
 
 def run():
     _define_flags()
-    cli.run(main, "dplg-synthetic", uses_tensorflow=False)
+    cli.run(main, "dplg-synthetic")
 
 
 if __name__ == "__main__":
