@@ -45,3 +45,21 @@ def run(main, name):
             fail(name, f"{e}; see --helpfull.")
 
     app.run(guarded, flags_parser=parse)
+
+
+def wait_for_stop_signal(log):
+    """Block until SIGTERM or SIGINT (a server's main thread)."""
+    import signal
+    import threading
+
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        del frame
+        log.info("signal %d: finishing the requests in flight and stopping", signum)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stopping.wait(0.5):
+        pass

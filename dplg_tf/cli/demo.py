@@ -102,10 +102,11 @@ def _free_port():
 
 
 def _start_server(base, log_path):
-    port = _free_port()
+    port, rest_port = _free_port(), _free_port()
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "dplg_tf.cli.serve",
-                             f"--model_base_path={base}", f"--port={port}"],
+                             f"--model_base_path={base}", f"--port={port}",
+                             f"--rest_api_port={rest_port}"],
                             stdout=log, stderr=subprocess.STDOUT)
     from dplg_tf.serving.client import Client, ClientError
 
@@ -116,7 +117,7 @@ def _start_server(base, log_path):
             raise RuntimeError(f"dplg-serve exited early; see {log_path}")
         try:
             client.status()
-            return proc, f"127.0.0.1:{port}"
+            return proc, f"127.0.0.1:{port}", f"127.0.0.1:{rest_port}"
         except ClientError:
             time.sleep(0.5)
     proc.kill()
@@ -133,12 +134,14 @@ def pipeline(config, workdir):
     shards = _shards(workdir, data)
     run = _train(config, workdir, shards)
     untrained_base, trained_base = _export(config, workdir, run)
-    _stage("5/8 dplg-serve on the trained model")
-    server, address = _start_server(trained_base, os.path.join(workdir, "serve.log"))
-    print(f"serving on {address} (log {os.path.join(workdir, 'serve.log')})")
+    _stage("5/9 dplg-serve on the trained model")
+    server, address, rest = _start_server(trained_base, os.path.join(workdir, "serve.log"))
+    print(f"serving on {address} (gRPC) and http://{rest} (REST; log "
+          f"{os.path.join(workdir, 'serve.log')})")
     try:
         _index(config, workdir, data, address)
-        _stage("7/8 evaluate (Revisited protocol, 5 scales) and draw")
+        _search_service(workdir, data, address, rest)
+        _stage("8/9 evaluate (Revisited protocol, 5 scales) and draw")
         results = {}
         results["untrained"] = evaluation.run_eval(
             "synthetic", data, model=untrained_base,
@@ -147,7 +150,7 @@ def pipeline(config, workdir):
             "synthetic", data, server=address, figures=FLAGS.figures,
             output_dir=os.path.join(workdir, "eval_trained"))[0]
     finally:
-        _stage("8/8 stop the server")
+        _stage("9/9 stop the server")
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
         print(f"dplg-serve exited with {server.returncode}")
@@ -166,7 +169,7 @@ def _synthetic_data(workdir):
     from dplg_tf.data import synthetic
 
     data = os.path.join(workdir, "data")
-    _stage("1/8 synthetic landmarks")
+    _stage("1/9 synthetic landmarks")
     if not os.path.isfile(os.path.join(data, "synthetic.json")):
         print(json.dumps(synthetic.generate(
             data, num_landmarks=FLAGS.num_landmarks, views_per_landmark=FLAGS.views_per_landmark,
@@ -180,7 +183,7 @@ def _synthetic_data(workdir):
 def _shards(workdir, data):
     from dplg_tf.data import tfrecords
 
-    _stage("2/8 TFRecord shards")
+    _stage("2/9 TFRecord shards")
     shards = os.path.join(workdir, "shards")
     items, ignored = tfrecords.list_image_dir(os.path.join(data, "train"))
     print(json.dumps(tfrecords.build(shards, items, num_shards=4, ignored=ignored,
@@ -190,7 +193,7 @@ def _shards(workdir, data):
 
 def _train(config, workdir, shards):
     """dplg-train on the demo config (with the user's --config.* overrides)."""
-    _stage(f"3/8 training {config.model.backbone}+{config.model.head}, "
+    _stage(f"3/9 training {config.model.backbone}+{config.model.head}, "
            f"{FLAGS.train_steps} steps")
     run = os.path.join(workdir, "run")
     overrides = dict(config_flags.get_override_values(FLAGS["config"]))
@@ -224,7 +227,7 @@ def _export(config, workdir, run):
     from dplg_tf.export import export
     from dplg_tf.nn.model import build_dplg
 
-    _stage("4/8 export (untrained and trained)")
+    _stage("4/9 export (untrained and trained)")
     models = os.path.join(workdir, "models")
     untrained_base, trained_base = os.path.join(models, "untrained"), os.path.join(models, "dplg")
     shape = dict(scales=list(config.eval.scales), max_image_side=config.eval.max_image_side,
@@ -246,7 +249,7 @@ def _index(config, workdir, data, address):
     from dplg_tf.retrieval.describers import Describer
     from dplg_tf.console import progress_bar
 
-    _stage("6/8 index the database through gRPC")
+    _stage("6/9 index the database through gRPC")
     dataset = load_dataset(data, "synthetic")
     describer = Describer(server=address)
     paths = [dataset.image_path(i) for i in range(len(dataset.imlist))]
@@ -262,6 +265,43 @@ def _index(config, workdir, data, address):
     hits = idx.search(describer.describe_bytes([_png(q)]), 3)[1][0]
     print(f"{len(idx)} images indexed; query {dataset.qimlist[0]} -> "
           + ", ".join(os.path.basename(idx.names[i]) for i in hits))
+
+
+def _search_service(workdir, data, address, rest):
+    """The index behind the search server (in this process, describing through
+    dplg-serve) and one query over HTTP; dplg-serve's REST status too."""
+    import base64
+    import json
+    import urllib.request
+
+    from dplg_tf.data.revisited import load_dataset
+    from dplg_tf.retrieval.describers import Describer
+    from dplg_tf.search.service import Searcher, SearchServer
+
+    _stage("7/9 the search service over HTTP")
+    with urllib.request.urlopen(f"http://{rest}/v1/models/dplg", timeout=60) as r:
+        status = json.load(r)["model_version_status"][0]
+    print(f"GET http://{rest}/v1/models/dplg -> version {status['version']} {status['state']}")
+    describer = Describer(server=address)
+    root = workdir if os.path.isabs(workdir) else "."   # where the indexed names resolve
+    server = SearchServer(Searcher(os.path.join(workdir, "index"), describer, image_root=root,
+                                   reload_seconds=0), "127.0.0.1", 0).start()
+    try:
+        dataset = load_dataset(data, "synthetic")
+        body = json.dumps({"image": {"b64": base64.b64encode(_png(dataset.load_query(1)))
+                                     .decode()}, "top_k": 3}).encode()
+        request = urllib.request.Request(f"http://{server.address}/v1/search", body,
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            answer = json.load(r)
+        print(f"POST http://{server.address}/v1/search ({dataset.qimlist[1]}) -> " + ", ".join(
+            f"{os.path.basename(h['name'])} {h['score']:.3f}" for h in answer["results"]))
+    finally:
+        server.stop(5)
+        describer.close()
+    print("browse it: dplg-search-server --index_dir=" + os.path.join(workdir, "index") +
+          " --model=" + os.path.join(workdir, "models", "dplg") + f" --image_root={root}"
+          " and open http://127.0.0.1:8600/")
 
 
 def _png(array):

@@ -1,32 +1,46 @@
-"""dplg-serve: the model server (TF Serving API over gRPC) on a model base path
-(dplg_tf.serving.server).
+"""dplg-serve: the model server (TF Serving's gRPC and REST APIs) on a model
+base path or a model config file (dplg_tf.serving.server, serving.rest).
 
-    dplg-serve --model_base_path=models/dplg --port=8500
+    dplg-serve --model_base_path=models/dplg --port=8500 --rest_api_port=8501
+    dplg-serve --model_config_file=serving/models.config \
+        --monitoring_config_file=serving/monitoring.config
 """
 
 import logging
 import os
-import signal
 import sys
-import threading
 
 from absl import flags
 
 from dplg_tf import cli
 from dplg_tf.cli.flags import define_limit_flags, limits_from_flags
-from dplg_tf.errors import InputNotFound
+from dplg_tf.errors import InputNotFound, UserError
 from dplg_tf.serving import batching
+from dplg_tf.serving.config import read_monitoring_config
 from dplg_tf.serving.server import Server
 
 log = logging.getLogger("dplg_tf.serving")
 
 
 def _define_flags():
-    flags.DEFINE_string("model_base_path", None, "Folder of integer version folders.",
-                        required=True)
-    flags.DEFINE_string("model_name", "dplg", "Name clients ask for.")
+    flags.DEFINE_string("model_base_path", None, "Folder of integer version folders (or "
+                        "--model_config_file).")
+    flags.DEFINE_string("model_name", "dplg", "Name clients ask for (with --model_base_path).")
+    flags.DEFINE_string("model_config_file", None, "ModelServerConfig text file: several "
+                        "models, version policies, labels (serving/models.config).")
+    flags.DEFINE_float("model_config_file_poll_wait_seconds", 0.0, "How often to reread "
+                       "--model_config_file (0: read once).", lower_bound=0)
+    flags.DEFINE_string("monitoring_config_file", None, "MonitoringConfig text file: "
+                        "Prometheus metrics on the REST port (serving/monitoring.config).")
     flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0 for all).")
-    flags.DEFINE_integer("port", 8500, "gRPC port (0: any free port, printed).")
+    flags.DEFINE_integer("port", 8500, "gRPC port (0: any free port, printed).",
+                         lower_bound=0, upper_bound=65535)
+    flags.DEFINE_integer("rest_api_port", 8501, "REST port (0: no REST API).",
+                         lower_bound=0, upper_bound=65535)
+    flags.DEFINE_integer("rest_api_timeout_in_ms", 30000, "Deadline of a REST request "
+                         "(0: none).", lower_bound=0)
+    flags.DEFINE_integer("rest_api_num_threads", 0, "Threads serving REST requests (0: "
+                         "--grpc_workers).", lower_bound=0)
     flags.DEFINE_bool("enable_batching", True, "Batch concurrent serving_default requests.")
     flags.DEFINE_string("batching_parameters_file", None,
                         "TF Serving batching_parameters.txt (default: built-in values).")
@@ -49,25 +63,37 @@ def main(argv):
         if f.batching_parameters_file:
             with open(f.batching_parameters_file) as fh:
                 params = batching.parse_batching_parameters(fh.read())
-    if not os.path.isdir(f.model_base_path):
+    if bool(f.model_base_path) == bool(f.model_config_file):
+        raise UserError("Give exactly one of --model_base_path (one model) or "
+                        "--model_config_file (several).")
+    if f.model_base_path and not os.path.isdir(f.model_base_path):
         raise InputNotFound(f"--model_base_path {f.model_base_path!r} is not a folder; "
-                                "export a model there with dplg-export.")
+                            "export a model there with dplg-export.")
+    monitoring = None
+    if f.monitoring_config_file:
+        monitoring = read_monitoring_config(f.monitoring_config_file)
+        if monitoring.enable and not f.rest_api_port:
+            raise UserError("--monitoring_config_file serves metrics on the REST port; "
+                            "give --rest_api_port.")
     server = Server(f.model_base_path, f.model_name, f.host, f.port, params,
                     f.file_system_poll_wait_seconds, limits_from_flags(),
-                    f.grpc_workers, max_concurrent_rpcs=f.maximum_concurrent_rpcs).start()
-    print(f"dplg-serve: listening on {server.address} for model {f.model_name!r} "
-          f"from {f.model_base_path}", flush=True)
-    stopping = threading.Event()
-
-    def on_signal(signum, frame):
-        del frame
-        log.info("signal %d: draining requests in flight and stopping", signum)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while not stopping.wait(0.5):
-        pass
+                    f.grpc_workers, max_concurrent_rpcs=f.maximum_concurrent_rpcs,
+                    model_config_file=f.model_config_file,
+                    config_poll_seconds=f.model_config_file_poll_wait_seconds,
+                    rest_port=f.rest_api_port or None, monitoring=monitoring,
+                    rest_timeout_ms=f.rest_api_timeout_in_ms,
+                    rest_workers=f.rest_api_num_threads or None).start()
+    models = ", ".join(repr(n) for n in server.models.names)
+    where = f.model_base_path or f.model_config_file
+    print(f"dplg-serve: listening on {server.address} (gRPC) for {models} from {where}",
+          flush=True)
+    if server.rest_address:
+        print(f"dplg-serve: REST API on http://{server.rest_address}/v1/models/...",
+              flush=True)
+        if monitoring is not None and monitoring.enable:
+            print(f"dplg-serve: metrics on http://{server.rest_address}{monitoring.path}",
+                  flush=True)
+    cli.wait_for_stop_signal(log)
     server.stop(f.grace_seconds)
     print("dplg-serve: stopped", flush=True)
 

@@ -63,10 +63,11 @@ def parse_batching_parameters(text):
 
 
 class _Task:
-    __slots__ = ("items", "future", "deadline", "is_active")
+    __slots__ = ("items", "future", "deadline", "is_active", "enqueued")
 
     def __init__(self, items, deadline=None, is_active=None):
         self.items = items
+        self.enqueued = time.monotonic()
         self.future = Future()
         self.deadline = deadline
         self.is_active = is_active
@@ -84,12 +85,14 @@ class Batcher:
     """Batches `run(items) -> per-item results` over concurrent callers.
 
     `run` receives the concatenation of the tasks' item lists and returns a
-    sequence of the same length.
+    sequence of the same length. `observe(batch_size, [seconds each task
+    waited])`, if given, is told of every batch run (the server's metrics).
     """
 
     def __init__(self, run, max_batch_size=32, batch_timeout_micros=2000,
-                 num_batch_threads=2, max_enqueued_batches=64, **_):
+                 num_batch_threads=2, max_enqueued_batches=64, observe=None, **_):
         self._run = run
+        self._observe = observe
         self.max_batch_size = max_batch_size
         self.timeout = batch_timeout_micros / 1e6
         self.capacity = max_enqueued_batches * max_batch_size
@@ -190,6 +193,9 @@ class Batcher:
     def _execute(self, tasks):
         items = [item for task in tasks for item in task.items]
         self.items_run += len(items)
+        if self._observe is not None:
+            now = time.monotonic()
+            self._observe(len(items), [now - task.enqueued for task in tasks])
         results = self._run(items)
         start = 0
         for task in tasks:
@@ -233,6 +239,11 @@ class Batcher:
             self._threads = [t for t in self._threads if t is not dead] + [thread]
             self.replaced += 1
         thread.start()
+
+    @property
+    def queued_items(self):
+        """Items waiting in the queue."""
+        return self._queued_items
 
     def close(self):
         """Finish the queued tasks, then stop the threads."""

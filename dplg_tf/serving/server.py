@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from dplg_tf import images
 from dplg_tf.serving import batching
 from dplg_tf.serving.requests import ServingError, read_inputs, shorten
-from dplg_tf.serving.model_manager import BATCHED_SIGNATURE, ModelManager, tf_error_message
+from dplg_tf.serving.model_manager import BATCHED_SIGNATURE, ModelRegistry, tf_error_message
 
 log = logging.getLogger("dplg_tf.serving")
 
@@ -54,37 +54,51 @@ def _deadline(context):
 
 
 class PredictionServicer:
-    """tensorflow.serving.PredictionService and ModelService over a ModelManager.
+    """tensorflow.serving.PredictionService and ModelService over a
+    ModelRegistry, for gRPC and REST alike.
 
     Each request is checked against `limits` before any work; one that
     waited past its deadline, or whose client left, is not started. Calls
     outside the batcher (multiscale) run at most `max_direct` at a time.
+    `predict`, `metadata` and `status` raise ServingError; the gRPC methods
+    turn it into the call's status, the REST API into its HTTP code.
     """
 
-    def __init__(self, manager, limits=images.DEFAULT_LIMITS, max_direct=2):
-        self.manager = manager
+    def __init__(self, models, limits=images.DEFAULT_LIMITS, max_direct=2, metrics=None):
+        self.models = models
         self.limits = limits
+        self.metrics = metrics
         self._direct = threading.BoundedSemaphore(max_direct)
 
-    def _predict(self, request, context=None):
-        import tensorflow as tf
+    def input_infos(self, model_spec, signature_name):
+        """{input name: TensorInfo} of a served signature (the REST API reads
+        its dtypes), or ServingError."""
+        model = self.models.get(model_spec)
+        return dict(self._signature(model, signature_name).inputs)
 
-        (_, _, _, predict_pb2, _) = _apis()
-        model = self.manager.get(request.model_spec)
-        name = request.model_spec.signature_name or "serving_default"
-        if name not in model.signatures:
+    @staticmethod
+    def _signature(model, name):
+        if name not in model.signature_defs:
             raise ServingError(grpc.StatusCode.NOT_FOUND,
                                f"signature {shorten(name)} not found; the model has "
                                f"{sorted(model.signatures)}")
+        return model.signature_defs[name]
+
+    def _predict(self, request, deadline, is_active):
+        import tensorflow as tf
+
+        (_, _, _, predict_pb2, _) = _apis()
+        model = self.models.get(request.model_spec)
+        name = request.model_spec.signature_name or "serving_default"
+        outputs = self._signature(model, name).outputs
         arrays = read_inputs(name, model.inputs[name], request.inputs, self.limits)
-        outputs = model.signature_defs[name].outputs
         wanted = list(request.output_filter) or list(outputs)
         unknown = [o for o in wanted if o not in outputs]
         if unknown:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"output_filter names unknown outputs {shorten(unknown)}; "
                                f"the signature has {sorted(outputs)}")
-        deadline, is_active = _deadline(context)
+        start = time.perf_counter()
         try:
             result = self._run(model, name, arrays, deadline, is_active)
         except batching.BatcherClosed:
@@ -100,6 +114,8 @@ class PredictionServicer:
         except tf.errors.ResourceExhaustedError as e:
             raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                tf_error_message(e)) from None
+        if self.metrics is not None:
+            self.metrics.runtime(model.name, time.perf_counter() - start)
         response = predict_pb2.PredictResponse()
         response.model_spec.name = model.name
         response.model_spec.version.value = model.version
@@ -129,24 +145,42 @@ class PredictionServicer:
             out = model.signatures[name](**{k: tf.constant(v) for k, v in arrays.items()})
         return {k: v.numpy() for k, v in out.items()}
 
-    def Predict(self, request, context):
+    def measured(self, api, model_name, entrypoint, fn):
+        """fn() with the request counted and timed; ServingError passes through."""
+        start, status = time.perf_counter(), "OK"
         try:
-            for _ in range(3):
-                try:
-                    return self._predict(request, context)
-                except batching.BatcherClosed:
-                    continue  # the version was switched under us: take the new one
-            raise ServingError(grpc.StatusCode.UNAVAILABLE, "the model is being replaced")
+            return fn()
         except ServingError as e:
-            context.abort(e.code, str(e))
-        except Exception as e:  # noqa: BLE001 - never take the server down
-            log.exception("Predict failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e}")
+            status = e.code.name
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.request(model_name, status, time.perf_counter() - start, api,
+                                     entrypoint)
 
-    def GetModelMetadata(self, request, context):
+    def predict_unmeasured(self, request, deadline=None, is_active=None):
+        """The PredictResponse of a request, or ServingError (not counted)."""
+        for _ in range(3):
+            try:
+                return self._predict(request, deadline, is_active)
+            except batching.BatcherClosed:
+                continue  # the version was unloaded under us: take the new one
+        raise ServingError(grpc.StatusCode.UNAVAILABLE, "the model is being replaced")
+
+    def predict(self, request, deadline=None, is_active=None, entrypoint="GRPC"):
+        """The PredictResponse of a request, or ServingError; counted and timed."""
+        return self.measured("predict", request.model_spec.name, entrypoint,
+                             lambda: self.predict_unmeasured(request, deadline, is_active))
+
+    def metadata(self, request, entrypoint="GRPC"):
+        """The GetModelMetadataResponse (signature_def) of a request."""
         (get_model_metadata_pb2, _, _, _, _) = _apis()
-        try:
-            model = self.manager.get(request.model_spec)
+
+        def answer():
+            model = self.models.get(request.model_spec)
             fields = list(request.metadata_field)
             if fields != ["signature_def"]:
                 raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -160,65 +194,110 @@ class PredictionServicer:
             response.model_spec.version.value = model.version
             response.metadata["signature_def"].Pack(sig_map)
             return response
-        except ServingError as e:
-            context.abort(e.code, str(e))
+        return self.measured("metadata", request.model_spec.name, entrypoint, answer)
 
-    def GetModelStatus(self, request, context):
-        """The served version AVAILABLE and each version that failed to load END
-        with its error, as TF Serving reports them."""
+    def status(self, request, entrypoint="GRPC"):
+        """The GetModelStatusResponse: the loaded versions AVAILABLE and each
+        version that failed to load END with its error, as TF Serving reports
+        them."""
         (_, get_model_status_pb2, _, _, _) = _apis()
         from tensorflow.core.protobuf import error_codes_pb2
 
-        spec = request.model_spec
-        if spec.name != self.manager.name:
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"model {shorten(spec.name)} is not served here (this server "
-                          f"serves {self.manager.name!r})")
-        states = get_model_status_pb2.ModelVersionStatus
-        rows = [(v, states.END, error_codes_pb2.UNKNOWN, message)
-                for v, message in self.manager.failed_versions().items()]
-        current = self.manager.current
-        if current is not None:
-            rows.append((current.version, states.AVAILABLE, error_codes_pb2.OK, ""))
-        if spec.HasField("version"):
-            rows = [r for r in rows if r[0] == spec.version.value]
-        if not rows and not spec.HasField("version"):
-            context.abort(grpc.StatusCode.UNAVAILABLE,
-                          f"model {self.manager.name!r} has no loaded version yet")
-        if not rows:
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"version {spec.version.value} of {self.manager.name!r} is neither "
-                          "loaded nor failed")
-        response = get_model_status_pb2.GetModelStatusResponse()
-        for version, state, code, message in sorted(rows):
-            status = response.model_version_status.add()
-            status.version, status.state = version, state
-            status.status.error_code, status.status.error_message = code, message
-        return response
+        def answer():
+            spec = request.model_spec
+            manager = self.models.manager(spec.name)
+            if spec.HasField("version") and spec.version_label:
+                raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "give a version or a version label, not both")
+            states = get_model_status_pb2.ModelVersionStatus
+            rows = [(v, states.END, error_codes_pb2.UNKNOWN, message)
+                    for v, message in manager.failed_versions().items()]
+            rows += [(v, states.AVAILABLE, error_codes_pb2.OK, "")
+                     for v in manager.loaded_versions()]
+            if spec.version_label:
+                rows = [r for r in rows if r[0] == manager.get(spec).version]
+            elif spec.HasField("version"):
+                rows = [r for r in rows if r[0] == spec.version.value]
+                if not rows:
+                    raise ServingError(grpc.StatusCode.NOT_FOUND,
+                                       f"version {spec.version.value} of {spec.name!r} is "
+                                       "neither loaded nor failed")
+            elif not rows:
+                raise ServingError(grpc.StatusCode.UNAVAILABLE,
+                                   f"model {spec.name!r} has no loaded version yet")
+            response = get_model_status_pb2.GetModelStatusResponse()
+            for version, state, code, message in sorted(rows):
+                status = response.model_version_status.add()
+                status.version, status.state = version, state
+                status.status.error_code, status.status.error_message = code, message
+            return response
+        return self.measured("status", request.model_spec.name, entrypoint, answer)
+
+    def _grpc(self, method, request, context, **kwargs):
+        try:
+            return method(request, **kwargs)
+        except ServingError as e:
+            context.abort(e.code, str(e))
+        except Exception as e:  # noqa: BLE001 - never take the server down
+            log.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e}")
+
+    def Predict(self, request, context):
+        deadline, is_active = _deadline(context)
+        return self._grpc(self.predict, request, context, deadline=deadline,
+                          is_active=is_active)
+
+    def GetModelMetadata(self, request, context):
+        return self._grpc(self.metadata, request, context)
+
+    def GetModelStatus(self, request, context):
+        return self._grpc(self.status, request, context)
 
 
 # ----------------------------------------------------------------- server
 
 class Server:
-    """The gRPC server: services, health, version polling, graceful stop."""
+    """The gRPC server (and the REST port, when asked): services, health,
+    version polling, model config polling, graceful stop.
 
-    def __init__(self, model_base_path, model_name="dplg", host="127.0.0.1", port=8500,
+    Serves one model (`model_base_path`, `model_name`) or the models of a
+    ModelServerConfig (`model_config_file`, reread every
+    `config_poll_seconds` when that is > 0). `rest_port` None leaves REST
+    off (0: any free port); `monitoring` (serving.config.MonitoringConfig) puts the
+    Prometheus page on the REST port.
+    """
+
+    def __init__(self, model_base_path=None, model_name="dplg", host="127.0.0.1", port=8500,
                  batching_params=None, poll_seconds=1.0, limits=images.DEFAULT_LIMITS,
-                 workers=32, warm_up=True, max_concurrent_rpcs=None):
+                 workers=32, warm_up=True, max_concurrent_rpcs=None, model_config_file=None,
+                 config_poll_seconds=0.0, rest_port=None, monitoring=None,
+                 rest_timeout_ms=30000, rest_workers=None):
+        from dplg_tf.serving import config as config_lib
+        from dplg_tf.serving.metrics import Metrics
+
         (_, _, model_service_pb2_grpc, _, prediction_service_pb2_grpc) = _apis()
-        self.manager = ModelManager(model_name, model_base_path, batching_params,
-                                    poll_seconds, warm_up)
+        if bool(model_base_path) == bool(model_config_file):
+            raise ValueError("give exactly one of model_base_path or model_config_file")
+        self.model_config_file = model_config_file
+        self.config_poll_seconds = config_poll_seconds
+        configs = (config_lib.read_model_config(model_config_file) if model_config_file
+                   else [config_lib.ModelConfig(model_name, model_base_path)])
+        self.metrics = Metrics()
+        self.models = ModelRegistry(configs, batching_params, poll_seconds, warm_up,
+                                    self.metrics)
         limit = limits.max_request_mb * 1024 * 1024
+        concurrent = max_concurrent_rpcs or 4 * workers
         # calls past max_concurrent_rpcs (in progress or waiting for a worker) are
         # answered RESOURCE_EXHAUSTED at once instead of queueing without bound
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers),
-            maximum_concurrent_rpcs=max_concurrent_rpcs or 4 * workers,
+            maximum_concurrent_rpcs=concurrent,
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)])
         threads = (batching_params or batching.DEFAULTS)["num_batch_threads"]
-        prediction, models = _services(PredictionServicer(self.manager, limits, threads))
+        self.servicer = PredictionServicer(self.models, limits, threads, self.metrics)
+        prediction, models = _services(self.servicer)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(prediction,
                                                                             self.server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(models, self.server)
@@ -229,7 +308,22 @@ class Server:
         if not self.port:
             raise OSError(f"cannot listen on {address}; is the port in use?")
         self.address = f"{host}:{self.port}"
+        self.rest = None
+        if rest_port is not None:
+            from dplg_tf.serving.rest import RestServer
+
+            self.rest = RestServer(self.servicer, host, rest_port, limits,
+                                   timeout_ms=rest_timeout_ms, metrics=self.metrics,
+                                   monitoring=monitoring, workers=rest_workers or workers,
+                                   max_concurrent=concurrent)
+        self.rest_address = None if self.rest is None else self.rest.address
+        self._stop = threading.Event()
         self._set_health(False)
+
+    @property
+    def manager(self):
+        """The ModelManager of the first model (the only one without a config file)."""
+        return self.models.managers()[0]
 
     def _set_health(self, serving):
         status = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -239,23 +333,50 @@ class Server:
 
     def start(self):
         self.server.start()
-        self.manager.start()
+        if self.rest is not None:
+            self.rest.start()
+        self.models.start()
 
-        def watch():  # health follows whether a version is loaded
-            while self.manager.current is None and not self.manager._stop.is_set():
+        def watch():  # health follows whether every model has a loaded version
+            while not self.models.ready() and not self._stop.is_set():
                 time.sleep(0.1)
-            if not self.manager._stop.is_set():
+            if not self._stop.is_set():
                 self._set_health(True)
 
         threading.Thread(target=watch, daemon=True).start()
+        if self.model_config_file and self.config_poll_seconds > 0:
+            threading.Thread(target=self._poll_config, name="config-poll",
+                             daemon=True).start()
         return self
+
+    def _poll_config(self):
+        """Reread the model config; a bad file is logged and the old one kept."""
+        from dplg_tf.errors import UserError
+        from dplg_tf.serving.config import read_model_config
+
+        last = None
+        while not self._stop.wait(self.config_poll_seconds):
+            try:
+                configs = read_model_config(self.model_config_file)
+            except UserError as e:
+                if str(e) != last:
+                    log.error("the model config was not reread (the old one stays): %s", e)
+                last = str(e)
+                continue
+            last = None
+            if configs != [m.config for m in self.models.managers()]:
+                log.info("model config changed: serving %s", [c.name for c in configs])
+                self.models.update(configs)
 
     def stop(self, grace=30.0):
         """Refuse new requests, finish those in flight (up to `grace` s), stop."""
+        self._stop.set()
         self._set_health(False)
+        if self.rest is not None:
+            self.rest.stop(grace)
         done = self.server.stop(grace)
         done.wait(grace + 1)
-        self.manager.stop()
+        self.models.stop()
 
     def wait(self):
         self.server.wait_for_termination()

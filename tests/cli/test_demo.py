@@ -50,8 +50,11 @@ def test_the_whole_demo_at_a_small_scale(tmp_path):
          "--config.train.batch_size=8", "--config.data.image_size=64"],
         capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for stage in range(1, 9):
-        assert f"== {stage}/8" in proc.stdout
+    for stage in range(1, 10):
+        assert f"== {stage}/9" in proc.stdout
+    assert "/v1/models/dplg -> version 1 AVAILABLE" in proc.stdout
+    hits = [line for line in proc.stdout.splitlines() if "/v1/search (" in line]
+    assert hits and hits[0].count(".jpg") >= 3   # the query's top 3 over HTTP
     assert "| untrained | Medium |" in proc.stdout and "| trained | Hard |" in proc.stdout
     assert "dplg-serve exited with 0" in proc.stdout
     figures = os.listdir(workdir / "eval_trained" / "figures")

@@ -99,7 +99,7 @@ def server(exported):
     while srv.manager.current is None and time.time() < deadline:
         time.sleep(0.1)
     srv.stub, srv.channel = stub, channel
-    srv.models = model_service_pb2_grpc.ModelServiceStub(channel)
+    srv.model_stub = model_service_pb2_grpc.ModelServiceStub(channel)
     srv.health_stub = health_pb2_grpc.HealthStub(channel)
     srv.reference = _describe(stub, [_image(seed=42)])
     yield srv
@@ -330,7 +330,7 @@ def test_a_version_that_failed_to_load_is_reported_and_retried(server, exported)
     deadline = time.time() + 30
     while time.time() < deadline and 2 not in server.manager.failed_versions():
         time.sleep(0.2)
-    reply = server.models.GetModelStatus(request, timeout=10)
+    reply = server.model_stub.GetModelStatus(request, timeout=10)
     states = {s.version: (s.state, s.status.error_message) for s in reply.model_version_status}
     assert states[1][0] == get_model_status_pb2.ModelVersionStatus.AVAILABLE
     assert states[2][0] == get_model_status_pb2.ModelVersionStatus.END and states[2][1]
@@ -343,12 +343,12 @@ def test_a_version_that_failed_to_load_is_reported_and_retried(server, exported)
     while time.time() < deadline and server.manager.current.version != 2:
         time.sleep(0.3)
     assert server.manager.current.version == 2
-    reply = server.models.GetModelStatus(request, timeout=10)
+    reply = server.model_stub.GetModelStatus(request, timeout=10)
     assert [(s.version, s.state) for s in reply.model_version_status] == [
         (2, get_model_status_pb2.ModelVersionStatus.AVAILABLE)]
     request.model_spec.version.value = 7
     with pytest.raises(grpc.RpcError) as info:
-        server.models.GetModelStatus(request, timeout=10)
+        server.model_stub.GetModelStatus(request, timeout=10)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert "version 7" in info.value.details()
     np.testing.assert_allclose(_describe(server.stub, [_image(seed=42)]), server.reference,
@@ -363,7 +363,8 @@ def test_amplification_requests_under_a_memory_cap(exported, tmp_path):
     requests that used to expand to gigabytes are refused, and it serves on."""
     port = free_ports()[0]
     cmd = [sys.executable, "-m", "dplg_tf.cli.serve", f"--model_base_path={exported[0]}",
-           f"--port={port}", "--max_pixels=1000000", "--max_images_per_request=16"]
+           f"--port={port}", "--rest_api_port=0", "--max_pixels=1000000",
+           "--max_images_per_request=16"]
     probe = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

@@ -505,7 +505,7 @@ def test_serve_cli_sigterm_drains_in_flight_requests(exported, tmp_path):
     s.close()
     proc = subprocess.Popen(
         [sys.executable, "-m", "dplg_tf.cli.serve", f"--model_base_path={exported[0]}",
-         f"--port={port}", "--grace_seconds=60"],
+         f"--port={port}", "--rest_api_port=0", "--grace_seconds=60"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     del port_file
     try:

@@ -1,0 +1,73 @@
+"""dplg-search-server: image search over an index folder, as a JSON API and a
+web page (dplg_tf.search.service).
+
+    dplg-search-server --index_dir=idx --model=models/dplg --image_root=photos/
+    dplg-search-server --index_dir=idx --server=127.0.0.1:8500 --port=8600
+"""
+
+import logging
+import sys
+
+from absl import flags
+
+from dplg_tf import cli
+from dplg_tf.cli.flags import define_limit_flags, define_model_flags, limits_from_flags
+
+log = logging.getLogger("dplg_tf.search")
+
+
+def _define_flags():
+    flags.DEFINE_string("index_dir", None, "The index folder (dplg-index).", required=True)
+    define_model_flags()
+    flags.DEFINE_string("image_root", None, "Where the indexed images are, for thumbnails "
+                        "(names in the index are read under it).")
+    flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0 for all).")
+    flags.DEFINE_integer("port", 8600, "HTTP port (0: any free port, printed).",
+                         lower_bound=0, upper_bound=65535)
+    define_limit_flags()
+    flags.DEFINE_integer("max_top_k", 1000, "The most results a search may ask for.",
+                         lower_bound=1, upper_bound=100000)
+    flags.DEFINE_float("reload_seconds", 2.0, "How often to look for a new index state "
+                       "(0: never).", lower_bound=0)
+    flags.DEFINE_integer("workers", 8, "Threads doing searches.", lower_bound=1,
+                         upper_bound=1024)
+    flags.DEFINE_integer("max_concurrent", 64, "Requests in progress at most; more are "
+                         "answered 429.", lower_bound=1, upper_bound=100000)
+    flags.DEFINE_float("grace_seconds", 10.0, "On SIGTERM, time for requests in flight.",
+                       lower_bound=0)
+
+
+def main(argv):
+    del argv
+    from dplg_tf.errors import UserError
+    from dplg_tf.retrieval.describers import Describer
+    from dplg_tf.search.service import Searcher, SearchServer
+
+    f = flags.FLAGS
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if f.image_root is not None:
+        import os
+
+        if not os.path.isdir(f.image_root):
+            raise UserError(f"--image_root {f.image_root!r} is not a folder.")
+    limits = limits_from_flags()
+    describer = Describer(f.model, f.server, f.model_name, limits=limits)
+    searcher = Searcher(f.index_dir, describer, f.image_root, limits, f.max_top_k,
+                        f.reload_seconds)
+    server = SearchServer(searcher, f.host, f.port, limits, f.workers,
+                          f.max_concurrent).start()
+    print(f"dplg-search-server: http://{server.address}/ searching {len(searcher.index)} "
+          f"images of {f.index_dir} with {describer.identity}", flush=True)
+    cli.wait_for_stop_signal(log)
+    server.stop(f.grace_seconds)
+    describer.close()
+    print("dplg-search-server: stopped", flush=True)
+
+
+def run():
+    _define_flags()
+    cli.run(main, "dplg-search-server")
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,351 @@
+"""TensorFlow Serving's REST API over the same servicer as gRPC.
+
+    GET  /v1/models/NAME[/versions/V | /labels/L]            model status
+    GET  /v1/models/NAME[/versions/V | /labels/L]/metadata   signature_def
+    POST /v1/models/NAME[/versions/V | /labels/L]:predict    predict
+
+A predict body is `{"signature_name": ..., "instances": [...]}` (rows:
+one value, or one {input: value} object, per row; answered
+`{"predictions": [...]}`) or `{"inputs": value | {input: value}}`
+(columns; answered `{"outputs": ...}`). Binary strings travel as
+`{"b64": "..."}`. The JSON becomes the same PredictRequest a gRPC client
+sends, through the same checks, limits, batcher and deadline, so a REST
+answer holds the gRPC answer's numbers. Errors are `{"error": "..."}` with
+the HTTP code TF Serving gives each status (http_server.cc): 400 bad
+input, 404 not found, 429 resource exhausted (a full queue, too many
+requests), 503 unavailable (nothing loaded yet), 504 deadline exceeded,
+499 cancelled, 500 internal. The Prometheus page is served at the
+monitoring config's path.
+"""
+
+import base64
+import binascii
+import json
+import logging
+import re
+import time
+
+import grpc
+import numpy as np
+
+from dplg_tf.serving.http import (Gate, HttpError, HttpServer, error_response,
+                                  json_response, read_body)
+from dplg_tf.serving.requests import ServingError, shorten
+
+log = logging.getLogger("dplg_tf.serving")
+
+HTTP_CODES = {
+    grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400, grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500, grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500, grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+
+# TF Serving's path patterns (http_rest_api_util.cc), case-insensitive
+_SPEC = r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?"
+PREDICT_PATH = re.compile(_SPEC + r":(classify|regress|predict)", re.IGNORECASE)
+STATUS_PATH = re.compile(_SPEC + r"(/metadata)?", re.IGNORECASE)
+REQUEST_KEYS = {"signature_name", "instances", "inputs"}
+
+
+def _invalid(message):
+    return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _model_spec(spec, name, version, label):
+    from urllib.parse import unquote
+
+    spec.name = unquote(name)
+    if version is not None:   # the pattern allows digits only
+        if int(version) >= (1 << 63):
+            raise _invalid(f"Version {shorten(version)} is out of range.")
+        spec.version.value = int(version)
+    if label is not None:
+        spec.version_label = unquote(label)
+
+
+# ------------------------------------------------------------ JSON -> arrays
+
+def _is_b64(value):
+    return isinstance(value, dict) and set(value) == {"b64"}
+
+
+def _leaf(value, kind, where):
+    """One JSON scalar as a value of `kind` (numpy dtype, or bytes for strings)."""
+    if kind is bytes:
+        if _is_b64(value):
+            if not isinstance(value["b64"], str):
+                raise _invalid(f"{where}: a b64 value must be a string.")
+            try:
+                return base64.b64decode(value["b64"], validate=True)
+            except (binascii.Error, ValueError):
+                raise _invalid(f"{where}: the b64 value is not valid base64.") from None
+        if isinstance(value, str):
+            return value.encode("utf-8")
+        raise _invalid(f"{where}: expected a string or {{\"b64\": ...}}, got "
+                       f"{type(value).__name__}.")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _invalid(f"{where}: expected a number, got {shorten(json.dumps(value), 40)}.")
+    if np.issubdtype(kind, np.integer):
+        info = np.iinfo(kind)
+        if not float(value).is_integer() or not info.min <= value <= info.max:
+            raise _invalid(f"{where}: {shorten(value, 40)} is not a {np.dtype(kind).name}.")
+    return value
+
+
+def _shape(value):
+    shape = []
+    while isinstance(value, list):
+        shape.append(len(value))
+        if not value:
+            break
+        value = value[0]
+    return shape
+
+
+def to_array(value, kind, where):
+    """A JSON value (nested lists of scalars) as a numpy array of `kind`;
+    ragged lists are refused."""
+    shape = _shape(value)
+
+    flat = []
+
+    def walk(v, depth):
+        if depth == len(shape):
+            if isinstance(v, list):
+                raise _invalid(f"{where}: the lists are nested unevenly (ragged).")
+            flat.append(_leaf(v, kind, where))
+            return
+        if not isinstance(v, list) or len(v) != shape[depth]:
+            raise _invalid(f"{where}: the lists are not all of the same length (ragged); "
+                           f"expected shape {shape}.")
+        for item in v:
+            walk(item, depth + 1)
+
+    try:
+        walk(value, 0)
+    except RecursionError:
+        raise _invalid(f"{where}: the value is nested too deeply.") from None
+    if kind is bytes:
+        array = np.empty(len(flat), dtype=object)
+        array[:] = flat
+        return array.reshape(shape)
+    return np.asarray(flat, dtype=kind).reshape(shape)
+
+
+def _kind(info):
+    import tensorflow as tf
+
+    dtype = tf.dtypes.as_dtype(info.dtype)
+    return bytes if dtype == tf.string else dtype.as_numpy_dtype
+
+
+def arrays_from_json(doc, infos):
+    """({input: array}, format "row" or "columnar") of a predict body."""
+    if "instances" in doc:
+        rows = doc["instances"]
+        if not isinstance(rows, list):
+            raise _invalid("'instances' must be a list (one entry per row).")
+        names = sorted(infos)
+        columns = {n: [] for n in names}
+        for i, row in enumerate(rows):
+            named = isinstance(row, dict) and not _is_b64(row)
+            if not named:
+                if len(names) != 1:
+                    raise _invalid(f"Instance {i} must be an object with the inputs "
+                                   f"{names}; the signature has several.")
+                row = {names[0]: row}
+            if set(row) != set(names):
+                raise _invalid(f"Instance {i} has inputs {sorted(map(str, row))}; the "
+                               f"signature takes {names}.")
+            for n in names:
+                columns[n].append(row[n])
+        arrays = {n: to_array(columns[n], _kind(infos[n]), f"input {n!r}") for n in names}
+        return arrays, "row"
+    inputs = doc["inputs"]
+    if not (isinstance(inputs, dict) and not _is_b64(inputs)):
+        if len(infos) != 1:
+            raise _invalid(f"'inputs' must be an object with the inputs {sorted(infos)}.")
+        inputs = {next(iter(infos)): inputs}
+    unknown = sorted(set(map(str, inputs)) - set(infos))
+    missing = sorted(set(infos) - set(inputs))
+    if unknown or missing:
+        raise _invalid(f"The signature takes inputs {sorted(infos)}; missing {missing}, "
+                       f"unexpected {shorten(unknown)}.")
+    return {n: to_array(v, _kind(infos[n]), f"input {n!r}") for n, v in inputs.items()}, \
+        "columnar"
+
+
+# ------------------------------------------------------------ arrays -> JSON
+
+def _json_value(array, name):
+    if array.dtype == object or array.dtype.kind == "S":
+        def leaf(b):
+            b = bytes(b)
+            if name.endswith("_bytes"):
+                return {"b64": base64.b64encode(b).decode("ascii")}
+            return b.decode("utf-8", errors="replace")
+        return np.vectorize(leaf, otypes=[object])(array).tolist() if array.size else \
+            array.tolist()
+    return array.tolist()
+
+
+def outputs_to_json(outputs, form):
+    """The JSON answer of {output: array} in the request's format."""
+    names = sorted(outputs)
+    if form == "columnar":
+        if len(names) == 1:
+            return {"outputs": _json_value(outputs[names[0]], names[0])}
+        return {"outputs": {n: _json_value(outputs[n], n) for n in names}}
+    sizes = {n: (outputs[n].shape[0] if outputs[n].ndim else None) for n in names}
+    first = sizes[names[0]]
+    if first is None or any(s != first for s in sizes.values()):
+        raise _invalid(f"The outputs {sizes} (first dimensions) do not share a batch size, "
+                       "so they cannot be answered as rows; send 'inputs' (columnar) "
+                       "instead of 'instances'.")
+    if len(names) == 1:
+        return {"predictions": _json_value(outputs[names[0]], names[0])}
+    columns = {n: _json_value(outputs[n], n) for n in names}
+    return {"predictions": [{n: columns[n][i] for n in names} for i in range(first)]}
+
+
+def _message_json(message):
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True,
+                                     preserving_proto_field_name=True)
+
+
+# ------------------------------------------------------------------ the app
+
+class RestApi:
+    """The REST handlers over a PredictionServicer."""
+
+    def __init__(self, servicer, limits, timeout_ms=30000, metrics=None, monitoring=None,
+                 workers=32, max_concurrent=128):
+        self.servicer = servicer
+        self.limit = limits.max_request_mb * 1024 * 1024
+        self.timeout = timeout_ms / 1000.0 if timeout_ms and timeout_ms > 0 else None
+        self.metrics = metrics
+        self.monitoring = monitoring
+        self.gate = Gate(max_concurrent, workers)
+
+    def app(self):
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        routes = [Route("/v1/{path:path}", self.v1, methods=["GET", "POST"])]
+        if self.monitoring is not None and self.monitoring.enable:
+            routes.append(Route(self.monitoring.path, self.prometheus, methods=["GET"]))
+        return Starlette(routes=routes)
+
+    async def prometheus(self, request):
+        from starlette.responses import Response
+
+        del request
+        body, content_type = self.metrics.text()
+        return Response(body, media_type=content_type.split(";")[0],
+                        headers={"Content-Type": content_type})
+
+    async def v1(self, request):
+        path, method = request.url.path, request.method
+        try:
+            self.gate.enter()
+        except HttpError as e:
+            return error_response(e.status, e)
+        try:
+            if method == "POST":
+                match = PREDICT_PATH.fullmatch(path)
+                if match:
+                    body = await read_body(request, self.limit)
+                    return json_response(await self.gate.run(self._predict, match, body))
+            else:
+                match = STATUS_PATH.fullmatch(path)
+                if match:
+                    return json_response(await self.gate.run(self._status, match))
+            raise _invalid(f"Malformed request: {method} {shorten(path)}")
+        except ServingError as e:
+            return error_response(HTTP_CODES.get(e.code, 500), e)
+        except HttpError as e:
+            return error_response(e.status, e)
+        except Exception as e:  # noqa: BLE001 - never take the server down
+            log.exception("REST %s %s failed", method, path)
+            return error_response(500, f"internal error: {e}")
+        finally:
+            self.gate.leave()
+
+    def _status(self, match):
+        from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
+
+        name, version, label, metadata = match.groups()
+        if metadata:
+            request = get_model_metadata_pb2.GetModelMetadataRequest()
+            _model_spec(request.model_spec, name, version, label)
+            request.metadata_field.append("signature_def")
+            response = self.servicer.metadata(request, entrypoint="REST")
+            signatures = get_model_metadata_pb2.SignatureDefMap()
+            response.metadata["signature_def"].Unpack(signatures)
+            return {"model_spec": _message_json(response.model_spec),
+                    "metadata": {"signature_def": _message_json(signatures)}}
+        request = get_model_status_pb2.GetModelStatusRequest()
+        _model_spec(request.model_spec, name, version, label)
+        return _message_json(self.servicer.status(request, entrypoint="REST"))
+
+    def _predict(self, match, body):
+        start = time.monotonic()
+        return self.servicer.measured("predict", match.group(1), "REST",
+                                      lambda: self._predict_json(match, body, start))
+
+    def _predict_json(self, match, body, start):
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        name, version, label, verb = match.groups()
+        if verb.lower() != "predict":
+            raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
+                               f"{verb} is not served: the model has no classification or "
+                               "regression signature; use :predict.")
+        request = predict_pb2.PredictRequest()
+        _model_spec(request.model_spec, name, version, label)
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError) as e:
+            raise _invalid(f"The request body is not valid JSON ({shorten(e, 120)}).") from None
+        if not isinstance(doc, dict):
+            raise _invalid("The request body must be a JSON object with 'instances' or "
+                           "'inputs'.")
+        unknown = sorted(set(doc) - REQUEST_KEYS)
+        if unknown:
+            raise _invalid(f"Unknown fields {shorten(unknown)} in the request; it takes "
+                           f"{sorted(REQUEST_KEYS)}.")
+        if ("instances" in doc) == ("inputs" in doc):
+            raise _invalid("The request must hold exactly one of 'instances' (rows) or "
+                           "'inputs' (columns).")
+        signature = doc.get("signature_name", "serving_default")
+        if not isinstance(signature, str):
+            raise _invalid("'signature_name' must be a string.")
+        request.model_spec.signature_name = signature
+        infos = self.servicer.input_infos(request.model_spec, signature)
+        arrays, form = arrays_from_json(doc, infos)
+        for key, array in arrays.items():
+            dtype = tf.dtypes.as_dtype(infos[key].dtype)
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(array, dtype=dtype,
+                                                              shape=array.shape))
+        deadline = None if self.timeout is None else start + self.timeout
+        response = self.servicer.predict_unmeasured(request, deadline=deadline)
+        outputs = {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+        return outputs_to_json(outputs, form)
+
+
+class RestServer(HttpServer):
+    """The REST port of dplg-serve."""
+
+    def __init__(self, servicer, host, port, limits, timeout_ms=30000, metrics=None,
+                 monitoring=None, workers=32, max_concurrent=128):
+        self.api = RestApi(servicer, limits, timeout_ms, metrics, monitoring, workers,
+                           max_concurrent)
+        super().__init__(self.api.app(), host, port, name="rest")
