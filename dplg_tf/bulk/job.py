@@ -10,7 +10,9 @@ cut into shards of --shard_size; Ray CPU tasks read and check the bytes and
 --workers actors, each holding the SavedModel once, describe them in
 same-size batches (dplg_tf.bulk.reading); the driver commits each finished shard
 as one Parquet file (dplg_tf.storage.extraction). A rerun with the same arguments does
-only the shards that are missing; another model, other scales or other
+only the shards that are missing, and of an unfinished shard only the
+images its partial file (saved every --commit_seconds) does not hold, so a
+kill loses about a minute of work; another model, other scales or other
 inputs are refused. Without --ray_address a local Ray runtime is started
 (and stopped) for the run. Exit 1 when some images were refused (they are
 in OUT/errors), 2 on bad usage.
@@ -25,7 +27,7 @@ import sys
 import time
 
 from dplg_tf.errors import DONE, InputNotFound, PARTLY_FAILED, UserError
-from dplg_tf.bulk import reading
+from dplg_tf.bulk import leftovers, reading
 from dplg_tf import images
 from dplg_tf.storage import extraction
 from dplg_tf.export.saved_models import fingerprint, resolve_saved_model
@@ -49,6 +51,7 @@ class Options:
     num_cpus: int = None
     scales: list = None
     limits: images.Limits = images.DEFAULT_LIMITS
+    commit_seconds: float = 60.0  # an unfinished shard's rows are saved this often
 
 
 # ------------------------------------------------------------------ listing
@@ -95,8 +98,8 @@ def _list_uri(uri):
 
 def _expand(row):
     """One row of paths -> one row per image."""
-    return [{"shard": row["shard"], "index": row["start"] + j, "path": p}
-            for j, p in enumerate(row["paths"])]
+    return [{"shard": row["shard"], "index": j, "path": p}
+            for j, p in zip(row["indices"], row["paths"])]
 
 
 def _read(batch, limits):
@@ -136,7 +139,7 @@ class _Describe:
                 "descriptor": out, "status": status, "reason": reason}
 
 
-def _dataset(options, names, todo, size, limits, scales, threads, cpus):
+def _dataset(options, names, remaining, size, limits, scales, threads, cpus):
     import logging
 
     import ray.data
@@ -148,10 +151,10 @@ def _dataset(options, names, todo, size, limits, scales, threads, cpus):
     # shard -1: the probe image, described by the same actors (the model's identity);
     # then blocks of one actor batch each, so results stream back as they are made
     chunk = options.batch_size * 4
-    items = [{"shard": -1, "start": 0, "paths": [reading.PROBE]}] + [
-        {"shard": s, "start": k, "paths": names[s * size + k:min((s + 1) * size,
-                                                                  len(names), s * size + k + chunk)]}
-        for s in todo for k in range(0, min(size, len(names) - s * size), chunk)]
+    items = [{"shard": -1, "indices": [0], "paths": [reading.PROBE]}] + [
+        {"shard": s, "indices": left[k:k + chunk],
+         "paths": [names[s * size + j] for j in left[k:k + chunk]]}
+        for s, left in remaining.items() for k in range(0, len(left), chunk)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(_expand, num_cpus=0.05)
     ds = ds.map_batches(_read, fn_kwargs={"limits": limits}, batch_size=options.batch_size,
@@ -221,10 +224,12 @@ class _Progress:
         self.last = time.time()
 
 
-def _collect(ds, out, names, size, manifest, progress):
-    """Gather the described rows by shard; once the probe row has settled the
-    manifest (dplg_tf.storage.extraction.open_folder), commit each shard when complete."""
-    pending, written, ready = {}, set(), False
+def _collect(ds, out, names, size, manifest, progress, pending, commit_seconds=60.0):
+    """Gather the described rows by shard (`pending`: the rows kept from
+    partial files); once the probe row has settled the manifest
+    (dplg_tf.storage.extraction.open_folder), commit each shard when complete,
+    and save the rows of unfinished ones every `commit_seconds`."""
+    written, ready, dirty, saved = set(), False, set(), time.monotonic()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         new = bad_new = 0
         for k in range(len(batch["shard"])):
@@ -247,12 +252,20 @@ def _collect(ds, out, names, size, manifest, progress):
             rows[index] = (batch["descriptor"][k], (bad, str(batch["reason"][k]))
                            if bad else None)
             new, bad_new = new + 1, bad_new + bool(bad)
+            dirty.add(shard)
         progress.update(new, bad_new)
         for s in [s for s, rows in pending.items() if ready
                   and len(rows) == len(names[s * size:(s + 1) * size])]:
             _commit(out, s, names[s * size:(s + 1) * size], pending.pop(s), manifest)
+            extraction.remove_partial(out, s)
             written.add(s)
+            dirty.discard(s)
             progress.update(0, 0, shard_finished=True)
+        if ready and dirty and time.monotonic() - saved >= commit_seconds:
+            for s in sorted(dirty):
+                extraction.write_partial(out, s, names[s * size:(s + 1) * size], pending[s],
+                                         manifest)
+            dirty, saved = set(), time.monotonic()
 
 
 def _commit(out, shard, names, rows, manifest):
@@ -299,11 +312,19 @@ def extract(inputs, options):
                 "fingerprint": fingerprint(resolve_saved_model(options.model))
                 if options.model else f"grpc://{options.server}/{options.model_name}"}
     extraction.check_folder(options.output_dir, manifest)   # refused before Ray starts
+    stopped = leftovers.reap(options.output_dir)
+    if stopped:
+        print(f"dplg-extract: stopped {stopped} Ray processes left running by a killed run "
+              f"into {options.output_dir}", file=sys.stderr)
     ray = _start_ray(options)
     try:
+        if not options.ray_address:
+            leftovers.record(options.output_dir, ray._private.worker._global_node
+                             .get_session_dir_path())
         return _run(options, ray, names, limits, manifest)
     finally:
         ray.shutdown()
+        leftovers.forget(options.output_dir)
 
 
 def _run(options, ray, names, limits, manifest):
@@ -316,22 +337,35 @@ def _run(options, ray, names, limits, manifest):
     existing = extraction.read_manifest(out) if os.path.isfile(
         os.path.join(out, "manifest.json")) else None
     done = extraction.done_shards(out, count, existing, damaged)
+    todo = [s for s in range(count) if s not in done]
+    pending = {}
+    if existing is not None and "dim" in existing:
+        for s in todo:
+            rows = extraction.read_partial(out, s, names[s * size:(s + 1) * size], existing,
+                                           damaged)
+            if rows:
+                pending[s] = rows
     for path, reason in damaged:
         print(f"dplg-extract: {path} is damaged ({reason}): it is described again",
               file=sys.stderr)
-    if done or damaged:
+    kept_rows = sum(len(rows) for rows in pending.values())
+    if done or damaged or kept_rows:
         print(f"dplg-extract: resuming {out}: {len(done)} of {count} shards kept, "
-              f"{len(damaged)} damaged", file=sys.stderr)
-    todo = [s for s in range(count) if s not in done]
-    total = sum(len(names[s * size:(s + 1) * size]) for s in todo)
+              f"{kept_rows} images of unfinished shards kept, {len(damaged)} damaged",
+              file=sys.stderr)
+    remaining = {s: [j for j in range(len(names[s * size:(s + 1) * size]))
+                     if j not in pending.get(s, {})] for s in todo}
+    remaining = {s: left for s, left in remaining.items() if left}
+    total = sum(len(left) for left in remaining.values())
     progress = _Progress(out, total, count, len(done))
     cpus = options.cpus_per_worker or max(
         0.5, (ray.cluster_resources().get("CPU", 1) - 0.2) / options.workers)
     threads = max(1, round(options.cpus_per_worker or ray.cluster_resources().get("CPU", 1)
                            / options.workers))
     if todo:
-        _collect(_dataset(options, names, todo, size, limits, manifest["requested_scales"], threads,
-                          cpus), out, names, size, manifest, progress)
+        _collect(_dataset(options, names, remaining, size, limits, manifest["requested_scales"],
+                          threads, cpus), out, names, size, manifest, progress, pending,
+                 options.commit_seconds)
     progress.bar.close()
     progress.write("done")
     errors = extraction.read_errors(out)

@@ -29,6 +29,9 @@ def define_flags():
     flags.DEFINE_string("ray_address", None, "Join this Ray cluster instead of a local one.")
     flags.DEFINE_integer("num_cpus", None, "CPUs of the local Ray runtime (default: all).")
     flags.DEFINE_list("scales", None, "Scales (default: those of the model's serving_default).")
+    flags.DEFINE_float("commit_seconds", 60.0, "How often an unfinished shard's rows are "
+                       "saved (a kill loses at most about this much work).", lower_bound=0,
+                       upper_bound=86400)
     define_limit_flags(READ_LIMITS)
 
 
@@ -39,7 +42,7 @@ def main(argv):
         shard_size=f.shard_size, workers=f.workers, batch_size=f.batch_size,
         cpus_per_worker=f.cpus_per_worker, gpus_per_worker=f.gpus_per_worker,
         ray_address=f.ray_address, num_cpus=f.num_cpus, scales=f.scales,
-        limits=limits_from_flags(READ_LIMITS))
+        limits=limits_from_flags(READ_LIMITS), commit_seconds=f.commit_seconds)
     return extract(list(f.inputs or []) + argv[1:], options)
 
 

@@ -7,12 +7,16 @@ without Ray.
     OUT/shards/shard-00000.parquet   name, descriptor float32[D] (null when
                                 refused), status ("ok" or the reason's class)
     OUT/errors/shard-00000.parquet   name, reason, for the refused images
+    OUT/partial/shard-00000.parquet  the rows of an unfinished shard so far
+                                (index, name, descriptor, status, reason),
+                                rewritten every minute or so; a rerun keeps
+                                them and describes only the rest
     OUT/progress.json           images/s, shards done, errors, ETA
 
 Each Parquet file is written under a temporary name and renamed; a shard's
 errors file is committed before the shard itself, so a shard file that
-exists is complete. Each shard file carries the model's fingerprint and
-probe in its schema metadata.
+exists is complete (its partial file is then removed). Each shard and
+partial file carries the model's fingerprint in its schema metadata.
 """
 
 import hashlib
@@ -199,6 +203,91 @@ def write_shard(out, i, names, descriptors, errors, manifest):
         "name": pa.array(names, pa.string()), "descriptor": column,
         "status": pa.array(["ok" if e is None else e[0] for e in errors], pa.string())},
         schema=schema))
+
+
+def _partial_schema(dim, fingerprint):
+    import pyarrow as pa
+
+    return pa.schema([("index", pa.int32()), ("name", pa.string()),
+                      ("descriptor", pa.list_(pa.float32(), dim)), ("status", pa.string()),
+                      ("reason", pa.string())], metadata={"dplg.fingerprint": fingerprint})
+
+
+def write_partial(out, i, names, rows, manifest):
+    """Save the rows of unfinished shard `i` gathered so far: `rows` maps an
+    index within the shard to (descriptor, None or (status, reason)); names are
+    the shard's names."""
+    import pyarrow as pa
+
+    dim = int(manifest["dim"])
+    order = sorted(rows)
+    flat = pa.array(np.stack([np.asarray(rows[j][0], np.float32) for j in order]).reshape(-1)
+                    if order else np.zeros(0, np.float32))
+    errors = [rows[j][1] for j in order]
+    _write_parquet(shard_path(out, i, "partial"), pa.table({
+        "index": pa.array(order, pa.int32()), "name": pa.array([names[j] for j in order]),
+        "descriptor": pa.FixedSizeListArray.from_arrays(flat, dim),
+        "status": pa.array(["ok" if e is None else e[0] for e in errors]),
+        "reason": pa.array(["" if e is None else e[1] for e in errors])},
+        schema=_partial_schema(dim, str(manifest["fingerprint"]))))
+
+
+def read_partial(out, i, names, manifest, damaged=None):
+    """{index: (descriptor, None or (status, reason))} of shard `i`'s partial
+    file, or {} when there is none; one that does not fit `manifest` and the
+    shard's `names` (another model, other inputs, damaged) is set aside as
+    *.damaged (and listed in `damaged` as (path, reason)) and its rows
+    described again."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = shard_path(out, i, "partial")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        limit = 8 * (int(manifest["dim"]) + 64) * max(1, len(names)) + (1 << 20)
+        if os.path.getsize(path) > limit:   # checked before reading it into memory
+            raise ValueError("larger than its rows can be")
+        table = pq.read_table(path)
+        want = _partial_schema(int(manifest["dim"]), str(manifest["fingerprint"]))
+        got = table.schema
+        if (got.names != want.names or (got.metadata or {}).get(b"dplg.fingerprint") !=
+                want.metadata[b"dplg.fingerprint"]):
+            raise ValueError("another schema or model")
+        for field in want:   # a list's child name may change through Parquet
+            kind = got.field(field.name).type
+            if not (kind == field.type or (pa.types.is_fixed_size_list(kind) and
+                    kind.list_size == field.type.list_size and
+                    kind.value_type == field.type.value_type)):
+                raise ValueError(f"column {field.name} is {kind}, not {field.type}")
+        index = table.column("index").to_numpy()
+        if len(set(index.tolist())) != len(index) or (len(index) and (
+                index.min() < 0 or index.max() >= len(names))):
+            raise ValueError("indices outside the shard")
+        rows = {}
+        vectors = np.asarray(table.column("descriptor").combine_chunks().flatten(),
+                             np.float32).reshape(len(index), -1)
+        for k, (j, name, status, reason) in enumerate(zip(
+                index.tolist(), table.column("name").to_pylist(),
+                table.column("status").to_pylist(), table.column("reason").to_pylist())):
+            if name != names[j]:
+                raise ValueError("rows of other images")
+            if status == "ok" and not np.all(np.isfinite(vectors[k])):
+                raise ValueError("non-finite descriptors")
+            rows[j] = (vectors[k], None if status == "ok" else (status, reason))
+        return rows
+    except (OSError, pa.ArrowException, ValueError, KeyError, TypeError) as e:
+        os.replace(path, path + ".damaged")
+        if damaged is not None:
+            damaged.append((path, str(e) or type(e).__name__))
+        return {}
+
+
+def remove_partial(out, i):
+    try:
+        os.remove(shard_path(out, i, "partial"))
+    except FileNotFoundError:
+        pass
 
 
 def check_complete(out):

@@ -116,8 +116,18 @@ def test_resume_after_driver_sigkill(model, tmp_path):
                 os.stat(extraction.shard_path(out, i)).st_mtime_ns)
             for i in extraction.done_shards(out, 11)}
     assert 2 <= len(kept) < 11, sorted(kept)
+    from dplg_tf.bulk import leftovers
+
+    session = json.load(open(os.path.join(out, leftovers.RECORD)))["session_dir"]
+    time.sleep(5)   # the raylet and workers end with the driver; its agents do not
+    left = leftovers.session_processes(session)
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]   # one bad image
+    if left:
+        assert f"stopped {len(left)} Ray processes left running by a killed run" in \
+            result.stderr
+    assert leftovers.session_processes(session) == []
+    assert not os.path.exists(os.path.join(out, leftovers.RECORD))
     for i, (data, mtime) in kept.items():
         assert open(extraction.shard_path(out, i), "rb").read() == data
         assert os.stat(extraction.shard_path(out, i)).st_mtime_ns == mtime
@@ -150,6 +160,82 @@ def test_resume_after_driver_sigkill(model, tmp_path):
     refused = subprocess.run(cmd + ["--scales=1.0"], env=ENV, capture_output=True, text=True,
                              timeout=300)
     assert refused.returncode == 2 and "other scales" in refused.stderr
+
+
+@pytest.mark.slow
+def test_a_kill_inside_a_shard_keeps_the_rows_saved_so_far(model, tmp_path):
+    """One shard of 30 images, its rows saved after every batch
+    (--commit_seconds=0): killed inside the shard, the rerun describes only
+    the images its partial file does not hold, and the shard comes out whole."""
+    import re
+
+    from dplg_tf.storage import extraction
+
+    images = tmp_path / "images"
+    write_images(str(images), 30, size=(384, 512))
+    out = str(tmp_path / "out")
+    cmd = extract_cmd(model, out, [str(images)], "--shard_size=100", "--batch_size=2",
+                      "--commit_seconds=0")
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    partial = extraction.shard_path(out, 0, "partial")
+    deadline = time.time() + 240
+    try:
+        import pyarrow.parquet as pq
+
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if pq.ParquetFile(partial).metadata.num_rows >= 6:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    assert not os.path.exists(extraction.shard_path(out, 0))
+    saved = extraction.read_partial(out, 0, sorted(str(p) for p in images.iterdir()),
+                                    extraction.read_manifest(out))
+    assert 6 <= len(saved) < 30
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    kept = int(re.search(r"(\d+) images of unfinished shards kept", result.stderr).group(1))
+    assert kept >= len(saved)
+    progress = json.load(open(os.path.join(out, "progress.json")))
+    assert progress["images_total"] == 30 - kept and progress["images_done"] == 30 - kept
+    assert not os.path.exists(partial)
+    rows = shard_rows(out)
+    assert len(rows) == 30
+    names = sorted(rows)
+    np.testing.assert_allclose(np.stack([rows[n] for n in names[:4]]), reference(
+        model, [open(n, "rb").read() for n in names[:4]]), atol=1e-5)
+
+
+def test_partial_files_round_trip_and_a_foreign_one_is_set_aside(tmp_path):
+    from dplg_tf.storage import extraction
+
+    out = str(tmp_path)
+    manifest = {"dim": 4, "fingerprint": "sha256:abc"}
+    names = ["a.jpg", "b.jpg", "c.jpg"]
+    rows = {0: (np.ones(4, np.float32), None), 2: (np.zeros(4, np.float32),
+                                                   ("undecodable", "cut short"))}
+    extraction.write_partial(out, 0, names, rows, manifest)
+    back = extraction.read_partial(out, 0, names, manifest)
+    assert sorted(back) == [0, 2] and back[2][1] == ("undecodable", "cut short")
+    np.testing.assert_array_equal(back[0][0], np.ones(4))
+    for other_names, other in [(["x.jpg", "b.jpg", "c.jpg"], manifest),
+                               (names, dict(manifest, fingerprint="sha256:other")),
+                               (names[:2], manifest)]:
+        extraction.write_partial(out, 0, names, rows, manifest)
+        damaged = []
+        assert extraction.read_partial(out, 0, other_names, other, damaged) == {}
+        assert damaged and os.path.exists(extraction.shard_path(out, 0, "partial") + ".damaged")
+    with open(extraction.shard_path(out, 1, "partial"), "wb") as f:
+        f.write(b"PAR1 not really")
+    damaged = []
+    assert extraction.read_partial(out, 1, names, manifest, damaged) == {} and damaged
+    assert extraction.read_partial(out, 5, names, manifest) == {}
 
 
 def test_index_and_eval_read_an_extraction_folder(model, tmp_path):
@@ -342,3 +428,32 @@ def test_uris_are_listed_and_read_through_pyarrow(tmp_path):
     blobs, errors = read_rows(names + [f"file://{tmp_path}/gone.jpg"], DEFAULT_LIMITS)
     assert blobs[0] == (tmp_path / "a" / "b" / "im000.jpg").read_bytes()
     assert errors[:2] == [None, None] and errors[2][0] == "unreadable"
+
+
+def test_leftovers_of_a_dead_driver_are_stopped_and_a_live_one_refuses(tmp_path):
+    from dplg_tf.bulk import leftovers
+
+    out = str(tmp_path / "out")
+    session = str(tmp_path / "session_2026-12-02_00-00-00_1_2")
+    os.makedirs(session)
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", session])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    os.makedirs(out)
+    with open(os.path.join(out, leftovers.RECORD), "w") as f:
+        json.dump({"driver": dead.pid, "session_dir": session}, f)
+    assert leftovers.reap(out) == 1
+    assert orphan.wait(10) == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(out, leftovers.RECORD))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "dplg-extract"])
+    try:
+        with open(os.path.join(out, leftovers.RECORD), "w") as f:
+            json.dump({"driver": live.pid, "session_dir": session}, f)
+        with pytest.raises(UserError, match=f"Another dplg-extract \\(pid {live.pid}\\)"):
+            leftovers.reap(out)
+    finally:
+        live.kill()
+        live.wait()
+    with open(os.path.join(out, leftovers.RECORD), "w") as f:
+        f.write("{not json")
+    assert leftovers.reap(out) == 0 and not os.path.exists(os.path.join(out, leftovers.RECORD))
