@@ -154,8 +154,9 @@ def evaluation(args):
         if not os.path.isfile(path):
             subprocess.run([sys.executable, "-c", DISTRACTOR_SCRIPT, model, path, str(n)],
                            check=True, env=ENV, capture_output=True)
-        for mode, extra in (("plain", []), ("+QE k=2", ["--qe_k=2"]),
-                            ("+DBA k=2", ["--dba_k=2"])):
+        modes = {"plain": ("plain", []), "qe": ("+QE k=2", ["--qe_k=2"]),
+                 "dba": ("+DBA k=2", ["--dba_k=2", f"--dba_graph={args.dba_graph}"])}
+        for mode, extra in [modes[m] for m in args.modes.split(",")]:
             cmd = [sys.executable, "-m", "dplg_tf.cli.eval", "--dataset=synthetic",
                    f"--data_root={data}", f"--model={model}", f"--distractors={path}",
                    f"--output_dir={os.path.join(args.work, 'eval')}"] + extra
@@ -176,9 +177,13 @@ demo model (seeded), so mAP is low and only shows that each run completed.
 |---:|---|---:|---:|---|---:|
 {table}
 
-Command: `python benchmarks/scale.py --work /tmp/scale --parts eval --sizes {args.sizes}`."""
+Command: `python benchmarks/scale.py --work /tmp/scale --parts eval --sizes {args.sizes}` \
+`--modes {args.modes} --dba_graph {args.dba_graph}`."""
     print(body)
-    record("Scale: dplg-eval with distractors", body)
+    section = "Scale: dplg-eval with distractors"
+    if (args.modes, args.dba_graph) != ("plain,qe,dba", "auto"):   # kept beside the full run
+        section += f" ({args.modes}, --dba_graph={args.dba_graph})"
+    record(section, body)
 
 
 SERVE_SCRIPT = r"""
@@ -340,6 +345,8 @@ def main():
     parser.add_argument("--work", default="/tmp/dplg_scale")
     parser.add_argument("--parts", default="arcface,eval")
     parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--modes", default="plain,qe,dba", help="of plain, qe, dba")
+    parser.add_argument("--dba_graph", default="auto", choices=("auto", "exact", "ivf"))
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--stream_sizes", default="1000,10000")
     args = parser.parse_args()

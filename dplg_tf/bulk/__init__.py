@@ -1,4 +1,5 @@
-"""Bulk extraction: the Ray Data job of dplg-extract and its CPU-side reading.
+"""Bulk extraction: the Ray Data job of dplg-extract (job), its CPU-side
+reading (reading), and the Ray processes a killed run leaves (leftovers).
 
 Imports: every layer up to retrieval (Ray only here).
 """
