@@ -35,7 +35,8 @@ from dplg_tf.search.index import DescriptorIndex
 from dplg_tf.search.queries import SearchMetrics, bad_request, parse_query
 from dplg_tf.serving.requests import shorten
 from dplg_tf.serving.http import (Gate, HttpError, HttpServer, error_response,
-                                  json_response, read_body)
+                                  json_response, prometheus_response,
+                                  read_body)
 from dplg_tf.storage.atomic import StateFolder
 
 log = logging.getLogger("dplg_tf.search")
@@ -329,12 +330,8 @@ class SearchApp:
                                   reloads=self.searcher.reloads))
 
     async def prometheus(self, request):
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-        from starlette.responses import Response
-
         del request
-        return Response(generate_latest(self.metrics.registry),
-                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return prometheus_response(self.metrics.registry)
 
 
 class SearchServer(HttpServer):

@@ -34,6 +34,14 @@ def error_response(status, message):
     return json_response({"error": str(message)}, status)
 
 
+def prometheus_response(registry):
+    """The Prometheus text page of a prometheus_client registry."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.responses import Response
+
+    return Response(generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def read_body(request, limit):
     """The request body, refused (400) past `limit` bytes before reading it all."""
     declared = request.headers.get("content-length")

@@ -1,6 +1,6 @@
 """Prometheus metrics of dplg-serve, under TensorFlow Serving's names.
 
-Served in Prometheus' text format (prometheus_client.generate_latest) at
+Served in Prometheus' text format (serving.http.prometheus_response) at
 the monitoring config's path on the REST port. TF Serving names its metrics
 by path (/tensorflow/serving/request_count) and its exporter writes them
 with ':' for '/'; the same names are used here:
@@ -128,9 +128,3 @@ class Metrics:
         self.counters.inc(self.LOAD_ATTEMPTS, (path, "success" if ok else "fail"))
         if ok:
             self.counters.inc(self.LOAD_LATENCY, (path,), seconds * 1e6)
-
-    def text(self):
-        """The Prometheus text page (bytes) and its content type."""
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST

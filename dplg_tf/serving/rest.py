@@ -29,7 +29,7 @@ import grpc
 import numpy as np
 
 from dplg_tf.serving.http import (Gate, HttpError, HttpServer, error_response,
-                                  json_response, read_body)
+                                  json_response, prometheus_response, read_body)
 from dplg_tf.serving.requests import ServingError, shorten
 
 log = logging.getLogger("dplg_tf.serving")
@@ -244,12 +244,8 @@ class RestApi:
         return Starlette(routes=routes)
 
     async def prometheus(self, request):
-        from starlette.responses import Response
-
         del request
-        body, content_type = self.metrics.text()
-        return Response(body, media_type=content_type.split(";")[0],
-                        headers={"Content-Type": content_type})
+        return prometheus_response(self.metrics.registry)
 
     async def v1(self, request):
         path, method = request.url.path, request.method

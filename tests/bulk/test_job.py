@@ -88,6 +88,20 @@ def shard_rows(out):
     return dict(zip(names, rows))
 
 
+def _sigkill_when(cmd, ready, seconds=240):
+    """Start `cmd` (dplg-extract) and SIGKILL its driver once `ready()` holds."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + seconds
+    try:
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+
+
 @pytest.mark.slow
 def test_resume_after_driver_sigkill(model, tmp_path):
     """Killed halfway, the rerun keeps the finished shards untouched and does
@@ -99,19 +113,8 @@ def test_resume_after_driver_sigkill(model, tmp_path):
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
     out = str(tmp_path / "out")
     cmd = extract_cmd(model, out, [str(images)], "--shard_size=4", "--batch_size=2")
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            done = extraction.done_shards(out, 11) if os.path.isdir(out + "/shards") else set()
-            if len(done) >= 2:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(30)
+    _sigkill_when(cmd, lambda: os.path.isdir(out + "/shards")
+                  and len(extraction.done_shards(out, 11)) >= 2)
     kept = {i: (open(extraction.shard_path(out, i), "rb").read(),
                 os.stat(extraction.shard_path(out, i)).st_mtime_ns)
             for i in extraction.done_shards(out, 11)}
@@ -176,24 +179,17 @@ def test_a_kill_inside_a_shard_keeps_the_rows_saved_so_far(model, tmp_path):
     out = str(tmp_path / "out")
     cmd = extract_cmd(model, out, [str(images)], "--shard_size=100", "--batch_size=2",
                       "--commit_seconds=0")
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
     partial = extraction.shard_path(out, 0, "partial")
-    deadline = time.time() + 240
-    try:
+
+    def six_rows_saved():
         import pyarrow.parquet as pq
 
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if pq.ParquetFile(partial).metadata.num_rows >= 6:
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(30)
+        try:
+            return pq.ParquetFile(partial).metadata.num_rows >= 6
+        except (OSError, ValueError):
+            return False
+
+    _sigkill_when(cmd, six_rows_saved)
     assert not os.path.exists(extraction.shard_path(out, 0))
     saved = extraction.read_partial(out, 0, sorted(str(p) for p in images.iterdir()),
                                     extraction.read_manifest(out))

@@ -190,8 +190,11 @@ def test_oversized_images_and_bodies_are_refused(server):
 
 
 @pytest.mark.slow
-def test_health_and_metrics(server):
+def test_health_and_metrics(server, world):
     from prometheus_client.parser import text_string_to_metric_families
+
+    data = open(os.path.join(world["photos"], world["names"][0]), "rb").read()
+    assert _http(server, "/v1/search", {"image": _b64(data)})[0] == 200   # one to count
 
     status, health = _http(server, "/v1/health")
     assert status == 200 and health["status"] == "ok" and health["index"]["vectors"] >= 8
