@@ -9,7 +9,7 @@ from absl import flags
 
 from dplg_tf import cli
 from dplg_tf.errors import DONE, PARTLY_FAILED
-from dplg_tf.data.sources import BuildError, list_gldv2, list_image_dir
+from dplg_tf.data.sources import BuildError, exclude_landmarks, list_gldv2, list_image_dir
 from dplg_tf.data.tfrecords import build, relabel
 
 
@@ -29,6 +29,9 @@ def _define_flags():
     flags.DEFINE_integer("max_image_size", 0,
                          "Re-encode images whose longest side is larger (0: keep sizes).")
     flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Shards written at once.")
+    flags.DEFINE_string("exclude_landmarks", None, "A file of landmark ids (class folder "
+                        "names for --image_dir) left out, such as the landmarks that GLDv2 "
+                        "shares with ROxf/RPar (RGLDv2-clean); counted in build_report.json.")
     flags.DEFINE_bool("overwrite", False, "Discard the shards of an earlier, different build.")
 
 
@@ -43,12 +46,20 @@ def main(argv):
         if not f.gldv2_image_dir:
             raise BuildError("--gldv2_csv needs --gldv2_image_dir.")
         items = list_gldv2(f.gldv2_csv, f.gldv2_image_dir)
+    excluded = None
+    if f.exclude_landmarks:
+        items, excluded = exclude_landmarks(items, f.exclude_landmarks)
+        print(f"--exclude_landmarks: {excluded['found']} of the {excluded['listed']} listed "
+              f"landmarks found, {excluded['images']} images left out", file=sys.stderr)
+        if not items:
+            raise BuildError(f"Every image belongs to a landmark of {f.exclude_landmarks}; "
+                             "nothing is left to train on.")
     print(f"{len(items)} images in {len(relabel(items))} classes", file=sys.stderr)
     summary = build(f.output_dir, items, f.num_shards, f.num_validation_shards,
                     f.validation_fraction, f.seed, f.max_image_size, f.num_workers,
                     f.overwrite, ignored=ignored,
                     log=lambda m: print(m, file=sys.stderr), listing_problems=problems,
-                    validation_per_class=f.validation_per_class)
+                    validation_per_class=f.validation_per_class, excluded=excluded)
     print(json.dumps(summary))
     if summary["bad_files"]:
         print(f"{summary['bad_files']} files skipped: see "

@@ -2,6 +2,7 @@
 
     dplg-eval --dataset=roxford5k --data_root=DIR --model=models/dplg
     dplg-eval --dataset=synthetic --data_root=data --server=127.0.0.1:8500 --figures=5
+    dplg-eval --dataset=roxford5k --data_root=DIR --model=models/dplg --qe_k=2 --rerank
 """
 
 import os
@@ -10,7 +11,8 @@ import sys
 from absl import flags
 
 from dplg_tf import cli
-from dplg_tf.cli.flags import define_expansion_flags, define_model_flags, expansion_from_flags
+from dplg_tf.cli.flags import (define_expansion_flags, define_model_flags, define_rerank_flags,
+                              expansion_from_flags, rerank_from_flags)
 from dplg_tf.retrieval.evaluation import markdown_table, run_eval
 
 
@@ -31,6 +33,7 @@ def _define_flags():
     flags.DEFINE_bool("allow_unverified", False, "Accept distractors without a probe "
                       "descriptor (an .npy; the model that made them is then not checked).")
     define_expansion_flags(qe=True, dba=True, dba_graph=True)
+    define_rerank_flags()
 
 
 def main(argv):
@@ -40,7 +43,7 @@ def main(argv):
                            [float(s) for s in f.scales] if f.scales else None,
                            None, f.distractors, f.figures, f.output_dir, workers=f.workers,
                            expansion=expansion_from_flags(),
-                           allow_unverified=f.allow_unverified)
+                           allow_unverified=f.allow_unverified, rerank=rerank_from_flags())
     print(markdown_table(results, f.dataset))
     out = f.output_dir or os.path.join(f.data_root, f.dataset, "eval")
     print(f"results in {out}/results.json and results.md", file=sys.stderr)

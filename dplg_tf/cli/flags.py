@@ -55,6 +55,34 @@ def expansion_from_flags():
             if k in f}
 
 
+def define_rerank_flags():
+    """--rerank and its settings (dplg_tf.retrieval.rerank)."""
+    from dplg_tf.retrieval import rerank
+
+    flags.DEFINE_bool("rerank", False, "Re-rank each query's shortlist of --rerank_m with "
+                      "global descriptors alone (SuperGlobal's MDescAug + RerankwMDA).")
+    flags.DEFINE_integer("rerank_m", rerank.DEFAULT_M, "Re-ranking: the shortlist's length.",
+                         lower_bound=2, upper_bound=rerank.MAX_M)
+    flags.DEFINE_integer("rerank_k", rerank.DEFAULT_K, "Re-ranking: neighbours averaged into "
+                         "each shortlist vector, and the best kept for the query's maximum "
+                         "descriptor (plus one).", lower_bound=1, upper_bound=rerank.MAX_M - 1)
+    flags.DEFINE_float("rerank_beta", rerank.DEFAULT_BETA, "Re-ranking: weight of the "
+                       "neighbours against the vector itself.", lower_bound=0.0, upper_bound=1.0)
+    flags.register_validator("rerank_beta", lambda v: math.isfinite(v),
+                             message="--rerank_beta must be a finite number")
+
+
+def rerank_from_flags():
+    """{m, k, beta} when --rerank is on (checked), else None."""
+    from dplg_tf.retrieval import rerank
+
+    f = flags.FLAGS
+    if not f.rerank:
+        return None
+    rerank.check(f.rerank_m, f.rerank_k, f.rerank_beta)
+    return {"m": f.rerank_m, "k": f.rerank_k, "beta": f.rerank_beta}
+
+
 def define_model_flags():
     """--model (a local SavedModel) or --server (and --model_name): the describer."""
     flags.DEFINE_string("model", None, "A SavedModel base path or version folder.")

@@ -3,6 +3,7 @@
     dplg-search --index_dir=idx --server=127.0.0.1:8500 query.jpg --top_k=10
     dplg-search --index_dir=idx --model=models/dplg query.jpg
     dplg-search --index_dir=idx --descriptors=queries.npz --output=hits.json
+    dplg-search --index_dir=idx --model=models/dplg query.jpg --rerank   # retrieval.rerank
 
 Queries are described by the same model as the index (checked through the
 probe descriptor); the results are printed and, with --output, written as
@@ -17,9 +18,11 @@ import numpy as np
 from absl import flags
 
 from dplg_tf import cli
-from dplg_tf.cli.flags import define_expansion_flags, define_index_input_flags, index_inputs
+from dplg_tf.cli.flags import (define_expansion_flags, define_index_input_flags,
+                              define_rerank_flags, index_inputs, rerank_from_flags)
 from dplg_tf.errors import UserError
 from dplg_tf.retrieval.expansion import alpha_qe, index_neighbours
+from dplg_tf.retrieval.rerank import index_rerank
 from dplg_tf.search.index import DescriptorIndex
 from dplg_tf.storage import extraction
 from dplg_tf.storage.atomic import write_atomic
@@ -29,6 +32,7 @@ def search_main(argv):
     f = flags.FLAGS
     if f.top_k < 1:
         raise UserError(f"--top_k must be at least 1, not {f.top_k}.")
+    reranking = rerank_from_flags()
     index = DescriptorIndex.load(f.index_dir)
     queries, names, probe, errors = index_inputs(argv, "dplg-search")
     if queries is None:  # a dplg-extract folder: its described images are the queries
@@ -39,7 +43,12 @@ def search_main(argv):
     if f.qe_k and len(queries):
         queries = alpha_qe(queries, k=f.qe_k, alpha=f.qe_alpha,
                            neighbours=index_neighbours(index))
-    scores, ids = index.search(queries, f.top_k) if len(queries) else (np.zeros((0, 0)), np.zeros((0, 0), int))
+    if not len(queries):
+        scores, ids = np.zeros((0, 0)), np.zeros((0, 0), int)
+    elif reranking:
+        scores, ids = index_rerank(index, queries, f.top_k, **reranking)
+    else:
+        scores, ids = index.search(queries, f.top_k)
     results = []
     for name, row_scores, row_ids in zip(names, scores, ids):
         hits = [{"name": index.names[i], "score": round(float(s), 5)}
@@ -66,6 +75,7 @@ def run_search():
     flags.DEFINE_integer("ef_search", None, "hnsw: size of the search frontier.",
                          lower_bound=1, upper_bound=100000)
     define_expansion_flags(qe=True)
+    define_rerank_flags()
     cli.run(search_main, "dplg-search")
 
 

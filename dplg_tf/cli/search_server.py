@@ -3,6 +3,7 @@ web page (dplg_tf.search.service).
 
     dplg-search-server --index_dir=idx --model=models/dplg --image_root=photos/
     dplg-search-server --index_dir=idx --server=127.0.0.1:8500 --port=8600
+    dplg-search-server --index_dir=idx --model=models/dplg --rerank   # re-rank by default
 """
 
 import logging
@@ -11,7 +12,8 @@ import sys
 from absl import flags
 
 from dplg_tf import cli
-from dplg_tf.cli.flags import define_limit_flags, define_model_flags, limits_from_flags
+from dplg_tf.cli.flags import (define_limit_flags, define_model_flags, define_rerank_flags,
+                              limits_from_flags)
 
 log = logging.getLogger("dplg_tf.search")
 
@@ -33,6 +35,7 @@ def _define_flags():
                          upper_bound=1024)
     flags.DEFINE_integer("max_concurrent", 64, "Requests in progress at most; more are "
                          "answered 429.", lower_bound=1, upper_bound=100000)
+    define_rerank_flags()   # --rerank: every search re-ranked unless it asks "rerank": false
     flags.DEFINE_float("grace_seconds", 10.0, "On SIGTERM, time for requests in flight.",
                        lower_bound=0)
 
@@ -53,7 +56,8 @@ def main(argv):
     limits = limits_from_flags()
     describer = Describer(f.model, f.server, f.model_name, limits=limits)
     searcher = Searcher(f.index_dir, describer, f.image_root, limits, f.max_top_k,
-                        f.reload_seconds)
+                        f.reload_seconds, rerank=f.rerank, rerank_settings={
+                            "m": f.rerank_m, "k": f.rerank_k, "beta": f.rerank_beta})
     server = SearchServer(searcher, f.host, f.port, limits, f.workers,
                           f.max_concurrent).start()
     print(f"dplg-search-server: http://{server.address}/ searching {len(searcher.index)} "

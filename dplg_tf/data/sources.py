@@ -79,6 +79,38 @@ def list_gldv2(csv_path, image_dir):
     return items
 
 
+def read_landmark_list(path):
+    """The set of class ids (as text) in `path`: ids separated by commas, spaces
+    or new lines, `#` comments, an optional header word (landmark_id)."""
+    import re
+
+    if not os.path.isfile(path):
+        raise BuildError(f"--exclude_landmarks {path!r} does not exist.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BuildError(f"--exclude_landmarks {path!r} cannot be read as text "
+                         f"({type(e).__name__}); give one landmark id a line.") from None
+    tokens = re.split(r"[\s,]+", re.sub(r"#.*", "", text).strip())
+    if tokens and tokens[0] in ("landmark_id", "landmark", "id"):
+        tokens = tokens[1:]
+    ids = {t for t in tokens if t}
+    if not ids:
+        raise BuildError(f"--exclude_landmarks {path!r} lists no landmark ids.")
+    return ids
+
+
+def exclude_landmarks(items, path):
+    """(the items whose class is not listed in `path`, what was excluded: the
+    report's {"file", "listed", "found", "images"})."""
+    ids = read_landmark_list(path)
+    kept = [item for item in items if str(item[2]) not in ids]
+    found = {str(item[2]) for item in items} & ids
+    return kept, {"file": path, "listed": len(ids), "found": len(found),
+                  "images": len(items) - len(kept)}
+
+
 def present(items):
     """(items whose file exists and is non-empty, [[path, reason]] of the others).
 

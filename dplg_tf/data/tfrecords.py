@@ -191,12 +191,13 @@ def _done_result(output_dir, name):
 
 def build(output_dir, items, num_shards=8, num_validation_shards=0, validation_fraction=0.0,
           seed=0, max_image_size=0, num_workers=4, overwrite=False, progress=True,
-          ignored=0, log=print, listing_problems=(), validation_per_class=0):
+          ignored=0, log=print, listing_problems=(), validation_per_class=0, excluded=None):
     """Build the shards of `items` [(path, image_id, class)]; returns the summary.
 
     Every image goes to training unless a validation split is asked for
     (`validation_fraction` of each class, or `validation_per_class` images of
-    each), as the paper and DELG's builder train on all of GLDv2-clean."""
+    each), as the paper and DELG's builder train on all of GLDv2-clean.
+    `excluded` (sources.exclude_landmarks' account) goes into build_report.json."""
     if not 1 <= num_shards <= MAX_SHARDS:
         raise BuildError(f"--num_shards must lie in [1, {MAX_SHARDS}], got {num_shards}.")
     if not 0 <= validation_fraction < 1:
@@ -239,7 +240,7 @@ def build(output_dir, items, num_shards=8, num_validation_shards=0, validation_f
     results.update(_write_shards(output_dir, todo, labels, max_image_size, num_workers,
                                  progress))
     return _finish(output_dir, plans, results, labels, len(items) + len(missing), missing,
-                   ignored, start, len(todo), total)
+                   ignored, start, len(todo), total, excluded)
 
 
 def _claim(output_dir, fingerprint, overwrite):
@@ -286,7 +287,7 @@ def _write_shards(output_dir, todo, labels, max_image_size, num_workers, progres
 
 
 def _finish(output_dir, plans, results, labels, listed, missing, ignored, start, written,
-            total):
+            total, excluded=None):
     with open(os.path.join(output_dir, "relabeling.csv.tmp"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["new_label", "old_label"])
@@ -316,6 +317,8 @@ def _finish(output_dir, plans, results, labels, listed, missing, ignored, start,
     report = {"listed_images": listed, "ignored_non_image_files": ignored,
               "bad_files": len(bad), "bad": [{"path": p, "reason": r} for p, r in bad],
               **records}
+    if excluded is not None:
+        report["excluded_landmarks"] = excluded
     write_atomic(os.path.join(output_dir, "build_report.json"), json.dumps(report, indent=1))
     write_atomic(os.path.join(output_dir, "bad_files.txt"),  # one line per file
                  "".join(f"{display_name(p)}\t{r}\n" for p, r in bad))

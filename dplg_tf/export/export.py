@@ -50,16 +50,23 @@ from dplg_tf.export.saved_models import next_version
 
 
 def export(model, export_dir, version=None, scales=None, max_image_side=1024,
-           min_scaled_side=64, limits=DEFAULT_LIMITS, freeze=True, whitening=None):
+           min_scaled_side=64, limits=DEFAULT_LIMITS, freeze=True, whitening=None,
+           refinements=None):
     """Write `model` as BASE/<version>/ with both signatures; returns the path.
 
     With `freeze`, the weights are graph constants (faster; no variables in
     the SavedModel); without it they are variables, as Keras exports them.
     `whitening`, a dplg-whiten file, ends both signatures with its
-    layers.Whitening (the descriptor may then be shorter)."""
+    layers.Whitening (the descriptor may then be shorter). `refinements`
+    (export.refinements.Refinements) change the pooling; they are recorded as
+    the SavedModel's `refinements` (JSON)."""
     import tensorflow as tf
 
     from dplg_tf.config import PAPER_SCALES
+    from dplg_tf.export.refinements import NONE, refined
+
+    refinements = refinements or NONE
+    model = refined(model, refinements)
 
     os.makedirs(export_dir, exist_ok=True)
     version = version or next_version(export_dir)
@@ -70,9 +77,11 @@ def export(model, export_dir, version=None, scales=None, max_image_side=1024,
     scales = scales or PAPER_SCALES
     layer = None
     if whitening:
-        layer = whitening_layer(whitening, model, scales, max_image_side, min_scaled_side)
+        layer = whitening_layer(whitening, model, scales, max_image_side, min_scaled_side,
+                                refinements.scale_aggregation)
     extractor = DescriptorExtractor(model, scales, max_image_side, min_scaled_side, limits,
-                                    freeze=freeze, whitening=layer)
+                                    freeze=freeze, whitening=layer,
+                                    aggregation=refinements.scale_aggregation)
     module = tf.Module()
     if not freeze:
         module.model = model  # its variables go into the SavedModel
@@ -93,6 +102,7 @@ def export(model, export_dir, version=None, scales=None, max_image_side=1024,
         input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images"),
                          tf.TensorSpec([None], tf.float32, name="scales")])
     module.scales = tf.Variable(extractor.scales, trainable=False, dtype=tf.float32)
+    module.refinements = tf.Variable(refinements.to_json(), trainable=False, dtype=tf.string)
     tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -104,7 +114,7 @@ def export(model, export_dir, version=None, scales=None, max_image_side=1024,
     return final
 
 
-def whitening_layer(path, model, scales, max_image_side, min_scaled_side):
+def whitening_layer(path, model, scales, max_image_side, min_scaled_side, aggregation="mean"):
     """The layers.Whitening of a dplg-whiten file, refused when the file was
     learned on another model (its probe descriptor differs from this one's)."""
     from dplg_tf.storage import whitening as whitening_file
@@ -113,7 +123,8 @@ def whitening_layer(path, model, scales, max_image_side, min_scaled_side):
     from dplg_tf.nn.layers import Whitening
 
     mean, projection, metadata = whitening_file.load(path)
-    plain = DescriptorExtractor(model, scales, max_image_side, min_scaled_side)
+    plain = DescriptorExtractor(model, scales, max_image_side, min_scaled_side,
+                                aggregation=aggregation)
     if mean.shape[0] != plain.dim:
         raise UserError(f"{path} whitens {mean.shape[0]}-d descriptors but the model "
                         f"gives {plain.dim}-d ones; learn it on this model.")

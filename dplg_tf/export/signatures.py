@@ -40,8 +40,9 @@ class DescriptorExtractor:
     (dplg_tf.images.Limits: images per request, scales, pixels, minimum side)."""
 
     def __init__(self, model, scales, max_image_side=1024, min_scaled_side=64,
-                 limits=DEFAULT_LIMITS, freeze=False, whitening=None):
+                 limits=DEFAULT_LIMITS, freeze=False, whitening=None, aggregation="mean"):
         self.model = frozen(model) if freeze else model
+        self.aggregation = aggregation   # of the scales: "mean" (the paper) or "max"
         self.limits = limits
         self.scales = limits.check_scales(scales)
         self.max_image_side = float(max_image_side)
@@ -107,11 +108,13 @@ class DescriptorExtractor:
         return descriptors.stack(), attention
 
     def _fuse(self, per_scale):
-        """[S, N, model_dim] -> [N, dim]: the mean of the scales, normalised
-        (the paper's aggregation), then the optional whitening."""
+        """[S, N, model_dim] -> [N, dim]: the mean of the scales (the paper's
+        aggregation) or their element-wise maximum, normalised, then the
+        optional whitening."""
         import tensorflow as tf
 
-        return self._whiten(tf.math.l2_normalize(tf.reduce_mean(per_scale, axis=0), axis=-1))
+        pool = tf.reduce_max if self.aggregation == "max" else tf.reduce_mean
+        return self._whiten(tf.math.l2_normalize(pool(per_scale, axis=0), axis=-1))
 
     def multiscale(self, image, scales):
         """uint8 [H, W, 3], float32 [S] -> dict of descriptor, per-scale, attention."""

@@ -10,9 +10,10 @@ from dplg_tf.nn.gem import GeM
 from dplg_tf.nn.min_size_check import MinSizeCheck
 from dplg_tf.nn.orthogonal_fusion import OrthogonalFusion
 from dplg_tf.nn.preprocessing import ImagePreprocessing
+from dplg_tf.nn.regional_gem import RegionalGeM
 from dplg_tf.nn.rfb import ReceptiveFieldBlock
 from dplg_tf.nn.uniform_attention import UniformAttention
 from dplg_tf.nn.whitening import Whitening
 
 __all__ = ["ArcFaceMargin", "DotProductFusion", "GeM", "ImagePreprocessing", "MinSizeCheck",
-           "OrthogonalFusion", "ReceptiveFieldBlock", "UniformAttention", "Whitening"]
+           "OrthogonalFusion", "ReceptiveFieldBlock", "RegionalGeM", "UniformAttention", "Whitening"]

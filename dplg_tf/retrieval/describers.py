@@ -17,6 +17,8 @@ names the model (the SavedModel folder, or grpc://server/name/version).
 `refusal(error)` is the one place that tells a refused image from a failure.
 """
 
+import json
+
 import numpy as np
 
 from dplg_tf import images
@@ -44,6 +46,7 @@ class Describer:
             version = model_version or self._served_version(server, model_name)
             self.identity = f"grpc://{server}/{model_name}/{version}"
             self.concurrency, self.scales, self.batched = 4, None, False
+            self.refinements = None   # a server does not say
         else:
             self.client = None
             self.concurrency = 1
@@ -74,6 +77,9 @@ class Describer:
         # exports before dplg-extract existed have no batch path: serving_default then
         self.batched = hasattr(loaded, "describe_batch")
         own = loaded.scales.numpy().tolist() if hasattr(loaded, "scales") else None
+        # the export's refinements (export.refinements; older exports have none)
+        self.refinements = json.loads(loaded.refinements.numpy().decode()) if hasattr(
+            loaded, "refinements") else None
         self.scales = [float(s) for s in (scales or own or PAPER_SCALES)]
 
     def describe_bytes(self, blobs):

@@ -68,6 +68,32 @@ def compute_map(ranks, gnd, kappas=(1, 5, 10)):
     return total_ap / counted, aps, total_pr / counted, prs
 
 
+def labelled_map(descriptors, labels):
+    """mAP (%) of a labelled set searched against itself: each descriptor is a
+    query, the others of its class are its positives (itself left out);
+    classes of a single image ask nothing. For choices made on training
+    records (GeM+'s power, whitening), not for reported results."""
+    from dplg_tf.retrieval import knn
+
+    x = np.asarray(descriptors, np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    labels = np.asarray(labels)
+    if len(x) != len(labels) or len(x) < 2:
+        raise UserError(f"labelled_map needs as many labels as descriptors (>= 2), got "
+                        f"{len(x)} and {len(labels)}.")
+    aps = []
+    for start in range(0, len(x), 256):
+        ranked = knn.search(x[start:start + 256], x, len(x))[1]
+        for i, row in enumerate(ranked, start):
+            row = row[row != i]
+            positions = np.flatnonzero(labels[row] == labels[i])
+            if len(positions):
+                aps.append(compute_ap(positions, len(positions)))
+    if not aps:
+        raise UserError("No class has two images, so no query has a positive.")
+    return 100.0 * float(np.mean(aps))
+
+
 def rank(query_descriptors, db_descriptors):
     """[n_db, n_query] database indices by descending inner product."""
     from dplg_tf.retrieval import knn
@@ -235,11 +261,12 @@ def expand(queries, database, settings, log=None):
 
 def run_eval(dataset_name, data_root, model=None, server=None, model_name="dplg",
              scales=None, cache_dir=None, distractors=None, figures=0, output_dir=None,
-             progress=True, workers=4, expansion=None, allow_unverified=False):
+             progress=True, workers=4, expansion=None, allow_unverified=False, rerank=None):
     """Extract, rank, score; returns (results, ranks, dataset, db, queries).
 
     `expansion` {qe_k, qe_alpha, dba_k, dba_alpha}: alpha-QE of the queries
-    and DBA of the database (distractors included) before ranking."""
+    and DBA of the database (distractors included) before ranking; `rerank`
+    {m, k, beta}: each query's first m re-ranked (dplg_tf.retrieval.rerank)."""
     from dplg_tf.config import PAPER_SCALES
     from dplg_tf.data.revisited import load_dataset
     from dplg_tf.retrieval.describers import Describer
@@ -269,12 +296,16 @@ def run_eval(dataset_name, data_root, model=None, server=None, model_name="dplg"
     full_db, expanded = expand(queries, full_db, expansion,
                                log=lambda m: print(m, file=sys.stderr))
     ranks = rank(expanded, full_db)
+    if rerank:
+        from dplg_tf.retrieval.rerank import rerank_ranks
+
+        ranks = rerank_ranks(ranks, expanded, full_db, **rerank)
     results = evaluate(ranks, dataset)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump({"dataset": dataset_name, "model": describer.identity,
                    "distractors": int(full_db.shape[0] - db.shape[0]), "scales": scales,
-                   "expansion": expansion, "results": results},
+                   "expansion": expansion, "rerank": rerank, "results": results},
                   f, indent=1)
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write(markdown_table(results, dataset_name) + "\n")

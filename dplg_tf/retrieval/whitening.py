@@ -101,13 +101,11 @@ def apply(x, mean, projection):
     return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
 
 
-def describe_records(describer, pattern, max_images=0, batch_size=16, progress=True):
-    """(descriptors [N, D] float32, labels [N]) of the records matching `pattern`,
-    read and described a batch at a time (the encoded images are never all in
-    memory), through the SavedModel's serving_default."""
+def record_batches(pattern, max_images=0, batch_size=16):
+    """(encoded images [list of bytes], labels [n]) of the records matching
+    `pattern` (dplg-build-tfrecords shards), a batch at a time."""
     import tensorflow as tf
 
-    from dplg_tf.console import progress_bar
     from dplg_tf.data.pipeline import FEATURES
 
     files = sorted(tf.io.gfile.glob(pattern))
@@ -117,34 +115,122 @@ def describe_records(describer, pattern, max_images=0, batch_size=16, progress=T
         lambda r: tf.io.parse_single_example(r, FEATURES))
     if max_images:
         ds = ds.take(max_images)
+    empty = True
+    for batch in ds.batch(batch_size).as_numpy_iterator():
+        empty = False
+        yield list(batch["image/encoded"]), batch["image/class/label"]
+    if empty:
+        raise UserError(f"The shards {pattern!r} hold no records.")
+
+
+def describe_records(describer, pattern, max_images=0, batch_size=16, progress=True):
+    """(descriptors [N, D] float32, labels [N]) of the records matching `pattern`,
+    read and described a batch at a time (the encoded images are never all in
+    memory), through the SavedModel's serving_default."""
+    from dplg_tf.console import progress_bar
+
     bar = progress_bar(max_images or None, "images", enabled=progress)
     rows, labels = [], []
-    for batch in ds.batch(batch_size).as_numpy_iterator():
-        rows.append(np.asarray(describer.describe_bytes(list(batch["image/encoded"])),
-                               np.float32))
-        labels.append(batch["image/class/label"])
-        bar.update(len(labels[-1]))
+    for blobs, batch_labels in record_batches(pattern, max_images, batch_size):
+        rows.append(np.asarray(describer.describe_bytes(blobs), np.float32))
+        labels.append(batch_labels)
+        bar.update(len(batch_labels))
     bar.close()
-    if not rows:
-        raise UserError(f"The shards {pattern!r} hold no records.")
     return np.concatenate(rows), np.concatenate(labels)
 
 
-def learn(describer, pattern, kind, dim, max_images=0, shrinkage=0.1, progress=True):
-    """(mean, projection, metadata) learned on the records of `pattern`."""
+SHRINKAGES = (0.01, 0.1, 0.3, 1.0)   # pca: the shrinkages tried when none is given
+
+
+def split_classes(labels, fraction, seed=0):
+    """(train mask, held-out mask) of the records: `fraction` of the classes
+    with two images or more held out whole (at least 2 such classes)."""
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    several = classes[counts > 1]
+    n = int(np.ceil(fraction * len(several)))
+    if n < 2 or len(several) - n < 1:
+        raise UserError(f"Holding out {fraction:g} of the classes leaves {n} held-out and "
+                        f"{len(several) - n} training classes with two images or more; the "
+                        "whitening's effect cannot be measured: use more records, another "
+                        "--holdout_fraction, or --holdout_fraction=0 to skip the check.")
+    held = np.isin(labels, np.random.default_rng(seed).permutation(several)[:n])
+    return ~held, held
+
+
+def _fit(x, labels, kind, dim, shrinkage):
+    if kind == "supervised":
+        return learn_supervised(x, labels, dim)
+    return learn_pca(x, dim, shrinkage)
+
+
+def held_out_table(x, labels, kind, dims, shrinkages, fraction, seed=0):
+    """(held-out mAP of the raw descriptors, [(dim, shrinkage, held-out mAP)]
+    of each setting learned on the training classes, best first)."""
+    from dplg_tf.retrieval.evaluation import labelled_map
+
+    train, held = split_classes(labels, fraction, seed)
+    raw = labelled_map(x[held], labels[held])
+    rows = []
+    for dim in dims:
+        for shrinkage in (shrinkages if kind == "pca" else (None,)):
+            mean, projection = _fit(x[train], labels[train], kind, dim, shrinkage)
+            rows.append((dim, shrinkage, labelled_map(apply(x[held], mean, projection),
+                                                      labels[held])))
+    rows.sort(key=lambda row: (-row[2], -row[0]))
+    return raw, rows
+
+
+def learn(describer, pattern, kind, dim, max_images=0, shrinkage=None, progress=True,
+          holdout_fraction=0.2, seed=0):
+    """(mean, projection, metadata) learned on the records of `pattern`.
+
+    With `holdout_fraction` > 0 the settings (the dimension unless `dim`,
+    pca's shrinkage unless `shrinkage`) are chosen by the mAP of held-out
+    classes (held_out_table), then learned on every record; metadata
+    "held_out" keeps the table. `check_gain` refuses a whitening that makes
+    the held-out result worse."""
     if kind not in KINDS:
         raise UserError(f"--kind={kind!r} is unknown; use supervised or pca.")
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise UserError(f"--holdout_fraction must be in [0, 1), got {holdout_fraction}.")
     x, labels = describe_records(describer, pattern, max_images, progress=progress)
-    dim = dim or x.shape[1]
-    if kind == "supervised":
-        mean, projection = learn_supervised(x, labels, dim)
+    full = x.shape[1]
+    dims = [dim] if dim else sorted({full, max(8, full // 2), max(8, full // 4)} - {0},
+                                    reverse=True)
+    shrinkages = [shrinkage] if shrinkage is not None else list(SHRINKAGES)
+    held = None
+    if holdout_fraction:
+        raw, rows = held_out_table(x, labels, kind, [d for d in dims if d <= full],
+                                   shrinkages, holdout_fraction, seed)
+        best_dim, best_shrinkage, best = rows[0]
+        held = {"fraction": holdout_fraction, "raw_map": round(raw, 2),
+                "whitened_map": round(best, 2),
+                "table": [{"dim": d, "shrinkage": s, "map": round(m, 2)} for d, s, m in rows]}
     else:
-        mean, projection = learn_pca(x, dim, shrinkage)
-    metadata = {"kind": kind, "input_dim": int(x.shape[1]), "output_dim": int(dim),
+        best_dim, best_shrinkage = dims[0], shrinkages[0 if shrinkage is not None else 1]
+    mean, projection = _fit(x, labels, kind, best_dim, best_shrinkage)
+    metadata = {"kind": kind, "input_dim": int(full), "output_dim": int(best_dim),
                 "images": len(x), "classes": int(len(np.unique(labels))),
                 "records": pattern, "model": describer.identity,
                 "probe": [float(v) for v in describer.probe()],
-                "scales": "the export's serving_default scales"}
+                "scales": "the export's serving_default scales", "held_out": held}
     if kind == "pca":
-        metadata["shrinkage"] = shrinkage
+        metadata["shrinkage"] = best_shrinkage
     return mean, projection, metadata
+
+
+class WhiteningHurts(UserError):
+    """The whitening makes the held-out classes' mAP worse."""
+
+
+def check_gain(metadata, force=False):
+    """A WhiteningHurts unless the chosen whitening is at least as good as the
+    raw descriptor on the held-out classes (or `force`)."""
+    held = metadata.get("held_out")
+    if held is None or force or held["whitened_map"] >= held["raw_map"]:
+        return
+    raise WhiteningHurts(
+        f"The best whitening makes the held-out classes worse (mAP {held['whitened_map']:.2f} "
+        f"whitened against {held['raw_map']:.2f} raw), so no file was written; train on more "
+        "images per class, or pass --force to write it anyway.")

@@ -133,7 +133,7 @@ class DescriptorIndex:
         flat = ids.ravel()
         if len(flat) == 0 or self.index is None:
             return np.zeros(ids.shape + (self.dim,), np.float32)
-        rows = np.stack([self.index.reconstruct(int(i)) for i in flat])
+        rows = self.index.reconstruct_batch(flat)
         return rows.reshape(ids.shape + (self.dim,)).astype(np.float32)
 
     def tune(self, refine=None, nprobe=None, ef_search=None):

@@ -10,7 +10,7 @@ import numpy as np
 from dplg_tf.serving.http import HttpError
 from dplg_tf.serving.requests import shorten
 
-SEARCH_KEYS = {"image", "descriptor", "top_k", "qe_k", "qe_alpha", "attention"}
+SEARCH_KEYS = {"image", "descriptor", "top_k", "qe_k", "qe_alpha", "rerank", "attention"}
 
 
 def bad_request(message):
@@ -44,14 +44,16 @@ def _number(value, name, low, high, default):
     return number
 
 
-def _flag(value):
+def _flag(value, name, default=False):
     if isinstance(value, bool):
         return value
-    if value in (None, "", "0", "false", "off"):
+    if value in (None, ""):
+        return default
+    if value in ("0", "false", "off"):
         return False
     if value in ("1", "true", "on"):
         return True
-    raise bad_request(f"attention must be true or false, got {shorten(value)}.")
+    raise bad_request(f"{name} must be true or false, got {shorten(value)}.")
 
 
 def parse_query(fields, max_top_k, image=None):
@@ -64,7 +66,9 @@ def parse_query(fields, max_top_k, image=None):
     query = {"top_k": _integer(fields.get("top_k"), "top_k", 1, max_top_k, 10),
              "qe_k": _integer(fields.get("qe_k"), "qe_k", 0, 100, 0),
              "qe_alpha": _number(fields.get("qe_alpha"), "qe_alpha", 0.0, 100.0, 3.0),
-             "attention": _flag(fields.get("attention"))}
+             "attention": _flag(fields.get("attention"), "attention")}
+    if fields.get("rerank") not in (None, ""):   # absent: the server's default
+        query["rerank"] = _flag(fields["rerank"], "rerank")
     if image is None and fields.get("image") is not None:
         value = fields["image"]
         if not (isinstance(value, dict) and set(value) == {"b64"} and

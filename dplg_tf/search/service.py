@@ -2,8 +2,9 @@
 and people (a web page), on Starlette / uvicorn.
 
     POST /v1/search        {"image": {"b64": ...}, "top_k": 10, "qe_k": 0,
-                            "attention": false} or {"descriptor": [...]}, or a
-                           multipart form (fields image, top_k, qe_k, attention)
+                            "rerank": false, "attention": false} or
+                           {"descriptor": [...]}, or a multipart form (fields
+                           image, top_k, qe_k, rerank, attention)
                         -> {"results": [{"name", "score", "image"}], "model": {...},
                             "index": {...}, "took_ms": ..., "attention": PNG data URL}
     GET  /v1/images/NAME   a thumbnail of an indexed image (names in the index
@@ -55,8 +56,19 @@ class Searcher:
     """An index folder and a describer; the index is swapped when CURRENT changes."""
 
     def __init__(self, index_dir, describer, image_root=None, limits=images.DEFAULT_LIMITS,
-                 max_top_k=1000, reload_seconds=2.0, metrics=None):
+                 max_top_k=1000, reload_seconds=2.0, metrics=None, rerank=False,
+                 rerank_settings=None):
+        """`rerank`: whether a query that does not say ("rerank": true/false)
+        is re-ranked, with `rerank_settings` {m, k, beta} (retrieval.rerank's
+        defaults if None)."""
+        from dplg_tf.retrieval import rerank as reranking
+
         self.index_dir, self.describer = index_dir, describer
+        self.rerank_default = bool(rerank)
+        self.rerank = dict(rerank_settings or {"m": reranking.DEFAULT_M,
+                                               "k": reranking.DEFAULT_K,
+                                               "beta": reranking.DEFAULT_BETA})
+        reranking.check(**self.rerank)
         self.image_root = None if image_root is None else os.path.realpath(image_root)
         self.limits, self.max_top_k = limits, int(max_top_k)
         self.reload_seconds = reload_seconds
@@ -114,7 +126,8 @@ class Searcher:
         index = self.index
         return {"model": {"identity": self.describer.identity, "dim": int(index.dim)},
                 "index": {"folder": os.path.basename(os.path.normpath(self.index_dir)),
-                          "state": self.state, "kind": index.kind, "vectors": len(index)}}
+                          "state": self.state, "kind": index.kind, "vectors": len(index)},
+                "search": {"rerank": self.rerank_default, **self.rerank}}
 
     def _describe(self, blob):
         from dplg_tf.retrieval.describers import refusal
@@ -167,7 +180,12 @@ class Searcher:
         if query["qe_k"]:
             vectors = alpha_qe(vectors, k=query["qe_k"], alpha=query["qe_alpha"],
                                neighbours=index_neighbours(index))
-        scores, ids = index.search(vectors, query["top_k"])
+        if query.get("rerank", self.rerank_default):
+            from dplg_tf.retrieval.rerank import index_rerank
+
+            scores, ids = index_rerank(index, vectors, query["top_k"], **self.rerank)
+        else:
+            scores, ids = index.search(vectors, query["top_k"])
         results = [{"name": index.names[i], "score": round(float(s), 6),
                     "image": "/v1/images/" + _quote(index.names[i])}
                    for s, i in zip(scores[0], ids[0]) if i >= 0]

@@ -442,6 +442,9 @@ def test_leftovers_of_a_dead_driver_are_stopped_and_a_live_one_refuses(tmp_path)
     assert orphan.wait(10) == -signal.SIGKILL
     assert not os.path.exists(os.path.join(out, leftovers.RECORD))
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "dplg-extract"])
+    deadline = time.monotonic() + 30   # until exec: a forked child shows our command line
+    while "dplg-extract" not in leftovers._cmdline(live.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
     try:
         with open(os.path.join(out, leftovers.RECORD), "w") as f:
             json.dump({"driver": live.pid, "session_dir": session}, f)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from dplg_tf.config import base_config
 from dplg_tf.errors import UserError
-from dplg_tf.data import pipeline, revisited, safe_pickle, synthetic, tfrecords
+from dplg_tf.data import pipeline, revisited, safe_pickle, sources, synthetic, tfrecords
 
 SMALL = dict(num_landmarks=4, views_per_landmark=6, num_eval_landmarks=3,
              queries_per_landmark=2, db_per_landmark=6, num_distractors=5,
@@ -294,6 +294,22 @@ def test_gldv2_csv_layouts(tmp_path):
     summary = tfrecords.build(out, items, num_shards=1, validation_fraction=0.0,
                               progress=False)
     assert summary["train_records"] == 4 and summary["bad_files"] == 1  # eee005 is missing
+    # --exclude_landmarks: landmark 17 (and two ids that are not in the CSV) left out
+    listed = tmp_path / "rgldv2.txt"
+    listed.write_text("landmark_id\n# shared with ROxf\n17, 12345\n99999\n")
+    kept, account = sources.exclude_landmarks(items, str(listed))
+    assert {lm for _, _, lm in kept} == {3, 9}
+    assert account == {"file": str(listed), "listed": 3, "found": 1, "images": 2}
+    out = str(tmp_path / "excluded")
+    summary = tfrecords.build(out, kept, num_shards=1, progress=False, excluded=account)
+    assert summary["train_records"] == 2 and summary["num_classes"] == 1   # 9: eee005 missing
+    with open(os.path.join(out, "build_report.json")) as f:
+        assert json.load(f)["excluded_landmarks"] == account
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(tfrecords.BuildError, match="lists no landmark ids"):
+        sources.exclude_landmarks(items, str(tmp_path / "empty.txt"))
+    with pytest.raises(tfrecords.BuildError, match="does not exist"):
+        sources.exclude_landmarks(items, str(tmp_path / "nope.txt"))
     bad_csv = tmp_path / "other.csv"
     bad_csv.write_text("name,label\n")
     with pytest.raises(tfrecords.BuildError, match="expected GLDv2 train.csv"):
@@ -317,6 +333,16 @@ def test_builder_cli_end_to_end(synthetic_root, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dplg_tf.cli.build_tfrecords",
                           f"--output_dir={out}"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Give either --image_dir or --gldv2_csv" in bad.stderr
+    classes = sorted(os.listdir(os.path.join(synthetic_root, "train")))
+    (tmp_path / "skip.txt").write_text(classes[0] + "\n")
+    excl = subprocess.run(
+        [sys.executable, "-m", "dplg_tf.cli.build_tfrecords",
+         f"--image_dir={os.path.join(synthetic_root, 'train')}", f"--output_dir={out}-excl",
+         "--num_shards=1", f"--exclude_landmarks={tmp_path / 'skip.txt'}"],
+        capture_output=True, text=True, timeout=300)
+    assert excl.returncode == 0, excl.stderr[-2000:]
+    assert json.loads(excl.stdout.strip().splitlines()[-1])["num_classes"] == 3
+    assert "1 of the 1 listed landmarks found, 6 images left out" in excl.stderr
 
 
 # ------------------------------------------------------------- the pipeline

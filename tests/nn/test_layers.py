@@ -230,6 +230,7 @@ NON_DEFAULT_ARGUMENTS = {
     layers.Whitening: dict(output_dim=3, eps=1e-9),
     layers.MinSizeCheck: dict(min_size=40),
     layers.UniformAttention: dict(),
+    layers.RegionalGeM: dict(p=3.5, size=3, eps=1e-5),
 }
 
 
@@ -309,6 +310,8 @@ def test_bad_arguments_fail_clearly():
                                   np.zeros((1, 3), "float32"))
     with pytest.raises(ValueError, match="Unknown preprocessing mode"):
         layers.ImagePreprocessing("bgr")
+    with pytest.raises(ValueError, match="RegionalGeM needs"):
+        layers.RegionalGeM(size=0)
 
 
 # ------------------------------------------- Keras' own layer test helper
@@ -332,6 +335,11 @@ def test_keras_layer_helper_on_gem():
                       expected_num_trainable_weights=0, expected_num_non_trainable_weights=1)
     _keras_layer_test(layers.GeM, dict(p=2.0, trainable_p=True), (2, 5, 5, 4), (2, 4),
                       expected_num_trainable_weights=1)
+
+
+def test_keras_layer_helper_on_regional_gem():
+    _keras_layer_test(layers.RegionalGeM, dict(p=2.5, size=3), (2, 5, 6, 4), (2, 5, 6, 4),
+                      expected_num_trainable_weights=0, expected_num_non_trainable_weights=0)
 
 
 def test_keras_layer_helper_on_the_rfb():

@@ -130,3 +130,33 @@ def test_dba_over_an_approximate_graph_reports_its_recall_and_matches_exact():
     assert graph == "exact"
     with pytest.raises(UserError, match="dba_graph"):
         expansion.dba_neighbours(db, "hnsw2")
+
+
+def test_held_out_classes_choose_the_whitening_that_helps():
+    x, labels = _classes(n_classes=30)
+    raw, rows = whitening.held_out_table(x, labels, "supervised", [16, 8], [None], 0.3)
+    assert raw < 50 and rows[0][2] > 95 and rows[0][0] == 16, (raw, rows)
+    assert [r[2] for r in rows] == sorted((r[2] for r in rows), reverse=True)
+    whitening.check_gain({"held_out": {"raw_map": raw, "whitened_map": rows[0][2]}})
+    raw, rows = whitening.held_out_table(x, labels, "pca", [16], [0.01, 1.0], 0.3)
+    assert {r[1] for r in rows} == {0.01, 1.0}
+
+
+def test_a_whitening_learned_on_a_thin_set_is_refused_unless_forced():
+    """30 classes of 2 images in 64-d: every whitening learned on the training
+    classes makes the held-out classes worse, and check_gain says so."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(30), 2)
+    x = _unit(rng.normal(size=(30, 64))[labels] + rng.normal(size=(60, 64)) * 1.5)
+    for kind in whitening.KINDS:
+        raw, rows = whitening.held_out_table(x, labels, kind, [64, 32, 16],
+                                             list(whitening.SHRINKAGES), 0.3)
+        assert rows[0][2] < raw, (kind, raw, rows)
+        meta = {"held_out": {"raw_map": raw, "whitened_map": rows[0][2]}}
+        with pytest.raises(whitening.WhiteningHurts, match="--force"):
+            whitening.check_gain(meta)
+        whitening.check_gain(meta, force=True)
+    with pytest.raises(UserError, match="cannot be measured"):
+        whitening.split_classes(labels[:6], 0.2)
+    train, held = whitening.split_classes(labels, 0.3)
+    assert not set(labels[train]) & set(labels[held]) and len(set(labels[held])) == 9

@@ -89,10 +89,15 @@ def test_whiten_and_export_commands(plain_export, tmp_path, train_shards):
     out = str(tmp_path / "w.npz")
     proc = subprocess.run([sys.executable, "-m", "dplg_tf.cli.whiten", f"--model={base}",
                            f"--records={train_shards}/train-*", f"--output={out}",
-                           "--kind=pca", "--dim=16", "--max_images=40"],
+                           "--kind=pca", "--dim=16", "--max_images=40", "--force"],
                           capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pca whitening 512 -> 16 learned on 40 images" in proc.stdout
+    # the held-out table: raw, then the four shrinkages tried at dim 16, one chosen
+    assert "held-out classes (0.2 of them), mAP: raw" in proc.stdout
+    assert proc.stdout.count("pca dim 16, shrinkage") == 4 and "<- chosen" in proc.stdout
+    meta = whitening_file.load(out)[2]["held_out"]
+    assert len(meta["table"]) == 4 and meta["raw_map"] > 0
     assert whitening_file.load(out)[1].shape == (16, 512)
     bad = subprocess.run([sys.executable, "-m", "dplg_tf.cli.whiten", f"--model={base}",
                           f"--records={tmp_path}/none-*", f"--output={out}"],

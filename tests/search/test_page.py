@@ -121,6 +121,13 @@ def test_the_page_uploads_an_image_and_shows_the_ranked_names(site, browser, tmp
         "return [...document.querySelectorAll('#results img')].every(i => i.complete && "
         "i.naturalWidth > 0)"))
     assert browser.save_screenshot(shot) and os.path.getsize(shot) > 10_000
+    # the re-ranking check box searches again with "rerank": the scores change
+    first = browser.find_element(By.CSS_SELECTOR, "#results .score").text
+    assert not browser.find_element(By.ID, "rerank").is_selected()   # the server's default
+    browser.find_element(By.ID, "rerank").click()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#results .score").text != first)
+    names = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .name")]
+    assert len(names) == 10 and sorted(names) == sorted(site["names"])
 
 
 @pytest.mark.slow

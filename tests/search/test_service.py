@@ -125,6 +125,25 @@ def test_multipart_upload_with_attention_and_descriptor_queries(server, world):
 
 
 @pytest.mark.slow
+def test_a_search_asks_for_re_ranking(server, world):
+    from dplg_tf.retrieval.rerank import index_rerank
+
+    index = DescriptorIndex.load(world["index"])
+    data = open(os.path.join(world["photos"], world["names"][5]), "rb").read()
+    vector = world["describer"].describe_bytes([data])[0]
+    scores, ids = index_rerank(index, vector[None], 6)
+    status, answer = _http(server, "/v1/search", {"descriptor": vector.tolist(), "top_k": 6,
+                                                  "rerank": True})
+    assert status == 200, answer
+    assert [r["name"] for r in answer["results"]] == [index.names[i] for i in ids[0]]
+    assert [r["score"] for r in answer["results"]] == pytest.approx(scores[0].tolist(),
+                                                                    abs=1e-5)
+    plain = _http(server, "/v1/search", {"descriptor": vector.tolist(), "top_k": 6})[1]
+    assert plain["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)   # not re-scored
+    assert answer["search"] == {"rerank": False, "m": 400, "k": 9, "beta": 0.15}
+
+
+@pytest.mark.slow
 def test_thumbnails_only_for_names_in_the_index(server, world):
     from PIL import Image
 
@@ -152,6 +171,7 @@ def test_thumbnails_only_for_names_in_the_index(server, world):
     ({"descriptor": [1.0] * 512, "top_k": "ten"}, None, "top_k"),
     ({"descriptor": [1.0] * 512, "top_k": True}, None, "top_k"),
     ({"descriptor": [1.0] * 512, "qe_k": -1}, None, "qe_k"),
+    ({"descriptor": [1.0] * 512, "rerank": "yes please"}, None, "rerank"),
     ({}, None, "exactly one"),
     ([1, 2], None, "JSON object"),
 ])
@@ -258,9 +278,13 @@ def test_search_queries_are_checked_before_any_work():
     assert query["image"] == b"jpeg" and query["top_k"] == 5 and query["attention"]
     assert parse_query({"top_k": "7", "qe_k": "2"}, 50, image=b"x")["qe_k"] == 2
     assert parse_query({"descriptor": [1, 0.5]}, 50)["descriptor"].dtype.name == "float32"
+    assert "rerank" not in parse_query({"descriptor": [1]}, 50)   # the server's default
+    assert parse_query({"top_k": "7", "rerank": "true"}, 50, image=b"x")["rerank"] is True
+    assert parse_query({"descriptor": [1], "rerank": False}, 50)["rerank"] is False
     for fields, words in [({"image": _b64(b"x"), "top_k": 51}, "top_k"),
                           ({"image": _b64(b"x"), "qe_alpha": float("inf")}, "qe_alpha"),
                           ({"image": _b64(b"x"), "attention": "maybe"}, "attention"),
+                          ({"image": _b64(b"x"), "rerank": 2}, "rerank"),
                           ({"descriptor": ["a"]}, "numbers"),
                           ({"descriptor": []}, "numbers"),
                           ({"image": {"b64": 3}}, "b64"),

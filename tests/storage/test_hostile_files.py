@@ -428,6 +428,9 @@ def test_evaluation_cache_key_follows_model_and_scales():
     ("dplg_tf.cli.index", ["--dba_alpha=inf"]),
     ("dplg_tf.cli.eval", ["--dataset=x", "--data_root=y", "--dba_alpha=-1"]),
     ("dplg_tf.cli.eval", ["--dataset=x", "--data_root=y", "--dba_graph=hnsw9"]),
+    ("dplg_tf.cli.eval", ["--dataset=x", "--data_root=y", "--rerank_beta=nan"]),
+    ("dplg_tf.cli.search", ["--rerank_m=1"]),
+    ("dplg_tf.cli.search", ["--rerank_beta=2"]),
 ])
 def test_numeric_flags_out_of_range_are_one_sentence_and_exit_2(tmp_path, module, args):
     proc = _cli(module, f"--index_dir={tmp_path / 'idx'}", *args, "some.jpg",
