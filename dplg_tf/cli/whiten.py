@@ -11,7 +11,8 @@ will later transform. `supervised` learns Lw from the class labels, `pca`
 PCA-whitening with shrinkage (dplg_tf.retrieval.whitening). A share of the
 classes (--holdout_fraction) is held out: the dimension (unless --dim) and
 pca's shrinkage (unless --shrinkage) are chosen by the held-out classes'
-mAP, the table is printed, the chosen setting is learned on every record,
+mAP (or by --holdout_records, classes the model never saw: the fairer
+measure), the table is printed, the chosen setting is learned on every record,
 and a whitening that makes the held-out mAP worse than the raw descriptor's
 is refused (exit 2) unless --force. The file keeps the mean,
 the projection, and the model's identity and probe descriptor, so that
@@ -35,12 +36,15 @@ def main(argv):
     describer = Describer(model=f.model)
     shrinkage = f.shrinkage if f["shrinkage"].present else None
     mean, projection, metadata = learn(describer, f.records, f.kind, f.dim, f.max_images,
-                                       shrinkage, holdout_fraction=f.holdout_fraction)
+                                       shrinkage, holdout_fraction=f.holdout_fraction,
+                                       holdout_records=f.holdout_records)
     held = metadata["held_out"]
     if held is None:
         print("the whitening's effect was not measured (--holdout_fraction=0)")
     else:
-        print(f"held-out classes ({held['fraction']:g} of them), mAP: raw {held['raw_map']:.2f}")
+        where = (f"the records of {held['records']}" if held["records"]
+                 else f"{held['fraction']:g} of the classes")
+        print(f"held-out classes ({where}), mAP: raw {held['raw_map']:.2f}")
         for i, row in enumerate(held["table"]):
             setting = f"dim {row['dim']}" + (f", shrinkage {row['shrinkage']:g}"
                                              if row["shrinkage"] is not None else "")
@@ -71,6 +75,9 @@ def run():
     flags.DEFINE_float("holdout_fraction", 0.2, "Share of the classes held out to measure "
                        "the whitening (0: no measure, no check).", lower_bound=0.0,
                        upper_bound=0.9)
+    flags.DEFINE_string("holdout_records", None, "Labelled shards of classes the model did "
+                        "not train on, to measure the whitening on instead of a share of "
+                        "--records' classes (which the model knows).")
     flags.DEFINE_bool("force", False, "Write the file even when it makes the held-out "
                       "classes worse.")
     cli.run(main, "dplg-whiten")

@@ -305,7 +305,8 @@ def run_eval(dataset_name, data_root, model=None, server=None, model_name="dplg"
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump({"dataset": dataset_name, "model": describer.identity,
                    "distractors": int(full_db.shape[0] - db.shape[0]), "scales": scales,
-                   "expansion": expansion, "rerank": rerank, "results": results},
+                   "refinements": describer.refinements, "expansion": expansion,
+                   "rerank": rerank, "results": results},
                   f, indent=1)
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write(markdown_table(results, dataset_name) + "\n")

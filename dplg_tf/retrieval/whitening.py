@@ -164,32 +164,41 @@ def _fit(x, labels, kind, dim, shrinkage):
     return learn_pca(x, dim, shrinkage)
 
 
-def held_out_table(x, labels, kind, dims, shrinkages, fraction, seed=0):
+def held_out_table(x, labels, kind, dims, shrinkages, fraction, seed=0, held_out=None):
     """(held-out mAP of the raw descriptors, [(dim, shrinkage, held-out mAP)]
-    of each setting learned on the training classes, best first)."""
+    of each setting learned on the training classes, best first). The
+    held-out set is `fraction` of the classes of `x`, or `held_out` (x, labels)
+    when given (then every row of `x` trains)."""
     from dplg_tf.retrieval.evaluation import labelled_map
 
-    train, held = split_classes(labels, fraction, seed)
-    raw = labelled_map(x[held], labels[held])
+    if held_out is None:
+        train, held = split_classes(labels, fraction, seed)
+        x_train, l_train, x_held, l_held = x[train], labels[train], x[held], labels[held]
+    else:
+        (x_train, l_train), (x_held, l_held) = (x, labels), held_out
+    raw = labelled_map(x_held, l_held)
     rows = []
     for dim in dims:
         for shrinkage in (shrinkages if kind == "pca" else (None,)):
-            mean, projection = _fit(x[train], labels[train], kind, dim, shrinkage)
-            rows.append((dim, shrinkage, labelled_map(apply(x[held], mean, projection),
-                                                      labels[held])))
+            mean, projection = _fit(x_train, l_train, kind, dim, shrinkage)
+            rows.append((dim, shrinkage, labelled_map(apply(x_held, mean, projection),
+                                                      l_held)))
     rows.sort(key=lambda row: (-row[2], -row[0]))
     return raw, rows
 
 
 def learn(describer, pattern, kind, dim, max_images=0, shrinkage=None, progress=True,
-          holdout_fraction=0.2, seed=0):
+          holdout_fraction=0.2, seed=0, holdout_records=None):
     """(mean, projection, metadata) learned on the records of `pattern`.
 
     With `holdout_fraction` > 0 the settings (the dimension unless `dim`,
     pca's shrinkage unless `shrinkage`) are chosen by the mAP of held-out
     classes (held_out_table), then learned on every record; metadata
-    "held_out" keeps the table. `check_gain` refuses a whitening that makes
-    the held-out result worse."""
+    "held_out" keeps the table. The held-out classes are a share of
+    `pattern`'s, or the records of `holdout_records` (classes the model did
+    not train on: the fairer test, since a model knows its training classes
+    well enough that whitening can only lose there). `check_gain` refuses a
+    whitening that makes the held-out result worse."""
     if kind not in KINDS:
         raise UserError(f"--kind={kind!r} is unknown; use supervised or pca.")
     if not 0.0 <= holdout_fraction < 1.0:
@@ -200,11 +209,15 @@ def learn(describer, pattern, kind, dim, max_images=0, shrinkage=None, progress=
                                     reverse=True)
     shrinkages = [shrinkage] if shrinkage is not None else list(SHRINKAGES)
     held = None
-    if holdout_fraction:
+    if holdout_fraction or holdout_records:
+        other = None
+        if holdout_records:
+            other = describe_records(describer, holdout_records, max_images, progress=progress)
         raw, rows = held_out_table(x, labels, kind, [d for d in dims if d <= full],
-                                   shrinkages, holdout_fraction, seed)
+                                   shrinkages, holdout_fraction, seed, other)
         best_dim, best_shrinkage, best = rows[0]
-        held = {"fraction": holdout_fraction, "raw_map": round(raw, 2),
+        held = {"fraction": None if holdout_records else holdout_fraction,
+                "records": holdout_records, "raw_map": round(raw, 2),
                 "whitened_map": round(best, 2),
                 "table": [{"dim": d, "shrinkage": s, "map": round(m, 2)} for d, s, m in rows]}
     else:
@@ -230,7 +243,10 @@ def check_gain(metadata, force=False):
     held = metadata.get("held_out")
     if held is None or force or held["whitened_map"] >= held["raw_map"]:
         return
+    where = ("" if held.get("records") else ", and they are classes of --records, which "
+             "the model may have trained on (whitening can only lose on those): measure on "
+             "classes it never saw with --holdout_records")
     raise WhiteningHurts(
         f"The best whitening makes the held-out classes worse (mAP {held['whitened_map']:.2f} "
-        f"whitened against {held['raw_map']:.2f} raw), so no file was written; train on more "
-        "images per class, or pass --force to write it anyway.")
+        f"whitened against {held['raw_map']:.2f} raw), so no file was written{where}; or "
+        "learn it on more images per class, or pass --force to write it anyway.")

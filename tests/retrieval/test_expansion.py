@@ -140,6 +140,16 @@ def test_held_out_classes_choose_the_whitening_that_helps():
     whitening.check_gain({"held_out": {"raw_map": raw, "whitened_map": rows[0][2]}})
     raw, rows = whitening.held_out_table(x, labels, "pca", [16], [0.01, 1.0], 0.3)
     assert {r[1] for r in rows} == {0.01, 1.0}
+    # given held-out records (other views here): every row of x trains, those measure
+    other = _classes(n_classes=30, views=1)
+    raw, rows = whitening.held_out_table(x, labels, "supervised", [16], [None], 0.3,
+                                         held_out=other)
+    mean, projection = whitening.learn_supervised(x, labels, 16)
+    from dplg_tf.retrieval.evaluation import labelled_map
+
+    assert rows[0][2] == pytest.approx(labelled_map(whitening.apply(other[0], mean, projection),
+                                                    other[1]))
+    assert raw == pytest.approx(labelled_map(*other)) and rows[0][2] > raw
 
 
 def test_a_whitening_learned_on_a_thin_set_is_refused_unless_forced():

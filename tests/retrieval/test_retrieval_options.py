@@ -94,10 +94,19 @@ def test_whiten_and_export_commands(plain_export, tmp_path, train_shards):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pca whitening 512 -> 16 learned on 40 images" in proc.stdout
     # the held-out table: raw, then the four shrinkages tried at dim 16, one chosen
-    assert "held-out classes (0.2 of them), mAP: raw" in proc.stdout
+    assert "held-out classes (0.2 of the classes), mAP: raw" in proc.stdout
     assert proc.stdout.count("pca dim 16, shrinkage") == 4 and "<- chosen" in proc.stdout
     meta = whitening_file.load(out)[2]["held_out"]
     assert len(meta["table"]) == 4 and meta["raw_map"] > 0
+    # measured on other records instead (here the validation shards)
+    proc = subprocess.run([sys.executable, "-m", "dplg_tf.cli.whiten", f"--model={base}",
+                           f"--records={train_shards}/train-*", f"--output={out}",
+                           "--kind=supervised", "--dim=16", "--force",
+                           f"--holdout_records={train_shards}/validation-*"],
+                          capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"held-out classes (the records of {train_shards}/validation-*)" in proc.stdout
+    assert whitening_file.load(out)[2]["held_out"]["records"].endswith("validation-*")
     assert whitening_file.load(out)[1].shape == (16, 512)
     bad = subprocess.run([sys.executable, "-m", "dplg_tf.cli.whiten", f"--model={base}",
                           f"--records={tmp_path}/none-*", f"--output={out}"],
