@@ -124,9 +124,10 @@ def seed_descriptors(run, model, shards):
         if not os.path.isdir(os.path.join(base, "1")):
             export.export(model, base, version=1, refinements=r)
         out[name] = describe(os.path.join(base, "1"), dataset)
-    np.savez(cache, gem_p=p, **{f"{v}/{'q' if i else 'db'}/{pool}": a
-                                for v, sides in out.items() for i, side in enumerate(sides)
-                                for pool, a in side.items()})
+    np.savez(cache + ".tmp.npz", gem_p=p, **{
+        f"{v}/{'q' if i else 'db'}/{pool}": a for v, sides in out.items()
+        for i, side in enumerate(sides) for pool, a in side.items()})
+    os.replace(cache + ".tmp.npz", cache)   # a killed run leaves no half-written cache
     return out, p
 
 

@@ -86,9 +86,10 @@ def _refinements(model, scales, max_side, min_side):
         return r
     if f.gem_p != "auto":
         try:
-            return dataclasses.replace(r, gem_p=float(f.gem_p))
+            power = float(f.gem_p)
         except ValueError:
             raise UserError(f"--gem_p must be a number or auto, not {f.gem_p!r}.") from None
+        return dataclasses.replace(r, gem_p=power)   # checked by Refinements
     if not f.gem_p_records:
         raise UserError("--gem_p=auto needs --gem_p_records (labelled training shards).")
     from dplg_tf.retrieval.gem_plus import choose_gem_p

@@ -72,15 +72,18 @@ def define_rerank_flags():
                              message="--rerank_beta must be a finite number")
 
 
-def rerank_from_flags():
-    """{m, k, beta} when --rerank is on (checked), else None."""
+def rerank_settings_from_flags():
+    """{m, k, beta} of the --rerank_* flags, checked."""
     from dplg_tf.retrieval import rerank
 
     f = flags.FLAGS
-    if not f.rerank:
-        return None
     rerank.check(f.rerank_m, f.rerank_k, f.rerank_beta)
     return {"m": f.rerank_m, "k": f.rerank_k, "beta": f.rerank_beta}
+
+
+def rerank_from_flags():
+    """rerank_settings_from_flags() when --rerank is on, else None."""
+    return rerank_settings_from_flags() if flags.FLAGS.rerank else None
 
 
 def define_model_flags():

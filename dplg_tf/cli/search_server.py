@@ -13,7 +13,7 @@ from absl import flags
 
 from dplg_tf import cli
 from dplg_tf.cli.flags import (define_limit_flags, define_model_flags, define_rerank_flags,
-                              limits_from_flags)
+                              limits_from_flags, rerank_settings_from_flags)
 
 log = logging.getLogger("dplg_tf.search")
 
@@ -56,8 +56,8 @@ def main(argv):
     limits = limits_from_flags()
     describer = Describer(f.model, f.server, f.model_name, limits=limits)
     searcher = Searcher(f.index_dir, describer, f.image_root, limits, f.max_top_k,
-                        f.reload_seconds, rerank=f.rerank, rerank_settings={
-                            "m": f.rerank_m, "k": f.rerank_k, "beta": f.rerank_beta})
+                        f.reload_seconds, rerank=f.rerank,
+                        rerank_settings=rerank_settings_from_flags())
     server = SearchServer(searcher, f.host, f.port, limits, f.workers,
                           f.max_concurrent).start()
     print(f"dplg-search-server: http://{server.address}/ searching {len(searcher.index)} "

@@ -84,8 +84,11 @@ def read_landmark_list(path):
     or new lines, `#` comments, an optional header word (landmark_id)."""
     import re
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise BuildError(f"--exclude_landmarks {path!r} does not exist.")
+    if not os.path.isfile(path):
+        raise BuildError(f"--exclude_landmarks {path!r} is not a file; give a text file "
+                         "of landmark ids.")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

@@ -68,11 +68,14 @@ def compute_map(ranks, gnd, kappas=(1, 5, 10)):
     return total_ap / counted, aps, total_pr / counted, prs
 
 
-def labelled_map(descriptors, labels):
+def labelled_map(descriptors, labels, max_queries=2000, seed=0):
     """mAP (%) of a labelled set searched against itself: each descriptor is a
     query, the others of its class are its positives (itself left out);
-    classes of a single image ask nothing. For choices made on training
-    records (GeM+'s power, whitening), not for reported results."""
+    classes of a single image ask nothing. Past `max_queries` descriptors a
+    seeded sample of them queries (each against the whole set), and a block of
+    queries ranks at most ~16M entries, so large sets stay bounded. For
+    choices made on training records (GeM+'s power, whitening), not for
+    reported results."""
     from dplg_tf.retrieval import knn
 
     x = np.asarray(descriptors, np.float32)
@@ -81,10 +84,16 @@ def labelled_map(descriptors, labels):
     if len(x) != len(labels) or len(x) < 2:
         raise UserError(f"labelled_map needs as many labels as descriptors (>= 2), got "
                         f"{len(x)} and {len(labels)}.")
+    queries = np.arange(len(x))
+    if len(x) > max_queries:
+        queries = np.sort(np.random.default_rng(seed).choice(len(x), max_queries,
+                                                             replace=False))
+    block = max(1, min(256, 2 ** 24 // len(x)))
     aps = []
-    for start in range(0, len(x), 256):
-        ranked = knn.search(x[start:start + 256], x, len(x))[1]
-        for i, row in enumerate(ranked, start):
+    for start in range(0, len(queries), block):
+        part = queries[start:start + block]
+        ranked = knn.search(x[part], x, len(x))[1]
+        for i, row in zip(part, ranked):
             row = row[row != i]
             positions = np.flatnonzero(labels[row] == labels[i])
             if len(positions):
@@ -299,7 +308,7 @@ def run_eval(dataset_name, data_root, model=None, server=None, model_name="dplg"
     if rerank:
         from dplg_tf.retrieval.rerank import rerank_ranks
 
-        ranks = rerank_ranks(ranks, expanded, full_db, **rerank)
+        ranks = rerank_ranks(ranks, expanded, full_db, **rerank, in_place=True)
     results = evaluate(ranks, dataset)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "results.json"), "w") as f:

@@ -22,6 +22,7 @@ from dplg_tf.errors import UserError
 from dplg_tf.retrieval import knn
 
 DEFAULT_M, DEFAULT_K, DEFAULT_BETA = 400, 9, 0.15
+DEFAULTS = {"m": DEFAULT_M, "k": DEFAULT_K, "beta": DEFAULT_BETA}
 MAX_M = 10000
 
 
@@ -81,11 +82,14 @@ def _rerank_chunk(q, x, valid, k, beta):
     return _top(np.where(valid, final, -np.inf), m)
 
 
-def rerank_ranks(ranks, queries, database, m=DEFAULT_M, k=DEFAULT_K, beta=DEFAULT_BETA):
+def rerank_ranks(ranks, queries, database, m=DEFAULT_M, k=DEFAULT_K, beta=DEFAULT_BETA,
+                 in_place=False):
     """A full ranking [n_db, n_query] (evaluation's) with each query's first m
-    entries re-ordered; `database` is read only at those rows."""
+    entries re-ordered; `database` is read only at those rows. `in_place`
+    re-orders `ranks` itself (at +1M a copy of the ranking is 8 bytes x n_db x
+    n_query)."""
     check(m, k, beta)
-    ranks = np.array(ranks, copy=True)
+    ranks = np.asarray(ranks) if in_place else np.array(ranks, copy=True)
     m = min(m, len(ranks))
     if m < 2 or ranks.shape[1] == 0:
         return ranks

@@ -101,6 +101,16 @@ def apply(x, mean, projection):
     return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
 
 
+def shard_files(pattern):
+    """The TFRecord files of `pattern`, sorted; InputNotFound when there are none."""
+    import tensorflow as tf
+
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise InputNotFound(f"No TFRecord shards match {pattern!r}.")
+    return files
+
+
 def record_batches(pattern, max_images=0, batch_size=16):
     """(encoded images [list of bytes], labels [n]) of the records matching
     `pattern` (dplg-build-tfrecords shards), a batch at a time."""
@@ -108,9 +118,7 @@ def record_batches(pattern, max_images=0, batch_size=16):
 
     from dplg_tf.data.pipeline import FEATURES
 
-    files = sorted(tf.io.gfile.glob(pattern))
-    if not files:
-        raise InputNotFound(f"No TFRecord shards match {pattern!r}.")
+    files = shard_files(pattern)
     ds = tf.data.TFRecordDataset(files).map(
         lambda r: tf.io.parse_single_example(r, FEATURES))
     if max_images:
@@ -140,6 +148,7 @@ def describe_records(describer, pattern, max_images=0, batch_size=16, progress=T
 
 
 SHRINKAGES = (0.01, 0.1, 0.3, 1.0)   # pca: the shrinkages tried when none is given
+DEFAULT_SHRINKAGE = 0.1              # pca, when nothing is measured
 
 
 def split_classes(labels, fraction, seed=0):
@@ -203,9 +212,13 @@ def learn(describer, pattern, kind, dim, max_images=0, shrinkage=None, progress=
         raise UserError(f"--kind={kind!r} is unknown; use supervised or pca.")
     if not 0.0 <= holdout_fraction < 1.0:
         raise UserError(f"--holdout_fraction must be in [0, 1), got {holdout_fraction}.")
+    if holdout_records:
+        shard_files(holdout_records)   # a bad pattern fails before any image is described
     x, labels = describe_records(describer, pattern, max_images, progress=progress)
     full = x.shape[1]
-    dims = [dim] if dim else sorted({full, max(8, full // 2), max(8, full // 4)} - {0},
+    if not 0 < (dim or full) <= full:   # the message of _check, without its float64 copy
+        raise UserError(f"The whitened dimension must lie in 1..{full}, got {dim}.")
+    dims = [dim] if dim else sorted({d for d in (full // 2, full // 4) if d >= 8} | {full},
                                     reverse=True)
     shrinkages = [shrinkage] if shrinkage is not None else list(SHRINKAGES)
     held = None
@@ -213,15 +226,16 @@ def learn(describer, pattern, kind, dim, max_images=0, shrinkage=None, progress=
         other = None
         if holdout_records:
             other = describe_records(describer, holdout_records, max_images, progress=progress)
-        raw, rows = held_out_table(x, labels, kind, [d for d in dims if d <= full],
-                                   shrinkages, holdout_fraction, seed, other)
+        raw, rows = held_out_table(x, labels, kind, dims, shrinkages, holdout_fraction, seed,
+                                   other)
         best_dim, best_shrinkage, best = rows[0]
         held = {"fraction": None if holdout_records else holdout_fraction,
                 "records": holdout_records, "raw_map": round(raw, 2),
                 "whitened_map": round(best, 2),
                 "table": [{"dim": d, "shrinkage": s, "map": round(m, 2)} for d, s, m in rows]}
     else:
-        best_dim, best_shrinkage = dims[0], shrinkages[0 if shrinkage is not None else 1]
+        best_dim = dims[0]
+        best_shrinkage = DEFAULT_SHRINKAGE if shrinkage is None else shrinkage
     mean, projection = _fit(x, labels, kind, best_dim, best_shrinkage)
     metadata = {"kind": kind, "input_dim": int(full), "output_dim": int(best_dim),
                 "images": len(x), "classes": int(len(np.unique(labels))),

@@ -65,9 +65,7 @@ class Searcher:
 
         self.index_dir, self.describer = index_dir, describer
         self.rerank_default = bool(rerank)
-        self.rerank = dict(rerank_settings or {"m": reranking.DEFAULT_M,
-                                               "k": reranking.DEFAULT_K,
-                                               "beta": reranking.DEFAULT_BETA})
+        self.rerank = dict(rerank_settings or reranking.DEFAULTS)
         reranking.check(**self.rerank)
         self.image_root = None if image_root is None else os.path.realpath(image_root)
         self.limits, self.max_top_k = limits, int(max_top_k)

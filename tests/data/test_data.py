@@ -310,6 +310,8 @@ def test_gldv2_csv_layouts(tmp_path):
         sources.exclude_landmarks(items, str(tmp_path / "empty.txt"))
     with pytest.raises(tfrecords.BuildError, match="does not exist"):
         sources.exclude_landmarks(items, str(tmp_path / "nope.txt"))
+    with pytest.raises(tfrecords.BuildError, match="is not a file"):
+        sources.exclude_landmarks(items, str(tmp_path))
     bad_csv = tmp_path / "other.csv"
     bad_csv.write_text("name,label\n")
     with pytest.raises(tfrecords.BuildError, match="expected GLDv2 train.csv"):

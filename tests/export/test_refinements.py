@@ -186,6 +186,7 @@ def test_gem_p_auto_chooses_on_the_records_and_the_export_command(tmp_path, trai
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "<- chosen" in proc.stderr and proc.stdout.strip().endswith("/1")
     for flag, words in [("--gem_p=lots", "must be a number or auto"),
+                        ("--gem_p=nan", "The GeM power must be in (0, 100]"),
                         ("--gem_p=auto", "needs --gem_p_records")]:
         bad = subprocess.run(run + [flag], capture_output=True, text=True, timeout=600, env=ENV)
         assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr

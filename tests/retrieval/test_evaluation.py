@@ -176,3 +176,19 @@ def test_distractor_files_are_checked_against_the_model(tmp_path):
     np.save(bare, np.full((2, 4), np.nan, np.float32))
     with pytest.raises(UserError, match="finite"):
         evaluation.load_distractors(bare, 4, probe, scales, scales, allow_unverified=True)
+
+
+def test_labelled_map_of_a_large_set_samples_its_queries():
+    from dplg_tf.retrieval.evaluation import labelled_map
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(300), 10)
+    x = rng.normal(size=(300, 16))[labels] + rng.normal(size=(3000, 16)) * 0.8
+    whole = labelled_map(x, labels, max_queries=3000)
+    sampled = labelled_map(x, labels, max_queries=400)
+    assert 20 < whole < 95 and abs(sampled - whole) < 5, (whole, sampled)
+    # a set of up to max_queries: every descriptor queries, the sample changes nothing
+    assert labelled_map(x[:500], labels[:500], max_queries=500) == \
+        labelled_map(x[:500], labels[:500], max_queries=500, seed=9)
+    assert labelled_map(x[:500], labels[:500], max_queries=499) != \
+        labelled_map(x[:500], labels[:500], max_queries=499, seed=9)

@@ -192,3 +192,17 @@ def test_fusion_diagnostics_of_the_heads():
             stats = fusion_stats(probe, images)
             assert 0.0 < stats["attention_entropy"] <= 1.0 + 1e-6, (head, stats)
             assert stats["local_to_global_norm"] > 0.0, (head, stats)
+
+
+@pytest.mark.slow
+def test_whiten_refuses_a_dimension_above_the_descriptors_before_learning(plain_export,
+                                                                         train_shards, tmp_path):
+    _, base = plain_export
+    for extra, words in [(["--dim=1024"], "must lie in 1..512"),
+                         ([f"--holdout_records={tmp_path}/none-*"], "No TFRecord shards match")]:
+        proc = subprocess.run([sys.executable, "-m", "dplg_tf.cli.whiten", f"--model={base}",
+                               f"--records={train_shards}/train-*", "--max_images=20",
+                               f"--output={tmp_path / 'w.npz'}", *extra],
+                              capture_output=True, text=True, timeout=600, env=ENV)
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and not (tmp_path / "w.npz").exists()
