@@ -38,6 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ablation import interval, train  # noqa: E402
 from common import record  # noqa: E402
 
+from dplg_tf.storage.atomic import write_atomic  # noqa: E402
+
 ROWS = ("raw (the paper)", "scale maximum", "regional GeM", "GeM+", "all three",
         "raw + re-ranking", "all three + re-ranking", "all three + QE + DBA",
         "all three + QE + DBA + re-ranking", "raw + whitening",
@@ -113,8 +115,7 @@ def seed_descriptors(run, model, shards):
         print(f"{os.path.basename(run)}: GeM+ chose p = {p:g} "
               f"({time.perf_counter() - start:.0f} s): "
               + ", ".join(f"{q:g}: {s:.1f}" for q, s in sorted(table)), flush=True)
-        with open(gem_p_file, "w") as f:
-            json.dump(p, f)
+        write_atomic(gem_p_file, json.dumps(p))
     variants = {"plain": Refinements(), "regional": Refinements(regional_gem=True),
                 "gemp": Refinements(gem_p=p),
                 "all": Refinements(scale_aggregation="max", regional_gem=True, gem_p=p)}
@@ -199,8 +200,7 @@ def one_seed(work, seed, dataset, shards, steps):
                           whitening.apply(db, mean, projection), post.get("e"), post.get("r"))
     rows["_gem_p"] = p
     rows["_whitening"] = verdicts
-    with open(done, "w") as f:
-        json.dump(rows, f)
+    write_atomic(done, json.dumps(rows))
     print(f"seed {seed}: " + "; ".join(f"{k} {v[1]:.2f}" for k, v in rows.items()
                                       if not k.startswith("_")), flush=True)
     return rows
@@ -278,8 +278,7 @@ def whitening_check(work, seeds, runs):
                 Describer(model=os.path.join(run, "beyond", "plain", "1")),
                 os.path.join(work, "shards", "train-*"), "supervised", 0, progress=False,
                 holdout_records=os.path.join(unseen, "train-*"))
-            with open(cache, "w") as f:
-                json.dump(meta["held_out"], f)
+            write_atomic(cache, json.dumps(meta["held_out"]))
         with open(cache) as f:
             other = json.load(f)
         split = runs[seed]["_whitening"]["plain"]
