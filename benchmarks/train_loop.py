@@ -10,6 +10,8 @@ trainer's rate is its own `images_per_sec` (result.json: every logging
 window after the first, which holds the compilation); kernel time is the
 process's system CPU time over its user + system time (getrusage).
 Usage: python benchmarks/train_loop.py [--images 1200] [--steps 60] [--head dplg]
+       python benchmarks/train_loop.py --config=configs/finetune_cpu.py --replicas=1 \
+           --no_malloc_off   (its own section of RESULTS.md)
 """
 
 import argparse
@@ -49,15 +51,22 @@ def child_step(args):
     from dplg_tf.training.malloc import keep_freed_memory
 
     keep_freed_memory()
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import demo_cpu
     from train_step import measure
 
-    config = demo_cpu.get_config()
-    config.model.head = args.head
+    config = load_config(args.config)
+    config.model.head = args.head or config.model.head
     before = resource.getrusage(resource.RUSAGE_SELF)
-    rate = measure(config, 128, config.train.batch_size, args.steps, 5)
+    rate = measure(config, config.data.image_size, config.train.batch_size, args.steps, 5)
     print(json.dumps({"images_per_sec": rate, "kernel": _kernel(before)}))
+
+
+def load_config(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_config", os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def _kernel(before, who=resource.RUSAGE_SELF):
@@ -68,7 +77,7 @@ def _kernel(before, who=resource.RUSAGE_SELF):
 
 def run_step(args, env):
     out = subprocess.run([sys.executable, __file__, "--child", "step", "--steps",
-                          str(args.steps), "--head", args.head],
+                          str(args.steps), "--head", args.head, "--config", args.config],
                          capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -78,9 +87,12 @@ def run_trainer(args, pattern, work, replicas, env):
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "dplg_tf.cli.train", f"--workdir={workdir}",
+           f"--config={os.path.join(ROOT, args.config)}",
            f"--cpu_devices={replicas}", f"--config.data.train_pattern={pattern}",
-           f"--config.model.head={args.head}", f"--config.train.max_steps={args.steps}",
+           f"--config.train.max_steps={args.steps}",
            "--config.train.log_every=10", "--config.train.checkpoint_every=100000"]
+    if args.head:
+        cmd.append(f"--config.model.head={args.head}")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"dplg-train failed:\n{proc.stderr[-3000:]}")
@@ -95,7 +107,11 @@ def main():
     parser.add_argument("--images", type=int, default=1200)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--head", default="dplg")
+    parser.add_argument("--head", default="", help="Default: the config's.")
+    parser.add_argument("--config", default="configs/demo_cpu.py")
+    parser.add_argument("--replicas", default="1,2", help="Logical CPU replicas to run.")
+    parser.add_argument("--malloc_off", action=argparse.BooleanOptionalAction, default=True,
+                        help="Also run everything with the malloc tuning off.")
     parser.add_argument("--child", default="")
     args = parser.parse_args()
     if args.child == "step":
@@ -105,16 +121,17 @@ def main():
     try:
         pattern = make_records(work, args.images, args.size)
         rows = []
-        for tuned in (True, False):
+        for tuned in (True, False) if args.malloc_off else (True,):
             env = dict(os.environ, DPLG_MALLOC_TUNING="1" if tuned else "0")
             step = run_step(args, env)
             label = "on" if tuned else "off"
             rows.append((f"in-memory step, no strategy (malloc tuning {label})", step, 1.0))
-            for replicas in (1, 2):
+            replicas_list = [int(r) for r in args.replicas.split(",")]
+            for replicas in replicas_list:
                 r = run_trainer(args, pattern, work, replicas, env)
                 rows.append((f"`dplg-train --cpu_devices={replicas}` (malloc tuning {label})",
                              r, r["images_per_sec"] / step["images_per_sec"]))
-            for name, r, ratio in rows[-3:]:
+            for name, r, ratio in rows[-1 - len(replicas_list):]:
                 print(f"{name}: {r['images_per_sec']:.1f} img/s, {ratio:.2f}x the step, "
                       f"kernel {100 * r['kernel']:.0f}% of CPU time", flush=True)
     finally:
@@ -124,14 +141,20 @@ def main():
         f"| {name} | {r['images_per_sec']:.1f} | {ratio:.2f} | {100 * r['kernel']:.0f}% |"
         for name, r, ratio in rows])
     print(table)
-    record("Training loop (benchmarks/train_loop.py)", f"""
+    config = load_config(args.config)
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    section = "Training loop (benchmarks/train_loop.py)" if name == "demo_cpu" else \
+        f"Training loop, {name} (benchmarks/train_loop.py)"
+    command = " ".join(sys.argv[1:])
+    record(section, f"""
 {table}
 
-demo_cpu config, head `{args.head}`, batch 32 at 128x128, {args.steps} steps, on
+{name} config, head `{args.head or config.model.head}`, batch {config.train.batch_size} at
+{config.data.image_size}x{config.data.image_size}, {args.steps} steps, on
 TFRecords of {args.images} synthetic {args.size}x{args.size} JPEGs. The trainer's
 images/s are over the logging windows after the first (compilation excluded); the
 step's after 5 warm-up steps. Kernel share: the whole process, start-up included.
-Command: `python benchmarks/train_loop.py --images {args.images} --steps {args.steps}`.
+Command: `python benchmarks/train_loop.py {command}`.
 """)
 
 

@@ -29,10 +29,12 @@ def measure(config, size, batch, steps, warmup):
     import tensorflow as tf
 
     from dplg_tf.nn.model import build_training_model
-    from dplg_tf.training.optim import build_train_step, make_optimizer
+    from dplg_tf.training.optim import build_train_step, freeze_batchnorm, make_optimizer
 
     strategy = tf.distribute.get_strategy()
     model = build_training_model(config, num_classes=1000)
+    if config.train.frozen_batchnorm:  # as the trainer does
+        freeze_batchnorm(model)
     optimizer = make_optimizer(config, model, 1000)
     optimizer.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64)

@@ -21,10 +21,12 @@ def base_config():
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
-    c.model.backbone = "resnet50"            # resnet50 | resnet101 | small
-    c.model.backbone_weights = None          # None | "imagenet" | path to a .h5 file
+    c.model.backbone = "resnet50"            # a name of dplg_tf.nn.backbones.BACKBONES
+    c.model.backbone_weights = None          # None | "imagenet" | a weights file (.h5, .pth, ...)
+    c.model.preprocessing = ""               # "" = the backbone's own (caffe, torch, lite, unit)
     c.model.head = "dplg"                    # one of dplg_tf.nn.heads.HEADS
-    c.model.descriptor_dim = 512             # D of the final FC
+    c.model.head_init = "random"             # "identity": start at the backbone's GeM vector
+    c.model.descriptor_dim = 512             # D of the final FC; 0 = no FC (head gem only)
     c.model.local_dim = 1024                 # D4: width of V'g, X'4, Q, K and V
     c.model.gem_p = 3.0
     c.model.gem_trainable = False
@@ -79,6 +81,8 @@ def _train_config():
     t.mixed_precision = ""             # "" | mixed_float16 | mixed_bfloat16
     t.jit_compile = False
     t.frozen_batchnorm = False
+    t.backbone_lr_multiplier = 1.0     # the backbone's learning rate relative to the head's
+    t.backbone_frozen_steps = 0        # the backbone is not updated for these first steps
     t.seed = 0
     t.checkpoint_every = 1000          # steps; and always at the end
     t.keep_checkpoints = 3
@@ -99,8 +103,15 @@ def validate(config):
     m = config.model if "model" in config else config
     for field in ("descriptor_dim", "local_dim"):
         value = m[field]
-        if not isinstance(value, int) or value <= 0:
-            _fail(f"config.model.{field} must be a positive integer, got {value!r}.")
+        if not isinstance(value, int) or value < 0 or (value == 0 and (
+                field == "local_dim" or m.head != "gem")):
+            _fail(f"config.model.{field} must be a positive integer (descriptor_dim 0, no "
+                  f"final FC, only with head 'gem'), got {value!r}.")
+    if m.get("preprocessing", "") not in ("", "caffe", "torch", "lite", "unit"):
+        _fail(f"config.model.preprocessing={m.preprocessing!r} is unknown; use '' (the "
+              "backbone's own), 'caffe', 'torch', 'lite' or 'unit'.")
+    if m.get("head_init", "random") not in ("random", "identity"):
+        _fail(f"config.model.head_init={m.head_init!r} is unknown; use 'random' or 'identity'.")
     if not m.gem_p > 0:
         _fail(f"config.model.gem_p must be > 0, got {m.gem_p!r}.")
     if m.rfb_branch_filters < 0:
@@ -126,6 +137,11 @@ def validate(config):
         if t.lr_scaling not in ("none", "linear") or t.lr_base_batch <= 0:
             _fail(f"config.train.lr_scaling must be 'none' or 'linear' and lr_base_batch > 0, "
                   f"got {t.lr_scaling!r} and {t.lr_base_batch!r}.")
+        if not 0 <= t.get("backbone_lr_multiplier", 1.0) <= 10 or t.get(
+                "backbone_frozen_steps", 0) < 0:
+            _fail("config.train.backbone_lr_multiplier must lie in [0, 10] and "
+                  "backbone_frozen_steps be >= 0, got "
+                  f"{t.backbone_lr_multiplier!r} and {t.backbone_frozen_steps!r}.")
         if t.mixed_precision not in ("", "mixed_float16", "mixed_bfloat16"):
             _fail(f"config.train.mixed_precision={t.mixed_precision!r} is unknown; "
                   "use '', 'mixed_float16' or 'mixed_bfloat16'.")

@@ -19,7 +19,7 @@ import urllib.request
 import numpy as np
 
 from dplg_tf.errors import InputNotFound, UserError
-from dplg_tf.data import safe_pickle
+from dplg_tf.storage import safe_pickle
 
 DATASETS = ("roxford5k", "rparis6k", "synthetic")
 PROTOCOLS = ("easy", "medium", "hard")

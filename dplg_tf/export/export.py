@@ -103,6 +103,8 @@ def export(model, export_dir, version=None, scales=None, max_image_side=1024,
                          tf.TensorSpec([None], tf.float32, name="scales")])
     module.scales = tf.Variable(extractor.scales, trainable=False, dtype=tf.float32)
     module.refinements = tf.Variable(refinements.to_json(), trainable=False, dtype=tf.string)
+    module.preprocessing = tf.Variable(preprocessing_of(model), trainable=False,
+                                       dtype=tf.string)
     tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -112,6 +114,14 @@ def export(model, export_dir, version=None, scales=None, max_image_side=1024,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def preprocessing_of(model):
+    """The ImagePreprocessing mode inside `model` (recorded in the SavedModel)."""
+    try:
+        return model.get_layer("preprocessing").mode
+    except ValueError:
+        return ""
 
 
 def whitening_layer(path, model, scales, max_image_side, min_scaled_side, aggregation="mean"):
@@ -139,7 +149,7 @@ def whitening_layer(path, model, scales, max_image_side, min_scaled_side, aggreg
 
 def load_for_export(workdir=None, model_path=None, config=None, allow_random_init=False):
     """The Keras descriptor model from a work dir, a .keras file or a config."""
-    from dplg_tf.nn.model import build_dplg, load_model
+    from dplg_tf.nn.model import build_dplg, is_off_the_shelf, load_model
 
     if model_path:
         return load_model(model_path)
@@ -149,9 +159,10 @@ def load_for_export(workdir=None, model_path=None, config=None, allow_random_ini
             return load_model(path)
         return _from_checkpoint(workdir, config)
     if config is not None:
-        if not allow_random_init:
-            raise UserError("Exporting from a config alone gives random weights; pass "
-                             "--allow_random_init if that is what you want (tests, demos).")
+        if not allow_random_init and not is_off_the_shelf(config):
+            raise UserError("Exporting from a config alone gives random weights (only a "
+                            "pretrained backbone with head 'gem' and descriptor_dim 0 has "
+                            "none); pass --allow_random_init if that is what you want.")
         return build_dplg(config)
     raise UserError("Give --workdir, --keras_model or --config (with --allow_random_init).")
 

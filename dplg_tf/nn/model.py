@@ -28,6 +28,13 @@ def validate(config):
     return config
 
 
+def is_off_the_shelf(config):
+    """True when nothing of `config`'s model is random: pretrained backbone weights,
+    plain GeM and no final FC (its descriptor is the backbone's GeM vector)."""
+    m = _model_config(config)
+    return bool(m.backbone_weights) and m.head == "gem" and m.descriptor_dim == 0
+
+
 def build_dplg(config, name=None):
     """The descriptor model of `config` (a full config or its `model` part)."""
     validate(config)
@@ -36,11 +43,13 @@ def build_dplg(config, name=None):
 
     images = keras.Input((None, None, 3), name="images")
     x = layers.MinSizeCheck(m.min_image_size, name="min_size_check")(images)
-    x = layers.ImagePreprocessing(mode, name="preprocessing")(x)
+    x = layers.ImagePreprocessing(m.get("preprocessing") or mode, name="preprocessing")(x)
     x4, x5 = backbone(x)
     features, attention = heads.get(m.head)(m, x4, x5)
-    f = keras.layers.Dense(m.descriptor_dim, name="descriptor_fc")(features)
-    descriptor = keras.layers.UnitNormalization(name="descriptor", dtype="float32")(f)
+    if m.descriptor_dim:  # 0 (head gem): the backbone's own GeM vector, as it is
+        features = keras.layers.Dense(m.descriptor_dim, name="descriptor_fc",
+                                      kernel_initializer=heads.kernel_initializer(m))(features)
+    descriptor = keras.layers.UnitNormalization(name="descriptor", dtype="float32")(features)
     attention = keras.layers.Identity(name="attention_map", dtype="float32")(attention)
     return keras.Model(images, {"descriptor": descriptor, "attention": attention},
                        name=name or f"dplg_{m.head}_{m.backbone}")

@@ -113,6 +113,30 @@ def freeze_batchnorm(model):
             layer.trainable = False
 
 
+def backbone_variables(model):
+    """The trainable variables of the backbone (the nested keras.Model) of a training model."""
+    import keras
+
+    embedder = model.get_layer("dplg")
+    nested = [layer for layer in embedder.layers if isinstance(layer, keras.Model)]
+    return nested[0].trainable_variables if nested else []
+
+
+def backbone_gradient_factor(t):
+    """step -> the factor of the backbone's gradients (0 while frozen, then the
+    multiplier), or None when the backbone trains like the head."""
+    frozen = int(t.get("backbone_frozen_steps", 0))
+    multiplier = float(t.get("backbone_lr_multiplier", 1.0))
+    if frozen == 0 and multiplier == 1.0:
+        return None
+
+    def factor(step):
+        import tensorflow as tf
+
+        return tf.where(step < frozen, 0.0, multiplier)
+    return factor
+
+
 def build_train_step(strategy, model, optimizer, t, global_batch, step):
     """The compiled training step: `train_step(iterator) -> (loss, correct, grad_norm)`.
 
@@ -127,6 +151,9 @@ def build_train_step(strategy, model, optimizer, t, global_batch, step):
     float16 = t.mixed_precision == "mixed_float16"
     clip_norm = float(t.clip_norm or 0.0)
     l2 = l2_term(model, t, strategy.num_replicas_in_sync)
+    backbone_factor = backbone_gradient_factor(t)
+    in_backbone = {id(v) for v in backbone_variables(model)}
+    in_backbone = [id(v) in in_backbone for v in model.trainable_variables]
 
     def forward_backward(images, labels, step_now):
         with tf.GradientTape() as tape:
@@ -155,6 +182,9 @@ def build_train_step(strategy, model, optimizer, t, global_batch, step):
         grad_norm = tf.linalg.global_norm(grads)
         if clip_norm > 0:
             grads, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=grad_norm)
+        if backbone_factor is not None:  # a lower rate (or none) for the pretrained backbone
+            factor = backbone_factor(step)
+            grads = [g * factor if b else g for g, b in zip(grads, in_backbone)]
         if float16:  # the loss-scale optimiser unscales, and skips overflowed steps
             grads = [g * scale for g in grads]
         optimizer.apply_gradients(zip(grads, model.trainable_variables))

@@ -16,7 +16,8 @@ from PIL import Image
 
 from dplg_tf.config import base_config
 from dplg_tf.errors import UserError
-from dplg_tf.data import pipeline, revisited, safe_pickle, sources, synthetic, tfrecords
+from dplg_tf.data import pipeline, revisited, sources, synthetic, tfrecords
+from dplg_tf.storage import safe_pickle
 
 SMALL = dict(num_landmarks=4, views_per_landmark=6, num_eval_landmarks=3,
              queries_per_landmark=2, db_per_landmark=6, num_distractors=5,

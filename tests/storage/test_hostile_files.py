@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from conftest import image_bytes
-from dplg_tf.data import revisited, safe_pickle
+from dplg_tf.data import revisited
+from dplg_tf.storage import safe_pickle
 from dplg_tf.storage.descriptors import read_npz, write_npz
 from dplg_tf.search.index import DescriptorIndex
 
@@ -447,7 +448,7 @@ def test_ground_truth_round_two_bytearray8_overflow_protocol2_and_paths():
     import struct
     import tracemalloc
 
-    from dplg_tf.data import safe_pickle
+    from dplg_tf.storage import safe_pickle
     from dplg_tf.data.revisited import check_ground_truth
     from dplg_tf.errors import UserError
 

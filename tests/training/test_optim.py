@@ -198,3 +198,50 @@ def test_one_update_on_two_replicas_equals_one_replica_on_the_same_global_batch(
     # wrong reduction (a mean of the replicas' halves) would be off by 2x
     assert runs["clipped"]["update_norm"] == pytest.approx(0.5, rel=1e-3)
     assert runs["plain"]["update_norm"] < 0.5
+
+
+def _backbone_mask(model):
+    from dplg_tf.training.optim import backbone_variables
+
+    ids = {id(v) for v in backbone_variables(model)}
+    return [id(v) in ids for v in model.trainable_variables]
+
+
+def test_backbone_learning_rate_multiplier_and_frozen_steps(small_config):
+    """Fine-tuning options: the backbone's update is multiplier x the plain one (plain
+    SGD, no decay), the head's is unchanged; during frozen steps the backbone stays put."""
+    small_config.train.weight_decay = 0.0
+    model, _, plain = _one_step_deltas(small_config, "decoupled")
+    mask = _backbone_mask(model)
+    assert sum(mask) > 10 and not all(mask)
+    small_config.train.backbone_lr_multiplier = 0.25
+    _, _, slow = _one_step_deltas(small_config, "decoupled")
+    def close(got, want):  # threaded CPU reductions differ from run to run in the 5th digit
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max() + 1e-12)
+
+    for in_backbone, a, b in zip(mask, plain, slow):
+        close(b, 0.25 * a if in_backbone else a)
+    assert any(np.abs(a).max() > 0 for a, m in zip(plain, mask) if m)
+    small_config.train.backbone_frozen_steps = 1
+    _, _, frozen = _one_step_deltas(small_config, "decoupled")
+    for in_backbone, a, b in zip(mask, plain, frozen):
+        if in_backbone:
+            assert np.abs(b).max() == 0.0
+        else:
+            close(b, a)
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("model.preprocessing", "bgr", "config.model.preprocessing"),
+    ("model.head_init", "zeros", "config.model.head_init"),
+    ("model.descriptor_dim", 0, "descriptor_dim 0, no final FC, only with head 'gem'"),
+    ("train.backbone_lr_multiplier", -1.0, "backbone_lr_multiplier"),
+    ("train.backbone_frozen_steps", -3, "backbone_frozen_steps")])
+def test_fine_tuning_fields_are_checked(small_config, field, value, words):
+    from dplg_tf.config import validate
+    from dplg_tf.errors import UserError
+
+    part, name = field.split(".")
+    small_config[part][name] = value
+    with pytest.raises(UserError, match=words):
+        validate(small_config)

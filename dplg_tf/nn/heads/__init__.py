@@ -14,11 +14,17 @@ whose two inputs the fusion diagnostics read.
 - dolg:      X'4 = RFB(X4); F = OrthogonalFusion(X'4, V'g); A is the
              normalised norm of the orthogonal parts
 with V'g = FC(GeM(X5)) of width m.local_dim.
+
+m.head_init = "identity" starts the FCs as identities (or semi-orthogonal
+where the widths differ) and the fusion's value projection at zero, so an
+untrained head gives the backbone's own GeM vector (for fine-tuning
+pretrained backbones; needs local_dim = the X5 width to be exact).
 """
 
 from dplg_tf.errors import UserError
 from dplg_tf.nn.heads import dolg, dplg, gem, no_fusion, no_rfb
 from dplg_tf.nn.heads.common import FUSION_LAYER  # noqa: F401 (the diagnostics read it)
+from dplg_tf.nn.heads.common import kernel_initializer  # noqa: F401 (the model's FC uses it)
 
 HEADS = {"dplg": dplg.build, "no_rfb": no_rfb.build, "no_fusion": no_fusion.build,
          "gem": gem.build, "dolg": dolg.build}

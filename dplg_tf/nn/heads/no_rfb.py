@@ -2,7 +2,7 @@
 
 import keras
 
-from dplg_tf.nn.heads.common import fuse, global_vector
+from dplg_tf.nn.heads.common import fuse, global_vector, start_silent
 from dplg_tf.nn.layers import DotProductFusion
 
 
@@ -11,5 +11,7 @@ def build(m, x4, x5):
     x = keras.layers.Conv2D(m.local_dim, 1, use_bias=False, name="local_conv")(x4)
     x = keras.layers.BatchNormalization(name="local_bn")(x)
     local = keras.layers.ReLU(name="local_relu")(x)
-    vl, attention = DotProductFusion(m.local_dim, name="fusion")(local, vg)
+    fusion = DotProductFusion(m.local_dim, name="fusion")
+    vl, attention = fusion(local, vg)
+    start_silent(m, fusion)
     return fuse(vg, vl), attention

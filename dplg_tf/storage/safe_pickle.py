@@ -143,7 +143,7 @@ def _encode(text, encoding="utf-8"):
     return text.encode("latin1")
 
 
-_CALLABLES = {
+CALLABLES = {
     ("numpy", "ndarray"): _NdarrayClass,
     ("numpy", "dtype"): _DType,
     ("builtins", "set"): _container(set), ("__builtin__", "set"): _container(set),
@@ -154,24 +154,31 @@ _CALLABLES = {
     ("_codecs", "encode"): _encode,
 }
 for _core in ("numpy.core", "numpy._core"):
-    _CALLABLES[(f"{_core}.multiarray", "_reconstruct")] = _Array
-    _CALLABLES[(f"{_core}.multiarray", "scalar")] = _scalar
-    _CALLABLES[(f"{_core}.numeric", "_frombuffer")] = _frombuffer
+    CALLABLES[(f"{_core}.multiarray", "_reconstruct")] = _Array
+    CALLABLES[(f"{_core}.multiarray", "scalar")] = _scalar
+    CALLABLES[(f"{_core}.numeric", "_frombuffer")] = _frombuffer
 
 _REFUSED_OPCODES = (pickle.INST, pickle.OBJ, pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.EXT1,
                     pickle.EXT2, pickle.EXT4, pickle.PERSID, pickle.BINPERSID,
                     pickle.NEXT_BUFFER, pickle.READONLY_BUFFER)
 
 
-class _Unpickler(pickle._Unpickler):  # the pure-Python one: its opcodes can be replaced
+class Unpickler(pickle._Unpickler):  # the pure-Python one: its opcodes can be replaced
+    """The restricted unpickler; a subclass may widen `callables` and `buildable`."""
+
     dispatch = dict(pickle._Unpickler.dispatch)
+    callables = CALLABLES
+    what = "a ground-truth file"
 
     def find_class(self, module, name):
         try:
-            return _CALLABLES[(module, name)]
+            return self.callables[(module, name)]
         except KeyError:
-            raise UnsafePickleError(f"it names {module}.{name}, which a ground-truth file "
+            raise UnsafePickleError(f"it names {module}.{name}, which {self.what} "
                                     "never needs") from None
+
+    def buildable(self, target):
+        return isinstance(target, (_Array, _DType))
 
     def _refuse(self):
         raise UnsafePickleError("it uses a pickle opcode that builds arbitrary objects")
@@ -193,16 +200,16 @@ class _Unpickler(pickle._Unpickler):  # the pure-Python one: its opcodes can be 
     def _build(self):
         state = self.stack.pop()
         target = self.stack[-1]
-        if not isinstance(target, (_Array, _DType)):
+        if not self.buildable(target):
             raise UnsafePickleError("it sets the state of an object that is not a NumPy "
                                     "array or dtype")
         target.set_state(state)
 
 
 for _op in _REFUSED_OPCODES:
-    _Unpickler.dispatch[_op[0]] = _Unpickler._refuse
-_Unpickler.dispatch[pickle.BUILD[0]] = _Unpickler._build
-_Unpickler.dispatch[pickle.BYTEARRAY8[0]] = _Unpickler._bytearray8
+    Unpickler.dispatch[_op[0]] = Unpickler._refuse
+Unpickler.dispatch[pickle.BUILD[0]] = Unpickler._build
+Unpickler.dispatch[pickle.BYTEARRAY8[0]] = Unpickler._bytearray8
 
 
 def _resolve(obj, seen):
@@ -236,7 +243,7 @@ def _resolve(obj, seen):
 def loads(data):
     """The plain data in pickle bytes `data`, or UnsafePickleError."""
     try:
-        unpickler = _Unpickler(io.BytesIO(data), encoding="latin1")
+        unpickler = Unpickler(io.BytesIO(data), encoding="latin1")
         unpickler.size_limit = len(data)
         obj = unpickler.load()
         return _resolve(obj, {})
