@@ -135,6 +135,11 @@ def main():
     parser.add_argument("--queries_per_group", type=int, default=4)
     parser.add_argument("--finetune_steps", type=int, default=400)
     parser.add_argument("--demo_steps", type=int, default=900)
+    parser.add_argument("--about", default=(
+        "The packaged products of the Grocery Store Dataset (Klasson et al., WACV 2019; "
+        "GitHub marcusklasson/GroceryStoreDataset at fc80ba9, MIT): smartphone photos taken "
+        "in shops, 348 px, one folder a product; its train split for fine-tuning, val + "
+        "test searched."), help="What the photos are, for RESULTS.md.")
     parser.add_argument("--record", action="store_true", help="Write benchmarks/RESULTS.md.")
     args = parser.parse_args()
     work = os.path.abspath(args.workdir)
@@ -165,6 +170,19 @@ def main():
                      f"--workdir={runs}/demo_cpu"],
         "export_off_the_shelf": [f"{BIN}/dplg-export", "--config=configs/pretrained_lite0.py",
                                  f"--export_dir={models}/off_the_shelf"],
+        "whiten_pca": [f"{BIN}/dplg-whiten", f"--model={models}/off_the_shelf",
+                       f"--records={work}/records/train-*", "--kind=pca",
+                       f"--output={work}/whiten_pca.npz"],
+        "whiten_supervised": [f"{BIN}/dplg-whiten", f"--model={models}/off_the_shelf",
+                              f"--records={work}/records/train-*", "--kind=supervised",
+                              f"--output={work}/whiten_supervised.npz"],
+        "export_off_the_shelf_pca": [f"{BIN}/dplg-export", "--config=configs/pretrained_lite0.py",
+                                     f"--whitening={work}/whiten_pca.npz",
+                                     f"--export_dir={models}/off_the_shelf_pca"],
+        "export_off_the_shelf_supervised": [
+            f"{BIN}/dplg-export", "--config=configs/pretrained_lite0.py",
+            f"--whitening={work}/whiten_supervised.npz",
+            f"--export_dir={models}/off_the_shelf_supervised"],
         "export_finetune_cpu": [f"{BIN}/dplg-export", f"--workdir={runs}/finetune_cpu",
                                 f"--export_dir={models}/finetune_cpu"],
         "export_demo_cpu": [f"{BIN}/dplg-export", f"--workdir={runs}/demo_cpu",
@@ -186,6 +204,9 @@ def main():
     hist = colour_histogram(paths)
     rows.append(("colour histogram (RGB 8x8x8, Hellinger)", hist, time.time() - start))
     for name, label in (("off_the_shelf", "off-the-shelf Lite0 GeM (configs/pretrained_lite0.py)"),
+                        ("off_the_shelf_pca", "off-the-shelf + PCA whitening (dplg-whiten)"),
+                        ("off_the_shelf_supervised",
+                         "off-the-shelf + supervised whitening (dplg-whiten)"),
                         ("finetune_cpu", f"finetune_cpu, {args.finetune_steps} steps"),
                         ("demo_cpu", f"demo_cpu from random init, {args.demo_steps} steps")):
         start = time.time()
@@ -205,7 +226,7 @@ def main():
     text = "\n".join(table)
     print(text)
     print("\n".join(timing))
-    body = (f"{len(train)} fine-tuning photos ({args.train_per_group} a group, the "
+    body = (f"{args.about}\n\n{len(train)} fine-tuning photos ({args.train_per_group} a group, the "
             f"dataset's train split), {len(evaluation)} evaluation photos (val + test) in "
             f"{len(by_group)} groups, {len(queries)} queries ({args.queries_per_group} a "
             "group); each query searches all evaluation photos, its group's other photos "

@@ -110,8 +110,8 @@ def main():
     parser.add_argument("--head", default="", help="Default: the config's.")
     parser.add_argument("--config", default="configs/demo_cpu.py")
     parser.add_argument("--replicas", default="1,2", help="Logical CPU replicas to run.")
-    parser.add_argument("--malloc_off", action=argparse.BooleanOptionalAction, default=True,
-                        help="Also run everything with the malloc tuning off.")
+    parser.add_argument("--no_malloc_off", dest="malloc_off", action="store_false",
+                        help="Skip the runs with the malloc tuning off.")
     parser.add_argument("--child", default="")
     args = parser.parse_args()
     if args.child == "step":

@@ -25,20 +25,20 @@ weights it takes.
 - small: a five-stage residual net for CPU tests (random init only).
 
 PyTorch weights are read by dplg_tf.storage.checkpoints (no PyTorch, no code
-from the file) and copied by layer name: every key of the file must find
-its layer with the same shape and every weight of the model must be in the
-file, else one sentence lists what is missing or unknown.
+from the file) and copied by layer name (dplg_tf.nn.torch_weights): every
+key of the file must find its layer with the same shape and every weight of
+the model must be in the file, else one sentence lists what is missing or
+unknown.
 """
 
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import keras
-import numpy as np
 
 from dplg_tf.errors import InputNotFound, UserError
+from dplg_tf.nn.torch_weights import keras_name, load_torch_weights, read_torch_file
 
 
 @dataclass(frozen=True)
@@ -174,13 +174,7 @@ def small_backbone(widths=(16, 32, 64, 128, 256)):
     return keras.Model(inputs, taps[-2:], name="small_backbone")
 
 
-# --- layers named after PyTorch modules ---------------------------------------------
-# A Keras layer is named after its PyTorch module with "." -> "_" and leading
-# "_" dropped ("layer1.0.conv1" -> "layer1_0_conv1", "_blocks.3._bn1" -> "blocks_3_bn1").
-
-def keras_name(module):
-    return "_".join(part.lstrip("_") for part in module.split("."))
-
+# --- layers named after PyTorch modules (dplg_tf.nn.torch_weights.keras_name) -------
 
 def _conv(x, filters, kernel, stride, module, padding):
     """A bias-free conv; padding "torch" is PyTorch's symmetric kernel // 2."""
@@ -271,112 +265,6 @@ def efficientnet_lite(name, include_top=False):
     return keras.Model(inputs, outputs, name=name)
 
 
-# --- copying a PyTorch state dict into those layers ---------------------------------
-
-# pycls (CVNet, SuperGlobal, DOLG) module names -> torchvision's
-_PYCLS = ((re.compile(r"^stem\.conv\."), "conv1."), (re.compile(r"^stem\.bn\."), "bn1."),
-          (re.compile(r"^head\.fc\."), "fc."))
-_PYCLS_BLOCK = re.compile(r"^s(\d+)\.b(\d+)\.(f\.a|f\.a_bn|f\.b|f\.b_bn|f\.c|f\.c_bn|proj|bn)\.")
-_PYCLS_PARTS = {"f.a": "conv1", "f.a_bn": "bn1", "f.b": "conv2", "f.b_bn": "bn2",
-                "f.c": "conv3", "f.c_bn": "bn3", "proj": "downsample.0", "bn": "downsample.1"}
-_ANCHORS = ("conv1.weight", "stem.conv.weight", "_conv_stem.weight")
-_IGNORED = ("num_batches_tracked",)
-
-
-def _strip_prefix(state):
-    """Drop a common prefix (`module.`, `encoder_q.`, `backbone.`, ...) found at the stem."""
-    for key in state:
-        for anchor in _ANCHORS:
-            if key.endswith(anchor) and (key == anchor or key[-len(anchor) - 1] == "."):
-                prefix = key[:-len(anchor)]
-                return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return state
-
-
-def torchvision_names(state):
-    """A ResNet state dict with pycls names renamed to torchvision's (others kept)."""
-    renamed = {}
-    for key, value in state.items():
-        new = key
-        for pattern, repl in _PYCLS:
-            new = pattern.sub(repl, new)
-        match = _PYCLS_BLOCK.match(new)
-        if match:
-            stage, block, part = match.groups()
-            new = (f"layer{stage}.{int(block) - 1}.{_PYCLS_PARTS[part]}."
-                   + new[match.end():])
-        renamed[new] = value
-    return renamed
-
-
-def _layer_weights(layer, state, module):
-    """The Keras weights of `layer` from the torch tensors `module.*`, or the missing names."""
-    def get(suffix):
-        return state.get(f"{module}.{suffix}")
-
-    if isinstance(layer, keras.layers.BatchNormalization):
-        names = ("weight", "bias", "running_mean", "running_var")
-        return names, [get(n) for n in names], lambda t: t
-    if isinstance(layer, keras.layers.DepthwiseConv2D):  # torch (C, 1, k, k) -> (k, k, C, 1)
-        return ("weight",), [get("weight")], lambda t: t.transpose(2, 3, 0, 1)
-    if isinstance(layer, keras.layers.Conv2D):  # torch (O, I, k, k) -> (k, k, I, O)
-        names = ("weight", "bias") if layer.use_bias else ("weight",)
-        return names, [get(n) for n in names], lambda t: t.transpose(2, 3, 1, 0)
-    if isinstance(layer, keras.layers.Dense):  # torch (O, I) -> (I, O)
-        return ("weight", "bias"), [get("weight"), get("bias")], lambda t: t.T
-    return (), [], None
-
-
-def load_torch_weights(model, state, source="the weight file"):
-    """Copy the PyTorch state dict `state` into `model`'s layers, by name.
-
-    Layers are named after torch modules (keras_name). Keys the model has no
-    layer for, weights the file lacks and shapes that differ raise one
-    UserError that names them (up to five of each)."""
-    state = _strip_prefix({k: v for k, v in state.items()
-                           if not k.endswith(_IGNORED)})
-    if any(k.startswith(("stem.", "s1.")) for k in state):
-        state = torchvision_names(state)
-    modules = {}
-    for key in state:
-        modules.setdefault(keras_name(key.rsplit(".", 1)[0]), key.rsplit(".", 1)[0])
-    used, missing, wrong, assignments = set(), [], [], []
-    for layer in model.layers:
-        module = modules.get(layer.name, layer.name)
-        names, tensors, convert = _layer_weights(layer, state, module)
-        for suffix, tensor, variable in zip(names, tensors, layer.weights):
-            key = f"{module}.{suffix}"
-            if tensor is None:
-                missing.append(key)
-                continue
-            used.add(key)
-            value = convert(np.asarray(tensor))
-            if tuple(value.shape) != tuple(variable.shape):
-                wrong.append(f"{key} {tuple(tensor.shape)}")
-                continue
-            assignments.append((variable, value))
-    unknown = sorted(set(state) - used)
-    problems = []
-    if wrong:
-        problems.append(f"{len(wrong)} tensors of the wrong shape ({', '.join(wrong[:5])})")
-    if missing:
-        problems.append(f"{len(missing)} weights missing ({', '.join(missing[:5])})")
-    if unknown:
-        problems.append(f"{len(unknown)} unknown keys ({', '.join(unknown[:5])})")
-    if problems:
-        raise UserError(f"{source} does not fit the {model.name} backbone: "
-                        f"{'; '.join(problems)}.")
-    for variable, value in assignments:
-        variable.assign(value.astype(variable.dtype))
-    return len(assignments)
-
-
-def _read_torch_file(path):
-    from dplg_tf.storage.checkpoints import read_state_dict
-
-    return read_state_dict(path)
-
-
 def _first_line(error):
     return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
 
@@ -424,7 +312,7 @@ def build_backbone(name, weights=None, include_top=False):
         if weights == "imagenet":
             weights = lite_weights_file(name)
     if weights is not None:
-        state = _read_torch_file(weights)
+        state = read_torch_file(weights)
         if not include_top:  # the ImageNet classifier (fc, _fc, pycls head.fc)
             state = {k: v for k, v in state.items()
                      if k.count(".") < 1 or k.split(".")[-2] not in ("fc", "_fc")}

@@ -105,6 +105,9 @@ class _Tensor:
         end = offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1 if count else offset
         if end > storage.numel:
             _fail(f"a tensor reaches element {end} of a storage of {storage.numel}")
+        if count > storage.numel:  # a broadcast view: a few bytes could ask for terabytes
+            _fail(f"a tensor of {count} elements repeats a storage of {storage.numel}")
+        self.count = count
         self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
     def array(self, data):
@@ -221,19 +224,26 @@ def _unwrap(obj):
 
 
 def _from_storages(obj, storages, read):
-    """{name: array} with each storage's bytes from `read(storage, nbytes)`."""
+    """{name: array} with each storage's bytes from `read(storage, nbytes)`.
+
+    Every storage a tensor uses is read (and so checked against the file)
+    before any tensor is built; the tensors may not ask for more than four
+    times those bytes (views that share a storage)."""
+    del storages  # those no tensor uses are never read
     tensors = _tensors(_unwrap(obj))
     if not tensors:
         _fail("it holds no tensors")
-    arrays, cache = {}, {}
-    for name, tensor in tensors.items():
+    data = {}
+    for tensor in tensors.values():
         storage = tensor.storage
-        if storage.key not in cache:
-            nbytes = storage.numel * storage.cls.itemsize
-            raw = read(storage, nbytes)
-            cache[storage.key] = _as_array(raw, storage.cls.dtype)
-        arrays[name] = tensor.array(cache[storage.key])
-    return arrays
+        if storage.key not in data:
+            raw = read(storage, storage.numel * storage.cls.itemsize)
+            data[storage.key] = _as_array(raw, storage.cls.dtype)
+    stored = sum(a.nbytes for a in data.values())
+    wanted = sum(t.count * data[t.storage.key].itemsize for t in tensors.values())
+    if wanted > 4 * stored + (1 << 20):
+        _fail(f"its tensors would take {wanted} bytes from {stored} bytes of storages")
+    return {name: t.array(data[t.storage.key]) for name, t in tensors.items()}
 
 
 def _as_array(raw, dtype):

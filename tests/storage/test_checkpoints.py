@@ -87,6 +87,14 @@ def _tensor_past_storage_pickle():
     return p.bytes()
 
 
+def _views_pickle(count, size, stride):
+    p = torch_files.Pickle()
+    p.ordered_dict({f"w{i}": torch_files.tensor_writer("0", np.zeros(4, "<f4"), numel=1000,
+                                                       size=size, stride=stride)
+                    for i in range(count)})
+    return p.bytes()
+
+
 def _hostile(tmp_path, name):
     path = str(tmp_path / f"{name}.pth")
     state = {"w": np.zeros(4, "<f4")}
@@ -103,6 +111,12 @@ def _hostile(tmp_path, name):
         torch_files.write_legacy(path, state, counts=[10**12])
     elif name == "tensor_past_storage":
         torch_files.write_zip(path, state, pickle_bytes=_tensor_past_storage_pickle())
+    elif name == "broadcast_view":  # 4 bytes stored, a 10^10-element tensor asked for
+        torch_files.write_zip(path, state, pickle_bytes=_views_pickle(1, (10**5, 10**5), (0, 0)),
+                              storages={"0": np.zeros(1000, "<f4").tobytes()})
+    elif name == "many_views":  # 4 KB stored, 3000 full views of it asked for
+        torch_files.write_zip(path, state, pickle_bytes=_views_pickle(3000, (1000,), (1,)),
+                              storages={"0": np.zeros(1000, "<f4").tobytes()})
     elif name == "truncated_zip":
         torch_files.write_zip(path, {"w": np.zeros(1000, "<f4")})
         data = open(path, "rb").read()
@@ -142,6 +156,7 @@ HOSTILE = {
     "os_system_zip": "names os.system", "os_system_legacy": "names os.system",
     "huge_storage_zip": "declares 4000000000000 bytes", "huge_storage_legacy": "more than",
     "huge_count_legacy": "stored with 1000000000000", "tensor_past_storage": "reaches element",
+    "broadcast_view": "repeats a storage", "many_views": "would take 12000000 bytes",
     "truncated_zip": "zip", "truncated_legacy": "more than the file holds",
     "missing_storage": "missing", "foreign_zip": "not one written by torch.save",
     "text": "not a PyTorch", "whole_model": "names torch.nn.modules.linear.Linear",
