@@ -45,6 +45,10 @@ def _define_flags():
     flags.DEFINE_string("batching_parameters_file", None,
                         "TF Serving batching_parameters.txt (default: built-in values).")
     flags.DEFINE_float("file_system_poll_wait_seconds", 1.0, "How often to look for versions.")
+    flags.DEFINE_bool("enable_serialization_as_tensor_content", False, "Answer Predict's "
+                      "outputs in tensor_content instead of the typed fields (float_val, ...).")
+    flags.DEFINE_bool("allow_version_labels_for_unavailable_models", False, "Let a new version "
+                      "label point at a version that is not loaded yet.")
     define_limit_flags()
     flags.DEFINE_integer("grpc_workers", 32, "Threads serving gRPC calls.", lower_bound=1)
     flags.DEFINE_integer("maximum_concurrent_rpcs", 0, "Calls in progress or waiting at most; "
@@ -82,7 +86,10 @@ def main(argv):
                     config_poll_seconds=f.model_config_file_poll_wait_seconds,
                     rest_port=f.rest_api_port or None, monitoring=monitoring,
                     rest_timeout_ms=f.rest_api_timeout_in_ms,
-                    rest_workers=f.rest_api_num_threads or None).start()
+                    rest_workers=f.rest_api_num_threads or None,
+                    tensor_content=f.enable_serialization_as_tensor_content,
+                    allow_unavailable_labels=f.allow_version_labels_for_unavailable_models
+                    ).start()
     models = ", ".join(repr(n) for n in server.models.names)
     where = f.model_base_path or f.model_config_file
     print(f"dplg-serve: listening on {server.address} (gRPC) for {models} from {where}",

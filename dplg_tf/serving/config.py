@@ -7,7 +7,8 @@ versions) and `version_labels`. `--monitoring_config_file` is a
 MonitoringConfig (serving/monitoring.config): `prometheus_config { enable,
 path }`. Both are parsed by protobuf's text format parser, so a file TF
 Serving accepts is read here the same way, and a bad one is refused with
-the parser's line and column.
+the parser's line and column. ModelService.HandleReloadConfigRequest's
+config goes through the same checks (`model_configs_from_proto`).
 """
 
 import dataclasses
@@ -67,22 +68,32 @@ def model_configs_from_text(text, path="<text>", base_dir=None):
 
     what = "model_config_file"
     proto = _parse(text, model_server_config_pb2.ModelServerConfig(), path, what)
-    if proto.WhichOneof("config") != "model_config_list":
-        raise UserError(f"--{what} {path!r} needs a model_config_list (custom_model_config "
+    return model_configs_from_proto(proto, f"--{what} {path!r}", base_dir)
+
+
+def model_configs_from_proto(proto, where, base_dir=None):
+    """[ModelConfig] of a ModelServerConfig message (a config file's, or a
+    ReloadConfigRequest's); `where` names it in errors (UserError)."""
+    kind = proto.WhichOneof("config")
+    if kind is None:
+        raise UserError(f"{where} is empty; give a model_config_list {{ config {{ name: ... "
+                        "base_path: ... }} }}.")
+    if kind != "model_config_list":
+        raise UserError(f"{where} needs a model_config_list (custom_model_config "
                         "is not supported).")
     configs, names = [], set()
     for entry in proto.model_config_list.config:
         name = entry.name
         if not name or "/" in name or ":" in name:
-            raise UserError(f"--{what} {path!r}: model name {name!r} must be non-empty, "
+            raise UserError(f"{where}: model name {name!r} must be non-empty, "
                             "without '/' or ':'.")
         if name in names:
-            raise UserError(f"--{what} {path!r} names model {name!r} twice.")
+            raise UserError(f"{where} names model {name!r} twice.")
         names.add(name)
         if not entry.base_path:
-            raise UserError(f"--{what} {path!r}: model {name!r} has no base_path.")
+            raise UserError(f"{where}: model {name!r} has no base_path.")
         if entry.model_platform not in ("", "tensorflow"):
-            raise UserError(f"--{what} {path!r}: model {name!r} has platform "
+            raise UserError(f"{where}: model {name!r} has platform "
                             f"{entry.model_platform!r}; only 'tensorflow' is served.")
         base = entry.base_path
         if base_dir is not None and not os.path.isabs(base):
@@ -92,7 +103,7 @@ def model_configs_from_text(text, path="<text>", base_dir=None):
         if kind == "latest":
             n = policy.latest.num_versions or 1
             if n < 1:
-                raise UserError(f"--{what} {path!r}: model {name!r} asks for the latest "
+                raise UserError(f"{where}: model {name!r} asks for the latest "
                                 f"{n} versions; give num_versions >= 1.")
             choice = ("latest", int(n))
         elif kind == "all":
@@ -100,20 +111,20 @@ def model_configs_from_text(text, path="<text>", base_dir=None):
         else:
             versions = tuple(sorted(int(v) for v in policy.specific.versions))
             if not versions:
-                raise UserError(f"--{what} {path!r}: model {name!r} has a specific policy "
+                raise UserError(f"{where}: model {name!r} has a specific policy "
                                 "with no versions.")
             choice = ("specific", versions)
         labels = tuple(sorted((str(k), int(v)) for k, v in entry.version_labels.items()))
         for label, version in labels:
             if not label or "/" in label or ":" in label:
-                raise UserError(f"--{what} {path!r}: label {label!r} of model {name!r} must "
+                raise UserError(f"{where}: label {label!r} of model {name!r} must "
                                 "be non-empty, without '/' or ':'.")
             if version < 0:
-                raise UserError(f"--{what} {path!r}: label {label!r} of model {name!r} "
+                raise UserError(f"{where}: label {label!r} of model {name!r} "
                                 f"points to version {version}; versions are >= 0.")
         configs.append(ModelConfig(name, base, choice, labels))
     if not configs:
-        raise UserError(f"--{what} {path!r} lists no models.")
+        raise UserError(f"{where} lists no models.")
     return configs
 
 

@@ -2,7 +2,9 @@
 signatures and batcher, and serving the newest version under a base path.
 
 A version that fails to load (half copied, broken) is skipped and reported
-with its error until its files change; then it is tried again.
+with its error until its files change; then it is tried again. A base path
+that does not exist or holds no versions, and `specific` versions that are
+not on disk, are logged once and reported by the model's status.
 """
 
 import io
@@ -91,6 +93,8 @@ class ModelManager:
         self.metrics = metrics
         self._loaded = {}  # version -> LoadedVersion
         self._failed = {}  # version -> (files' stamp, error message)
+        self._missing = {}  # version (0: the whole model) -> why it is not on disk
+        self._loading = None
         self._lock = threading.Lock()
         self._poll_lock = threading.Lock()
         self._stop = threading.Event()
@@ -119,9 +123,12 @@ class ModelManager:
         first), then unload those it no longer wants. A version that failed
         to load is tried again once its files change. True if anything changed."""
         with self._poll_lock:
+            disk = self.versions_on_disk()
+            self._note_missing(disk)
+            with self._lock:   # a failed version whose folder went away is forgotten
+                self._failed = {v: f for v, f in self._failed.items() if v in disk}
             failed = self.failed_versions(stamps=True)
-            on_disk = [v for v in self.versions_on_disk()
-                       if v not in failed or failed[v][0] != self._stamp(v)]
+            on_disk = [v for v in disk if v not in failed or failed[v][0] != self._stamp(v)]
             wanted = self.config.wanted(on_disk)
             changed = False
             for version in sorted(set(wanted) - set(self._loaded), reverse=True):
@@ -139,25 +146,57 @@ class ModelManager:
                 changed = True
             return changed
 
+    def _note_missing(self, disk):
+        """Record what the policy wants that the base path lacks; log it once."""
+        name, base = self.name, self.base_path
+        exists = os.path.isdir(base)
+        gone = "" if exists else " (the base path does not exist)"
+        policy = self.config.policy
+        missing, warning = {}, None
+        if policy[0] == "specific":
+            absent = [v for v in policy[1] if v not in disk]
+            missing = {v: f"Version {v} of model {name!r} is not under base path "
+                          f"{base!r}{gone}." for v in absent}
+            if absent:
+                warning = (f"model {name!r} asks for versions that are not under base path "
+                           f"{base!r}{gone}: {', '.join(map(str, absent))}")
+        elif not disk:
+            if exists:
+                missing[0] = (f"No versions of model {name!r} found under base path {base!r} "
+                              "(a version is a folder named by an integer holding "
+                              "saved_model.pb).")
+            else:
+                missing[0] = (f"No versions of model {name!r} found: base path {base!r} does "
+                              "not exist.")
+            warning = missing[0]
+        with self._lock:
+            changed, self._missing = missing != self._missing, missing
+        if changed and warning:
+            log.warning("%s", warning)
+
     def _load(self, version):
         path = os.path.join(self.base_path, str(version))
         log.info("loading %s version %d from %s", self.name, version, path)
         start, stamp = time.perf_counter(), self._stamp(version)
+        with self._lock:
+            self._loading = version
         try:
             loaded = LoadedVersion(self.name, version, path, self.batching_params,
                                    self.warm_up, self.metrics)
         except Exception as e:  # noqa: BLE001 - a broken version must not stop serving
             message = tf_error_message(e)
-            log.error("version %d failed to load and is skipped until its files change: %s",
-                      version, message)
+            log.error("version %d of %s failed to load and is skipped until its files "
+                      "change: %s", version, self.name, message)
             with self._lock:
                 self._failed[version] = (stamp, message)
+                self._loading = None
             if self.metrics is not None:
                 self.metrics.loaded(self.name, path, False, time.perf_counter() - start)
             return False
         with self._lock:
             self._failed.pop(version, None)
             self._loaded[version] = loaded
+            self._loading = None
         seconds = time.perf_counter() - start
         if self.metrics is not None:
             self.metrics.loaded(self.name, path, True, seconds)
@@ -187,6 +226,46 @@ class ModelManager:
         """{version: LoadedVersion} being served (a copy)."""
         with self._lock:
             return dict(self._loaded)
+
+    def status_rows(self):
+        """[(version, state, error code, message)] sorted, with TF Serving's
+        state and error code names: loaded versions AVAILABLE, the one loading
+        LOADING, failed ones END with their error, and what the policy wants
+        but the base path lacks START with NOT_FOUND (version 0 standing for a
+        model without any version)."""
+        with self._lock:
+            rows = {v: (v, "START", "NOT_FOUND", why) for v, why in self._missing.items()}
+            rows.update({v: (v, "END", "UNKNOWN", why) for v, (_, why) in self._failed.items()})
+            if self._loading is not None:
+                rows[self._loading] = (self._loading, "LOADING", "OK", "")
+            rows.update({v: (v, "AVAILABLE", "OK", "") for v in self._loaded})
+        return sorted(rows.values())
+
+    def why_unavailable(self):
+        """A sentence on why nothing is loaded ("" when nothing is known)."""
+        with self._lock:
+            missing, failed = dict(self._missing), sorted(self._failed)
+            loading = self._loading
+        if loading is not None:
+            return f"version {loading} is loading"
+        if failed:
+            return (f"version {', '.join(map(str, failed))} failed to load (its status "
+                    "has the error)")
+        if missing:
+            why, more = missing[min(missing)].rstrip("."), len(missing) - 1
+            return why[0].lower() + why[1:] + (f" (and {more} more)" if more else "")
+        return ""
+
+    def label_version(self, label):
+        """The version `label` names, or INVALID_ARGUMENT as TF Serving answers
+        an unknown label."""
+        with self._lock:
+            labels = dict(self.config.labels)
+        if label not in labels:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"version label {shorten(label)} of {self.name!r} is not "
+                               f"defined (labels: {sorted(labels) or 'none'})")
+        return labels[label]
 
     def start(self):
         self.poll_once()
@@ -221,35 +300,29 @@ class ModelManager:
             raise ServingError(grpc.StatusCode.NOT_FOUND,
                                f"model {shorten(model_spec.name)} is not served here "
                                f"(this server serves {self.name!r})")
-        with self._lock:
-            loaded, labels = dict(self._loaded), dict(self.config.labels)
-        if not loaded:
-            raise ServingError(grpc.StatusCode.UNAVAILABLE,
-                               f"model {self.name!r} has no loaded version yet")
-        serving = ", ".join(str(v) for v in sorted(loaded))
         if model_spec.HasField("version") and model_spec.version_label:
             raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
                                "give a version or a version label, not both")
-        if model_spec.HasField("version"):
+        version, label = None, model_spec.version_label
+        if label:
+            version = self.label_version(label)
+        elif model_spec.HasField("version"):
             version = model_spec.version.value
-            if version not in loaded:
-                raise ServingError(grpc.StatusCode.NOT_FOUND,
-                                   f"version {version} of {self.name!r} is not loaded "
-                                   f"(serving version {serving})")
-            return loaded[version]
-        if model_spec.version_label:
-            label = model_spec.version_label
-            if label not in labels:
-                raise ServingError(grpc.StatusCode.NOT_FOUND,
-                                   f"version label {shorten(label)} of {self.name!r} is not "
-                                   f"defined (labels: {sorted(labels) or 'none'})")
-            if labels[label] not in loaded:
-                raise ServingError(grpc.StatusCode.NOT_FOUND,
-                                   f"version label {shorten(label)} points to version "
-                                   f"{labels[label]}, which is not loaded (serving version "
-                                   f"{serving})")
-            return loaded[labels[label]]
-        return loaded[max(loaded)]
+        loaded = self.loaded_versions()
+        if not loaded:
+            why = self.why_unavailable()
+            raise ServingError(grpc.StatusCode.UNAVAILABLE,
+                               f"model {self.name!r} has no loaded version yet"
+                               + (f": {why}" if why else ""))
+        if version is None:
+            return loaded[max(loaded)]
+        if version not in loaded:
+            serving = ", ".join(str(v) for v in sorted(loaded))
+            what = (f"version label {shorten(label)} points to version {version}, which"
+                    if label else f"version {version} of {self.name!r}")
+            raise ServingError(grpc.StatusCode.NOT_FOUND,
+                               f"{what} is not loaded (serving version {serving})")
+        return loaded[version]
 
 
 class ModelRegistry:
@@ -302,6 +375,35 @@ class ModelRegistry:
     def ready(self):
         """True when every model has a loaded version."""
         return all(m.current is not None for m in self.managers())
+
+    def configs(self):
+        return [m.config for m in self.managers()]
+
+    def label_problem(self, configs, allow_unavailable=False):
+        """Why `configs` may not be served now, or None. TF Serving's rule: a
+        version label points at a loaded version; with `allow_unavailable` a
+        new or unchanged label may point at any version, but a label never
+        moves to a version that is not loaded."""
+        with self._lock:
+            managers = dict(self._managers)
+        for config in configs:
+            manager = managers.get(config.name)
+            if manager is not None and manager.base_path != config.base_path:
+                manager = None   # a new base path starts with nothing loaded
+            loaded = sorted(manager.loaded_versions()) if manager is not None else []
+            old = dict(manager.config.labels) if manager is not None else {}
+            for label, version in config.labels:
+                if version in loaded:
+                    continue
+                if allow_unavailable and old.get(label, version) == version:
+                    continue
+                serving = ", ".join(map(str, loaded)) or "none"
+                advice = ("a label moves only to a loaded version" if allow_unavailable
+                          else "load it first, or start dplg-serve with "
+                               "--allow_version_labels_for_unavailable_models")
+                return (f"Label {label!r} of model {config.name!r} points to version "
+                        f"{version}, which is not loaded (loaded: {serving}); {advice}.")
+        return None
 
     def update(self, configs):
         """Serve `configs` from now on: new models are loaded, removed ones

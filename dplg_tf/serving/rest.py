@@ -12,10 +12,13 @@ one value, or one {input: value} object, per row; answered
 sends, through the same checks, limits, batcher and deadline, so a REST
 answer holds the gRPC answer's numbers. Errors are `{"error": "..."}` with
 the HTTP code TF Serving gives each status (http_server.cc): 400 bad
-input, 404 not found, 429 resource exhausted (a full queue, too many
+input, an unknown version label or signature, :classify / :regress, and
+any other method or path under /v1/ ("Malformed request"); 404 an
+unknown model or version; 429 resource exhausted (a full queue, too many
 requests), 503 unavailable (nothing loaded yet), 504 deadline exceeded,
-499 cancelled, 500 internal. The Prometheus page is served at the
-monitoring config's path.
+499 cancelled, 500 internal. Paths match without regard to case, as TF
+Serving's patterns do. The Prometheus page is served at the monitoring
+config's path.
 """
 
 import base64
@@ -46,6 +49,7 @@ HTTP_CODES = {
 }
 
 # TF Serving's path patterns (http_rest_api_util.cc), case-insensitive
+API_PATH = re.compile(r"/v1/.*", re.IGNORECASE | re.DOTALL)
 _SPEC = r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?"
 PREDICT_PATH = re.compile(_SPEC + r":(classify|regress|predict)", re.IGNORECASE)
 STATUS_PATH = re.compile(_SPEC + r"(/metadata)?", re.IGNORECASE)
@@ -235,20 +239,35 @@ class RestApi:
         self.gate = Gate(max_concurrent, workers)
 
     def app(self):
-        from starlette.applications import Starlette
-        from starlette.routing import Route
+        """The ASGI app: every path and method goes to `dispatch` (TF Serving
+        matches /v1/ in any case and answers other methods there with a JSON
+        error, which a router's 404 and 405 would not)."""
+        from starlette.requests import Request
 
-        routes = [Route("/v1/{path:path}", self.v1, methods=["GET", "POST"])]
-        if self.monitoring is not None and self.monitoring.enable:
-            routes.append(Route(self.monitoring.path, self.prometheus, methods=["GET"]))
-        return Starlette(routes=routes)
+        async def app(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            response = await self.dispatch(Request(scope, receive))
+            await response(scope, receive, send)
 
-    async def prometheus(self, request):
-        del request
-        return prometheus_response(self.metrics.registry)
+        return app
 
-    async def v1(self, request):
-        path, method = request.url.path, request.method
+    async def dispatch(self, request):
+        raw = request.scope.get("raw_path")
+        path = raw.decode("latin-1").split("?", 1)[0] if raw else request.url.path
+        if API_PATH.fullmatch(path):
+            return await self.v1(request, path)
+        if (self.monitoring is not None and self.monitoring.enable
+                and request.url.path == self.monitoring.path):
+            if request.method != "GET":
+                return error_response(400, f"Malformed request: {request.method} "
+                                           f"{shorten(path)}")
+            return prometheus_response(self.metrics.registry)
+        return error_response(404, f"Nothing is served at {shorten(path)}; the API is "
+                                   "under /v1/models/.")
+
+    async def v1(self, request, path):
+        method = request.method
         try:
             self.gate.enter()
         except HttpError as e:
@@ -259,7 +278,7 @@ class RestApi:
                 if match:
                     body = await read_body(request, self.limit)
                     return json_response(await self.gate.run(self._predict, match, body))
-            else:
+            elif method == "GET":
                 match = STATUS_PATH.fullmatch(path)
                 if match:
                     return json_response(await self.gate.run(self._status, match))
@@ -301,12 +320,12 @@ class RestApi:
         from tensorflow_serving.apis import predict_pb2
 
         name, version, label, verb = match.groups()
-        if verb.lower() != "predict":
-            raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
-                               f"{verb} is not served: the model has no classification or "
-                               "regression signature; use :predict.")
         request = predict_pb2.PredictRequest()
         _model_spec(request.model_spec, name, version, label)
+        if verb.lower() != "predict":
+            self.servicer.models.get(request.model_spec)   # an unknown model is still 404
+            raise _invalid(f":{verb.lower()} is not served: the model's signatures are "
+                           "predict signatures, so use :predict.")
         try:
             doc = json.loads(body)
         except (ValueError, RecursionError) as e:
@@ -332,8 +351,7 @@ class RestApi:
             request.inputs[key].CopyFrom(tf.make_tensor_proto(array, dtype=dtype,
                                                               shape=array.shape))
         deadline = None if self.timeout is None else start + self.timeout
-        response = self.servicer.predict_unmeasured(request, deadline=deadline)
-        outputs = {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+        _, _, outputs = self.servicer.predict_arrays(request, deadline=deadline)
         return outputs_to_json(outputs, form)
 
 

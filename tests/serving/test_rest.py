@@ -146,8 +146,8 @@ def test_status_and_metadata_have_tf_servings_json_shape(server):
 @pytest.mark.parametrize("path,body,raw,code,words", [
     ("/v1/models/nope:predict", {"instances": []}, None, 404, "not served"),
     ("/v1/models/dplg/versions/7:predict", {"instances": []}, None, 404, "not loaded"),
-    ("/v1/models/dplg/labels/stable:predict", {"instances": []}, None, 404, "label"),
-    ("/v1/models/dplg:predict", {"instances": [], "signature_name": "nope"}, None, 404,
+    ("/v1/models/dplg/labels/stable:predict", {"instances": []}, None, 400, "label"),
+    ("/v1/models/dplg:predict", {"instances": [], "signature_name": "nope"}, None, 400,
      "signature"),
     ("/v1/models/dplg:predict", None, b"{not json", 400, "not valid JSON"),
     ("/v1/models/dplg:predict", {"instances": [], "extra": 1}, None, 400, "Unknown fields"),
@@ -161,7 +161,7 @@ def test_status_and_metadata_have_tf_servings_json_shape(server):
                                  "inputs": {"image": [[[300, 0, 0]]], "scales": [1.0]}},
      None, 400, "uint8"),
     ("/v1/models/dplg:predict", [1, 2], None, 400, "JSON object"),
-    ("/v1/models/dplg:classify", {"instances": []}, None, 501, "predict"),
+    ("/v1/models/dplg:classify", {"instances": []}, None, 400, "predict"),
     ("/v1/models/dplg:frobnicate", {"instances": []}, None, 400, "Malformed request"),
     ("/v1/models/dplg/versions/99999999999999999999:predict", {"instances": []}, None, 400,
      "range"),
@@ -287,7 +287,7 @@ model_config_list {{
         assert _wait(lambda: srv.models.names == ["second"] and
                      sorted(srv.models.manager("second").loaded_versions()) == [2, 3])
         assert _http(srv, "/v1/models/first")[0] == 404
-        assert _http(srv, "/v1/models/second/labels/stable")[0] == 404
+        assert _http(srv, "/v1/models/second/labels/stable")[0] == 400   # no such label now
         # a broken reread keeps the config being served
         _write_config(config, "model_config_list { config { name: ")
         time.sleep(1.0)
@@ -309,6 +309,7 @@ model_config_list {{
      "model_version_policy { specific { } } } }", "no versions"),
     ("model_config_list { config { nme: \"a\" } }", "text format"),
     ("custom_model_config { }", "needs a model_config_list"),
+    ("", "is empty"),
 ])
 def test_bad_model_configs_are_refused_with_a_reason(tmp_path, text, words):
     path = tmp_path / "models.config"
@@ -348,9 +349,13 @@ def test_nothing_loaded_is_503_and_past_the_concurrency_bound_is_429(bases, tmp_
     srv = Server(str(empty), "dplg", "127.0.0.1", 0, None, poll_seconds=5, rest_port=0,
                  max_concurrent_rpcs=2, warm_up=False).start()
     try:
-        status, out = _http(srv, "/v1/models/dplg")
-        assert status == 503 and "no loaded version" in out["error"]
-        assert _http(srv, "/v1/models/dplg:predict", {"instances": []})[0] == 503
+        status, out = _http(srv, "/v1/models/dplg")   # the status says why
+        assert status == 200, out
+        (row,) = out["model_version_status"]
+        assert row["state"] == "START" and row["status"]["error_code"] == "NOT_FOUND"
+        assert "No versions" in row["status"]["error_message"]
+        status, out = _http(srv, "/v1/models/dplg:predict", {"instances": []})
+        assert status == 503 and "no versions" in out["error"].lower()
         # two requests held inside the server: the third is refused at once
         release, inside = threading.Event(), threading.Semaphore(0)
 
@@ -373,7 +378,7 @@ def test_nothing_loaded_is_503_and_past_the_concurrency_bound_is_429(bases, tmp_
         for t in threads:
             t.join(30)
         assert sorted(r[0] for r in results) == [500, 500]   # our bug: 500, not the client's
-        assert _http(srv, "/v1/models/dplg")[0] == 503        # and it keeps serving
+        assert _http(srv, "/v1/models/dplg")[0] == 200        # and it keeps serving
     finally:
         srv.stop(5)
 
@@ -413,3 +418,275 @@ def test_json_rows_and_columns_become_arrays_and_back():
         "predictions": [{"b64": "aGk="}]}
     assert rest.HTTP_CODES[grpc.StatusCode.RESOURCE_EXHAUSTED] == 429
     assert rest.HTTP_CODES[grpc.StatusCode.UNAVAILABLE] == 503
+
+
+# ------------------------------------------- TF Serving's codes, one README table
+
+@pytest.fixture(scope="module")
+def labelled(bases, tmp_path_factory):
+    """A server from a model config: `dplg` serves versions 1 and 2 of `b`,
+    labelled `stable` (2) and `next` (3, not loaded: allowed by the flag);
+    `gone` has a base path that does not exist."""
+    root = tmp_path_factory.mktemp("labelled")
+    config = str(root / "models.config")
+    _write_config(config, f"""
+model_config_list {{
+  config {{
+    name: "dplg" base_path: "{bases[1]}"
+    model_version_policy {{ specific {{ versions: 1 versions: 2 }} }}
+    version_labels {{ key: "stable" value: 2 }}
+    version_labels {{ key: "next" value: 3 }}
+  }}
+  config {{ name: "gone" base_path: "{root / 'nowhere'}" }}
+}}""")
+    srv = Server(model_config_file=config, host="127.0.0.1", port=0, poll_seconds=0.5,
+                 rest_port=0, warm_up=False, allow_unavailable_labels=True).start()
+    assert _wait(lambda: sorted(srv.models.manager("dplg").loaded_versions()) == [1, 2])
+    yield srv
+    srv.stop(5)
+
+
+_IMAGE = "one image"   # a predict body of one image, made when the test runs
+
+# (the README table's row, its HTTP code, the requests that show it)
+REST_CODES = [
+    ("predict, status, metadata", 200, [
+        ("POST", "/v1/models/dplg:predict", _IMAGE),
+        ("POST", "/v1/models/dplg/labels/stable:predict", _IMAGE),
+        ("GET", "/v1/models/dplg", None), ("GET", "/v1/models/dplg/versions/1/metadata", None)]),
+    ("the same with `/V1/` or any other case of the path", 200, [
+        ("POST", "/V1/Models/dplg:PREDICT", _IMAGE), ("GET", "/V1/MODELS/dplg", None)]),
+    ("status of a model with nothing to load (its rows say why)", 200, [
+        ("GET", "/v1/models/gone", None)]),
+    ("unknown model name", 404, [
+        ("POST", "/v1/models/nope:predict", _IMAGE), ("GET", "/v1/models/nope", None)]),
+    ("unknown version number, or a version that is not loaded", 404, [
+        ("POST", "/v1/models/dplg/versions/7:predict", _IMAGE),
+        ("POST", "/v1/models/dplg/versions/3:predict", _IMAGE)]),
+    ("version label of a version that is not loaded "
+     "(`--allow_version_labels_for_unavailable_models`)", 404, [
+         ("POST", "/v1/models/dplg/labels/next:predict", _IMAGE)]),
+    ("unknown version label", 400, [
+        ("POST", "/v1/models/dplg/labels/nope:predict", _IMAGE),
+        ("GET", "/v1/models/dplg/labels/nope", None)]),
+    ("unknown `signature_name`", 400, [
+        ("POST", "/v1/models/dplg:predict", {"signature_name": "nope", "instances": []})]),
+    ("`:classify`, `:regress`", 400, [
+        ("POST", "/v1/models/dplg:classify", {"examples": []}),
+        ("POST", "/v1/models/dplg:regress", {"examples": []})]),
+    ("another method (`PUT`, `DELETE`, ...) under `/v1/`", 400, [
+        ("PUT", "/v1/models/dplg", {}), ("DELETE", "/v1/models/dplg", None),
+        ("PATCH", "/v1/models/dplg:predict", {})]),
+    ("another path under `/v1/`", 400, [
+        ("GET", "/v1/models/dplg:predict", None), ("POST", "/v1/models/dplg", {}),
+        ("GET", "/v1/other", None)]),
+    ("a bad body or input", 400, [
+        ("POST", "/v1/models/dplg:predict", b"{not json"),
+        ("POST", "/v1/models/dplg:predict", {"instances": [{"b64": "@@"}]})]),
+    ("predict on a model with nothing loaded", 503, [
+        ("POST", "/v1/models/gone:predict", _IMAGE)]),
+    ("a path outside `/v1/`", 404, [("GET", "/v2/models/dplg", None)]),
+]
+
+
+def _send(srv, method, path, body):
+    """(status, content type, parsed JSON or text) of one request."""
+    if body is _IMAGE:
+        body = {"instances": [_b64(image_bytes(60, 80, seed=11))]}
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://{srv.rest_address}{path}", data=data,
+                                     method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, kind, text = (response.status, response.headers["Content-Type"],
+                                  response.read().decode())
+    except urllib.error.HTTPError as e:
+        status, kind, text = e.code, e.headers["Content-Type"], e.read().decode()
+    try:
+        return status, kind, json.loads(text)
+    except ValueError:
+        return status, kind, text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row,code,requests", REST_CODES, ids=[r[0] for r in REST_CODES])
+def test_rest_codes_are_tf_servings(labelled, row, code, requests):
+    for method, path, body in requests:
+        status, kind, out = _send(labelled, method, path, body)
+        assert status == code, (method, path, out)
+        assert kind.startswith("application/json"), (method, path, kind)
+        if code >= 400:   # TF Serving's error body: one sentence under "error"
+            assert list(out) == ["error"] and isinstance(out["error"], str), out
+            assert out["error"] and "\n" not in out["error"], out
+
+
+def test_the_readme_table_lists_the_tested_rest_codes():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    start = lines.index("| REST request | HTTP code |")
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        case, code = [cell.strip() for cell in line.strip("|").rsplit("|", 1)]
+        rows[case] = int(code)
+    assert rows == {row: code for row, code, _ in REST_CODES}
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_be_served_says_why_in_the_log_status_and_health(
+        bases, tmp_path, caplog):
+    import logging
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from tensorflow.core.protobuf import error_codes_pb2
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    missing = str(tmp_path / "nowhere")
+    config = str(tmp_path / "models.config")
+    _write_config(config, f"""
+model_config_list {{
+  config {{ name: "gone" base_path: "{missing}" }}
+  config {{ name: "partial" base_path: "{bases[1]}"
+           model_version_policy {{ specific {{ versions: 1 versions: 5 }} }} }}
+}}""")
+    caplog.set_level(logging.WARNING, logger="dplg_tf.serving")
+    srv = Server(model_config_file=config, host="127.0.0.1", port=0, poll_seconds=0.1,
+                 rest_port=0, warm_up=False).start()
+    channel = grpc.insecure_channel(srv.address)
+    try:
+        time.sleep(1.0)   # several polls: each problem is logged once
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len([w for w in warnings if missing in w]) == 1, warnings
+        assert len([w for w in warnings if "5" in w and bases[1] in w]) == 1, warnings
+        # gRPC status: the state and the error, as TF Serving's status carries them
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = "partial"
+        reply = stub.GetModelStatus(request, timeout=10)
+        rows = {s.version: s for s in reply.model_version_status}
+        states = get_model_status_pb2.ModelVersionStatus
+        assert rows[1].state == states.AVAILABLE
+        assert rows[5].state == states.START
+        assert rows[5].status.error_code == error_codes_pb2.NOT_FOUND
+        assert "Version 5" in rows[5].status.error_message
+        assert bases[1] in rows[5].status.error_message
+        # REST status of the model with no base path
+        status, out = _http(srv, "/v1/models/gone")
+        assert status == 200
+        (row,) = out["model_version_status"]
+        assert row["state"] == "START" and row["status"]["error_code"] == "NOT_FOUND"
+        assert "does not exist" in row["status"]["error_message"]
+        assert missing in row["status"]["error_message"]
+        # health: the server serves, `gone` does not, `partial` does
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def check(service):
+            return health.Check(health_pb2.HealthCheckRequest(service=service),
+                                timeout=10).status
+
+        assert _wait(lambda: check("partial") == health_pb2.HealthCheckResponse.SERVING, 10)
+        assert check("gone") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert check("") == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        channel.close()
+        srv.stop(5)
+
+
+def _config_text(*models):
+    """A model_config_list of (name, base path, policy text, {label: version})."""
+    entries = []
+    for name, base, policy, labels in models:
+        text = f'config {{ name: "{name}" base_path: "{base}" {policy} '
+        text += " ".join(f'version_labels {{ key: "{k}" value: {v} }}'
+                         for k, v in labels.items())
+        entries.append(text + " }")
+    return "model_config_list { " + " ".join(entries) + " }"
+
+
+@pytest.mark.slow
+def test_a_label_of_a_version_that_is_not_loaded_is_refused_unless_allowed(bases, tmp_path):
+    config = str(tmp_path / "models.config")
+    _write_config(config, _config_text(
+        ("m", bases[1], "model_version_policy { specific { versions: 1 } }", {"canary": 2})))
+    srv = Server(model_config_file=config, host="127.0.0.1", port=0, rest_port=0,
+                 warm_up=False)
+    with pytest.raises(UserError, match="allow_version_labels_for_unavailable_models"):
+        srv.start()
+    srv = Server(model_config_file=config, host="127.0.0.1", port=0, rest_port=0,
+                 warm_up=False, allow_unavailable_labels=True).start()
+    try:
+        status, out = _http(srv, "/v1/models/m/labels/canary:predict",
+                            {"instances": [_b64(image_bytes(60, 60, seed=3))]})
+        assert status == 404 and "not loaded" in out["error"]
+    finally:
+        srv.stop(5)
+
+
+def _reload(stub, text):
+    from google.protobuf import text_format
+    from tensorflow_serving.apis import model_management_pb2
+
+    request = model_management_pb2.ReloadConfigRequest()
+    text_format.Parse(text, request.config)
+    return stub.HandleReloadConfigRequest(request, timeout=120)
+
+
+@pytest.mark.slow
+def test_handle_reload_config_request_adds_removes_and_repolicies_models(bases, tmp_path):
+    from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = str(tmp_path / "models.config")
+    _write_config(config, _config_text(("first", bases[0], "", {})))
+    srv = Server(model_config_file=config, host="127.0.0.1", port=0, poll_seconds=0.2,
+                 config_poll_seconds=0.2, rest_port=0, warm_up=False).start()
+    channel = grpc.insecure_channel(srv.address)
+    stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    blob = _b64(image_bytes(64, 64, seed=8))
+
+    def served():
+        return {m.name: sorted(m.loaded_versions()) for m in srv.models.managers()}
+
+    try:
+        # add a model, the way TF Serving's guide builds the request
+        request = model_management_pb2.ReloadConfigRequest()
+        configs = model_server_config_pb2.ModelConfigList()
+        for name, base in (("first", bases[0]), ("second", bases[1])):
+            entry = configs.config.add()
+            entry.name, entry.base_path, entry.model_platform = name, base, "tensorflow"
+        configs.config[1].model_version_policy.latest.num_versions = 2
+        request.config.model_config_list.CopyFrom(configs)
+        reply = stub.HandleReloadConfigRequest(request, timeout=120)
+        assert reply.status.error_code == 0 and not reply.status.error_message
+        assert _wait(lambda: served() == {"first": [1], "second": [2, 3]})
+        # a bad config: INVALID_ARGUMENT in one sentence, the served set kept
+        for text, words in [(_config_text(("x", "", "", {})), "no base_path"),
+                            ("", "is empty"),
+                            (_config_text(("a", "/x", "", {}), ("a", "/y", "", {})), "twice")]:
+            with pytest.raises(grpc.RpcError) as info:
+                _reload(stub, text)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert words in info.value.details() and "\n" not in info.value.details()
+        # a label of a version that is not loaded: FAILED_PRECONDITION, as TF Serving
+        with pytest.raises(grpc.RpcError) as info:
+            _reload(stub, _config_text(("second", bases[1], "", {"old": 1})))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "version 1" in info.value.details()
+        assert served() == {"first": [1], "second": [2, 3]}
+        # remove one model, re-policy the other; then label a loaded version
+        _reload(stub, _config_text(("second", bases[1], "model_version_policy { all {} }",
+                                    {})))
+        assert _wait(lambda: served() == {"second": [1, 2, 3]})
+        _reload(stub, _config_text(("second", bases[1], "model_version_policy { all {} }",
+                                    {"old": 1})))
+        status, out = _http(srv, "/v1/models/second/labels/old:predict", {"instances": [blob]})
+        assert status == 200, out
+        assert _http(srv, "/v1/models/first")[0] == 404
+        # the unchanged config file does not undo the reload at its next poll
+        time.sleep(1.0)
+        assert srv.models.names == ["second"]
+    finally:
+        channel.close()
+        srv.stop(5)

@@ -286,7 +286,8 @@ def _huge_png_header():
 BAD_REQUESTS = [
     ("unknown model", dict(name="other"), grpc.StatusCode.NOT_FOUND, "not served here"),
     ("unknown version", dict(version=99), grpc.StatusCode.NOT_FOUND, "version 99"),
-    ("unknown signature", dict(signature="nope"), grpc.StatusCode.NOT_FOUND, "signature 'nope'"),
+    ("unknown signature", dict(signature="nope"), grpc.StatusCode.FAILED_PRECONDITION,
+     "signature 'nope'"),
     ("no inputs", dict(inputs={}), grpc.StatusCode.INVALID_ARGUMENT, "missing ['image_bytes']"),
     ("wrong input name", dict(inputs={"images": np.array([b"x"], dtype=object)}),
      grpc.StatusCode.INVALID_ARGUMENT, "unexpected ['images']"),
@@ -432,6 +433,104 @@ def test_a_new_version_is_picked_up_while_a_client_keeps_sending(server, exporte
     assert versions[0] == new_version - 1 and versions[-1] == new_version
     with Client(server.address) as client:
         assert client.status() == [(new_version, "AVAILABLE")]
+
+
+# ------------------------------------- TF Serving's clients: the typed fields
+
+def _tf_serving_example_client(address, data, image):
+    """A client written the way TF Serving's example clients are
+    (resnet_client_grpc.py, mnist_client.py): a PredictRequest from
+    tf.make_tensor_proto, the stub, and the answer's float_val."""
+    channel = grpc.insecure_channel(address)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "dplg"
+    request.model_spec.signature_name = "serving_default"
+    request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(data, shape=[1]))
+    result = stub.Predict(request, 10.0)  # 10 secs timeout
+    typed = np.array(result.outputs["global_descriptor"].float_val)
+    whole = tf.make_ndarray(result.outputs["global_descriptor"])
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "dplg"
+    request.model_spec.signature_name = "multiscale"
+    request.inputs["image"].CopyFrom(tf.make_tensor_proto(image))
+    request.inputs["scales"].CopyFrom(tf.make_tensor_proto([1.0, 0.5], dtype=tf.float32))
+    future = stub.Predict.future(request, 10.0)
+    scales = np.array(future.result().outputs["scale_descriptors"].float_val)
+    channel.close()
+    return typed, whole, scales, result
+
+
+@pytest.mark.slow
+def test_a_tf_serving_example_client_reads_float_val(server, exported):
+    data = image_bytes(100, 120, seed=21)
+    image = RNG.integers(0, 255, (90, 110, 3), dtype=np.uint8)
+    typed, whole, scales, result = _tf_serving_example_client(server.address, data, image)
+    served = os.path.join(exported[0], str(result.model_spec.version.value))
+    signatures = tf.saved_model.load(served).signatures   # (another test adds versions)
+    local = signatures["serving_default"](image_bytes=tf.constant([data]))[
+        "global_descriptor"].numpy()
+    assert typed.shape == (512,) and not result.outputs["global_descriptor"].tensor_content
+    np.testing.assert_allclose(typed, local[0], atol=1e-6)
+    np.testing.assert_array_equal(whole, typed.reshape(1, 512).astype(np.float32))
+    local_scales = signatures["multiscale"](image=tf.constant(image),
+                                            scales=tf.constant([1.0, 0.5]))
+    np.testing.assert_allclose(scales.reshape(2, 512),
+                               local_scales["scale_descriptors"].numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_tensor_content_when_asked_and_our_client_reads_both(server, exported):
+    data = [image_bytes(80, 90, seed=s) for s in (22, 23)]
+    srv = Server(exported[0], "dplg", "127.0.0.1", 0, None, poll_seconds=5, warm_up=False,
+                 tensor_content=True).start()
+    try:
+        channel, predict, _, _ = _stubs(srv.address)
+        out = predict.Predict(_predict_request({"image_bytes": np.array(data, dtype=object)}),
+                              timeout=60).outputs["global_descriptor"]
+        channel.close()
+        assert len(out.tensor_content) == 2 * 512 * 4 and not out.float_val
+        with Client(srv.address) as content, Client(server.address) as typed:
+            np.testing.assert_array_equal(content.describe_bytes(data),
+                                          typed.describe_bytes(data))
+            np.testing.assert_array_equal(content.describe_bytes(data), tf.make_ndarray(out))
+    finally:
+        srv.stop(5)
+
+
+def test_outputs_fill_the_field_tf_serving_fills_for_each_dtype():
+    from dplg_tf.serving.server import output_proto
+
+    cases = [(np.float32, "float_val"), (np.float64, "double_val"), (np.int32, "int_val"),
+             (np.uint8, "int_val"), (np.int64, "int64_val"), (np.bool_, "bool_val"),
+             (np.float16, "half_val"), (np.uint32, "uint32_val")]
+    for dtype, field in cases:
+        array = np.arange(6).reshape(2, 3).astype(dtype)
+        typed = output_proto(array)
+        assert len(getattr(typed, field)) == 6 and not typed.tensor_content, dtype
+        assert [d.size for d in typed.tensor_shape.dim] == [2, 3]
+        content = output_proto(array, tensor_content=True)
+        assert len(content.tensor_content) == array.nbytes and not getattr(content, field)
+        for proto in (typed, content):
+            np.testing.assert_array_equal(tf.make_ndarray(proto), array)
+            assert tf.make_ndarray(proto).dtype == array.dtype
+    strings = np.array([b"a", b"bc"], dtype=object)
+    for as_content in (False, True):
+        proto = output_proto(strings, as_content)
+        assert list(proto.string_val) == [b"a", b"bc"]
+    empty = output_proto(np.zeros((0, 512), np.float32))
+    assert tf.make_ndarray(empty).shape == (0, 512)
+
+
+def test_serve_cli_takes_tf_servings_flags(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dplg_tf.cli.serve", f"--model_base_path={missing}",
+         "--enable_serialization_as_tensor_content",
+         "--allow_version_labels_for_unavailable_models"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "is not a folder" in proc.stderr   # the flags parsed; the path was checked
 
 
 # ---------------------------------------------------------------- batching
