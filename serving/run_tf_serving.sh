@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Start TensorFlow Serving in Docker on a dplg-export model base path.
 #   serving/run_tf_serving.sh models/dplg [image tag, default 2.21.0]
+# Each version replays its assets.extra/tf_serving_warmup_requests (written by
+# dplg-export) before it serves. Change the served models without a restart:
+#   python serving/reload_models.py --server=127.0.0.1:8500 new_models.config
 set -euo pipefail
 base=$(cd "${1:?usage: $0 MODEL_BASE_PATH [TF_SERVING_VERSION]}" && pwd)
 tag=${2:-2.21.0}
@@ -14,4 +17,5 @@ exec docker run --rm --name dplg-serving \
   --model_config_file=/config/models.config \
   --file_system_poll_wait_seconds=1 \
   --enable_batching=true --batching_parameters_file=/config/batching_parameters.txt \
-  --monitoring_config_file=/config/monitoring.config
+  --monitoring_config_file=/config/monitoring.config \
+  --enable_model_warmup=true

@@ -115,11 +115,12 @@ def _start_server(base, log_path):
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"dplg-serve exited early; see {log_path}")
-        try:
-            client.status()
-            return proc, f"127.0.0.1:{port}", f"127.0.0.1:{rest_port}"
+        try:  # answers LOADING while the version loads and replays its warm-up file
+            if any(state == "AVAILABLE" for _, state in client.status()):
+                return proc, f"127.0.0.1:{port}", f"127.0.0.1:{rest_port}"
         except ClientError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"dplg-serve did not answer within 180 s; see {log_path}")
 

@@ -47,6 +47,9 @@ def _define_flags():
     flags.DEFINE_float("file_system_poll_wait_seconds", 1.0, "How often to look for versions.")
     flags.DEFINE_bool("enable_serialization_as_tensor_content", False, "Answer Predict's "
                       "outputs in tensor_content instead of the typed fields (float_val, ...).")
+    flags.DEFINE_bool("enable_model_warmup", True, "Replay each version's "
+                      "assets.extra/tf_serving_warmup_requests (dplg-export writes it) before "
+                      "serving it; a file that fails fails the load.")
     flags.DEFINE_bool("allow_version_labels_for_unavailable_models", False, "Let a new version "
                       "label point at a version that is not loaded yet.")
     define_limit_flags()
@@ -88,6 +91,7 @@ def main(argv):
                     rest_timeout_ms=f.rest_api_timeout_in_ms,
                     rest_workers=f.rest_api_num_threads or None,
                     tensor_content=f.enable_serialization_as_tensor_content,
+                    warm_up=f.enable_model_warmup,
                     allow_unavailable_labels=f.allow_version_labels_for_unavailable_models
                     ).start()
     models = ", ".join(repr(n) for n in server.models.names)

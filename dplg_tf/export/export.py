@@ -44,6 +44,7 @@ from dplg_tf.errors import OutputExists
 from dplg_tf.errors import InputNotFound, UserError
 from dplg_tf.export.signatures import DescriptorExtractor
 from dplg_tf.images import DEFAULT_LIMITS
+from dplg_tf.export import warmup
 from dplg_tf.export.saved_models import next_version
 
 # the limits the signatures check themselves (TF Serving runs them as they are)
@@ -57,7 +58,8 @@ def export(model, export_dir, version=None, scales=None, max_image_side=1024,
     With `freeze`, the weights are graph constants (faster; no variables in
     the SavedModel); without it they are variables, as Keras exports them.
     `whitening`, a dplg-whiten file, ends both signatures with its
-    layers.Whitening (the descriptor may then be shorter). `refinements`
+    layers.Whitening (the descriptor may then be shorter). TF Serving's warm-up
+    file goes into assets.extra/ (export.warmup). `refinements`
     (export.refinements.Refinements) change the pooling; they are recorded as
     the SavedModel's `refinements` (JSON)."""
     import tensorflow as tf
@@ -110,6 +112,7 @@ def export(model, export_dir, version=None, scales=None, max_image_side=1024,
     try:
         tf.saved_model.save(module, tmp, signatures={
             "serving_default": module.serving_default, "multiscale": module.multiscale})
+        warmup.write(tmp, os.path.basename(os.path.normpath(export_dir)))
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

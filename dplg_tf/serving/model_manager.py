@@ -14,6 +14,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 
 from dplg_tf.errors import tf_error_message
 from dplg_tf.serving import batching
@@ -49,7 +50,11 @@ class LoadedVersion:
             self.batcher = batching.Batcher(self._run_batched, observe=observe,
                                             **batching_params)
         if warm_up:
-            self._warm_up()
+            try:
+                self._warm_up()
+            except BaseException:
+                self.close()
+                raise
 
     def _run_batched(self, images):
         import tensorflow as tf
@@ -58,14 +63,30 @@ class LoadedVersion:
         return out["global_descriptor"].numpy()
 
     def _warm_up(self):
-        """One request through serving_default, so the first client is not slow."""
-        if BATCHED_SIGNATURE not in self.signatures:
-            return
-        from PIL import Image
+        """Replay the export's TF Serving warm-up file (export.warmup), each
+        request through its signature as Predict runs it; exports without
+        one get one private image through serving_default. A file that
+        cannot be replayed fails the load (WarmupError), as in TF Serving."""
+        import tensorflow as tf
 
-        buf = io.BytesIO()
-        Image.new("RGB", (96, 96), (128, 96, 64)).save(buf, "JPEG")
-        self._run_batched([buf.getvalue()])
+        from dplg_tf.export import warmup
+
+        replay = warmup.read(self.path, self.inputs)
+        if not replay and BATCHED_SIGNATURE in self.signatures:
+            from PIL import Image
+
+            buf = io.BytesIO()
+            Image.new("RGB", (96, 96), (128, 96, 64)).save(buf, "JPEG")
+            replay = [(BATCHED_SIGNATURE, {"image_bytes": np.array([buf.getvalue()], object)})]
+        for i, (name, inputs) in enumerate(replay):
+            try:
+                self.signatures[name](**{k: tf.constant(v, self.inputs[name][k].dtype)
+                                         for k, v in inputs.items()})
+            except (tf.errors.OpError, TypeError, ValueError) as e:
+                raise warmup.WarmupError(
+                    f"{warmup.path_in(self.path)}: request {i} for {name!r} failed "
+                    f"({tf_error_message(e)}).") from None
+        self.warmed_up = len(replay)
 
     def close(self):
         if self.batcher is not None:

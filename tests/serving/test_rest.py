@@ -4,6 +4,8 @@ import base64
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -687,6 +689,20 @@ def test_handle_reload_config_request_adds_removes_and_repolicies_models(bases, 
         # the unchanged config file does not undo the reload at its next poll
         time.sleep(1.0)
         assert srv.models.names == ["second"]
+        # serving/reload_models.py, the deployment's way to send it (TF Serving too)
+        script = os.path.join(os.path.dirname(__file__), "..", "..", "serving",
+                              "reload_models.py")
+        new_config = tmp_path / "reload.config"
+        new_config.write_text(_config_text(("first", bases[0], "", {})))
+        done = subprocess.run([sys.executable, script, f"--server={srv.address}",
+                               str(new_config)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert _wait(lambda: served() == {"first": [1]})
+        new_config.write_text("")
+        done = subprocess.run([sys.executable, script, f"--server={srv.address}",
+                               str(new_config)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and "is empty" in done.stderr
+        assert served() == {"first": [1]}
     finally:
         channel.close()
         srv.stop(5)

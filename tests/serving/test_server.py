@@ -609,7 +609,9 @@ def test_serve_cli_sigterm_drains_in_flight_requests(exported, tmp_path):
     del port_file
     try:
         client = Client(f"127.0.0.1:{port}", retries=8, backoff=0.5)
-        client.status()  # waits (with retries) until the server answers
+        deadline = time.time() + 120  # the server answers LOADING until its warm-up is done
+        while not any(s == "AVAILABLE" for _, s in client.status()) and time.time() < deadline:
+            time.sleep(0.2)
         big = image_bytes(1000, 1000, seed=9)
         result = {}
 
@@ -648,3 +650,94 @@ def test_client_cli_writes_descriptors(server, tmp_path):
                              f"--server={server.address}", "--status"],
                             capture_output=True, text=True, timeout=300)
     assert "AVAILABLE" in status.stdout and "signature multiscale" in status.stdout
+
+
+def test_export_writes_tf_servings_warm_up_file(exported):
+    """assets.extra/tf_serving_warmup_requests: TFRecords of PredictionLog, a few
+    Predict requests for each signature, each one the signature answers."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from dplg_tf.export import warmup
+
+    path = os.path.join(exported[1], "assets.extra", "tf_serving_warmup_requests")
+    records = list(tf.data.TFRecordDataset(path).as_numpy_iterator())
+    assert 0 < len(records) <= 1000
+    logs = [prediction_log_pb2.PredictionLog.FromString(r) for r in records]
+    names = [log.predict_log.request.model_spec.signature_name for log in logs]
+    assert set(names) == {"serving_default", "multiscale"}
+    loaded = tf.saved_model.load(exported[1])
+    for log in logs:
+        request = log.predict_log.request
+        inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+        out = loaded.signatures[request.model_spec.signature_name](
+            **{k: tf.constant(v) for k, v in inputs.items()})
+        assert np.isfinite(out["global_descriptor"].numpy()).all()
+    signatures = {k: set(v.structured_input_signature[1])
+                  for k, v in loaded.signatures.items()}
+    assert len(warmup.read(exported[1], signatures)) == len(logs)
+
+
+def _version_with_warmup(exported, tmp_path, content):
+    import shutil
+
+    base = tmp_path / "dplg"
+    shutil.copytree(exported[1], base / "1")
+    target = base / "1" / "assets.extra" / "tf_serving_warmup_requests"
+    if callable(content):
+        content(str(target))
+    else:
+        target.write_bytes(content)
+    return str(base)
+
+
+def _bad_signature_warmup(path):
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.signature_name = "no_such_signature"
+    log = prediction_log_pb2.PredictionLog(
+        predict_log=prediction_log_pb2.PredictLog(request=request))
+    with tf.io.TFRecordWriter(path) as writer:
+        writer.write(log.SerializeToString())
+
+
+def _bad_input_warmup(path):
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.signature_name = "serving_default"
+    request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(np.array([b"not an image"],
+                                                                         object)))
+    log = prediction_log_pb2.PredictionLog(
+        predict_log=prediction_log_pb2.PredictLog(request=request))
+    with tf.io.TFRecordWriter(path) as writer:
+        writer.write(log.SerializeToString())
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"\x00garbage that is no TFRecord" * 3, "is not a file of TFRecords"),
+    (_bad_signature_warmup, "asks for signature 'no_such_signature'"),
+    (_bad_input_warmup, "request 0 for 'serving_default' failed")])
+def test_a_warm_up_file_that_fails_fails_the_load_and_says_why(exported, tmp_path, content,
+                                                                words):
+    """As TF Serving: the version is not served, its status carries the reason; the
+    server keeps running. With --enable_model_warmup off the same version serves."""
+    base = _version_with_warmup(exported, tmp_path, content)
+    srv = Server(base, "dplg", "127.0.0.1", 0, None, poll_seconds=5).start()
+    try:
+        manager = srv.models.managers()[0]
+        rows = manager.status_rows()
+        assert rows and rows[0][0] == 1 and words in rows[0][3], rows
+        assert manager.current is None
+    finally:
+        srv.stop(0)
+    srv = Server(base, "dplg", "127.0.0.1", 0, None, poll_seconds=5, warm_up=False).start()
+    try:
+        assert srv.models.managers()[0].current is not None
+    finally:
+        srv.stop(0)
+
+
+def test_the_server_replays_the_export_warm_up_file(server):
+    loaded = server.models.managers()[0].current
+    assert loaded.warmed_up == 3
