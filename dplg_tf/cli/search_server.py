@@ -2,7 +2,7 @@
 web page (dplg_tf.search.service).
 
     dplg-search-server --index_dir=idx --model=models/dplg --image_root=photos/
-    dplg-search-server --index_dir=idx --server=127.0.0.1:8500 --port=8600
+    dplg-search-server --index_dir=idx --server=127.0.0.1:8500 --port=8600 --image_root=.
     dplg-search-server --index_dir=idx --model=models/dplg --rerank   # re-rank by default
 """
 
@@ -21,8 +21,9 @@ log = logging.getLogger("dplg_tf.search")
 def _define_flags():
     flags.DEFINE_string("index_dir", None, "The index folder (dplg-index).", required=True)
     define_model_flags()
-    flags.DEFINE_string("image_root", None, "Where the indexed images are, for thumbnails "
-                        "(names in the index are read under it).")
+    flags.DEFINE_string("image_root", None, "The folder thumbnails are read from (nothing "
+                        "outside it is shown); names are shown relative to it or to the "
+                        "index's own image root.")
     flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0 for all).")
     flags.DEFINE_integer("port", 8600, "HTTP port (0: any free port, printed).",
                          lower_bound=0, upper_bound=65535)
@@ -31,6 +32,8 @@ def _define_flags():
                          lower_bound=1, upper_bound=100000)
     flags.DEFINE_float("reload_seconds", 2.0, "How often to look for a new index state "
                        "(0: never).", lower_bound=0)
+    flags.DEFINE_float("timeout_seconds", 30.0, "The most a search may take; past it, or "
+                       "when the model server fails, the answer is 503.", lower_bound=0.1)
     flags.DEFINE_integer("workers", 8, "Threads doing searches.", lower_bound=1,
                          upper_bound=1024)
     flags.DEFINE_integer("max_concurrent", 64, "Requests in progress at most; more are "
@@ -57,7 +60,7 @@ def main(argv):
     describer = Describer(f.model, f.server, f.model_name, limits=limits)
     searcher = Searcher(f.index_dir, describer, f.image_root, limits, f.max_top_k,
                         f.reload_seconds, rerank=f.rerank,
-                        rerank_settings=rerank_settings_from_flags())
+                        rerank_settings=rerank_settings_from_flags(), timeout=f.timeout_seconds)
     server = SearchServer(searcher, f.host, f.port, limits, f.workers,
                           f.max_concurrent).start()
     print(f"dplg-search-server: http://{server.address}/ searching {len(searcher.index)} "

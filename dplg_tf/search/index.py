@@ -7,8 +7,8 @@ is in dplg_tf.cli.search).
     dplg-index --index_dir=idx --descriptors=extracted/ --kind=ivfpq   # dplg-extract's
 
 An index folder holds `index.faiss`, `names.json` (the id -> name mapping)
-and `meta.json` (dimension, kind, and the model's "probe": its descriptor of
-a fixed generated image). Searching with another model (whose probe differs)
+and `meta.json` (dimension, kind, the model's "probe": its descriptor of
+a fixed generated image, and the image root the names are relative to). Searching with another model (whose probe differs)
 or another dimension is refused with a clear error.
 
 Kinds: `exact` (inner product, brute force with BLAS), `pq` (every vector
@@ -68,6 +68,7 @@ class DescriptorIndex:
                            nprobe=nprobe, refine=refine, fs_m=fs_m, dba_k=int(dba_k),
                            dba_alpha=float(dba_alpha))
         self.names = []
+        self.image_root = None   # the folder the names are relative to (dplg_tf.search.names)
         if kind == "exact":
             self.index = faiss.IndexFlatIP(self.dim)
         elif kind == "hnsw":
@@ -209,6 +210,7 @@ class DescriptorIndex:
             meta = {"dim": self.dim, "kind": self.kind, "count": len(self),
                     "params": self.params,
                     "probe": None if self.probe is None else self.probe.tolist(),
+                    "image_root": self.image_root,
                     "sha256": {n: _sha256(os.path.join(tmp, n))
                                for n in ("index.faiss", "names.json")}}
             with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -255,6 +257,7 @@ class DescriptorIndex:
                 raise IndexMismatch(f"{state}/{name} was changed after dplg-index wrote it "
                                     "(its checksum differs); rebuild the index.")
         index = cls(meta["dim"], meta["kind"], meta["probe"], **meta["params"])
+        index.image_root = meta.get("image_root")
         index.index = faiss.read_index(os.path.join(state, "index.faiss"))
         if meta["kind"] == "hnsw":
             index.index.hnsw.efSearch = meta["params"]["ef_search"]

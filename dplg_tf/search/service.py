@@ -7,9 +7,9 @@ and people (a web page), on Starlette / uvicorn.
                            image, top_k, qe_k, rerank, attention)
                         -> {"results": [{"name", "score", "image"}], "model": {...},
                             "index": {...}, "took_ms": ..., "attention": PNG data URL}
-    GET  /v1/images/NAME   a thumbnail of an indexed image (names in the index
-                           only, read under --image_root)
-    GET  /v1/health        the model, the index state, the vectors held
+    GET  /v1/images/NAME   a thumbnail of an indexed image (names as answers give
+                           them, read under --image_root only)
+    GET  /v1/health        "ok" or "degraded" (and why), the model, the index state
     GET  /metrics          Prometheus text
     GET  /                 the web page (static/index.html, no build step, no CDN)
 
@@ -17,10 +17,14 @@ Queries are described by the model the index was built with (checked by
 the probe descriptor at start and at each reload). The index is reloaded in
 the background when its CURRENT state changes; requests in flight keep the
 index they started with. The server only reads the index folder, so several
-replicas can serve one folder.
+replicas can serve one folder. Answers name images as search.names says:
+relative, never by a server path. A search gets `timeout` seconds; past
+them, or when the model server (search.model_server) fails, it answers 503.
 """
 
+import asyncio
 import base64
+import concurrent.futures
 import io
 import json
 import logging
@@ -33,6 +37,7 @@ import numpy as np
 from dplg_tf import images
 from dplg_tf.errors import UserError
 from dplg_tf.search.index import DescriptorIndex
+from dplg_tf.search.names import ImageFiles
 from dplg_tf.search.queries import SearchMetrics, bad_request, parse_query
 from dplg_tf.serving.requests import shorten
 from dplg_tf.serving.http import (Gate, HttpError, HttpServer, error_response,
@@ -46,6 +51,17 @@ STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 THUMBNAIL = 256
 
 
+def _model_info(describer):
+    """The model's name and version, not where it lies on the server."""
+    identity = describer.identity
+    if identity.startswith("grpc://"):
+        name, version = identity.rsplit("/", 2)[1:]
+    else:
+        version = os.path.basename(identity)
+        name = os.path.basename(os.path.dirname(identity)) if version.isdigit() else version
+    return {"name": name, "version": int(version) if version.isdigit() else None}
+
+
 def _state_name(folder):
     """The committed state's name (what CURRENT says), or '' for a flat folder."""
     current = StateFolder(folder).current()
@@ -57,26 +73,40 @@ class Searcher:
 
     def __init__(self, index_dir, describer, image_root=None, limits=images.DEFAULT_LIMITS,
                  max_top_k=1000, reload_seconds=2.0, metrics=None, rerank=False,
-                 rerank_settings=None):
+                 rerank_settings=None, timeout=30.0, check_seconds=2.0):
         """`rerank`: whether a query that does not say ("rerank": true/false)
         is re-ranked, with `rerank_settings` {m, k, beta} (retrieval.rerank's
-        defaults if None)."""
+        defaults if None). `timeout`: the seconds a search may take; a model
+        server is checked every `check_seconds`."""
         from dplg_tf.retrieval import rerank as reranking
+        from dplg_tf.search.model_server import ModelServer
 
         self.index_dir, self.describer = index_dir, describer
         self.rerank_default = bool(rerank)
         self.rerank = dict(rerank_settings or reranking.DEFAULTS)
         reranking.check(**self.rerank)
-        self.image_root = None if image_root is None else os.path.realpath(image_root)
+        self.image_root = image_root
         self.limits, self.max_top_k = limits, int(max_top_k)
         self.reload_seconds = reload_seconds
+        self.timeout = float(timeout)
         self.metrics = metrics
         self.probe = describer.probe()
-        self.state, self.index = self._load()
-        self._names = set(self.index.names)
+        self.model = _model_info(describer)
+        self.model_server = None if getattr(describer, "client", None) is None else ModelServer(
+            describer, self.probe, self.timeout, check_seconds, limits.max_request_mb)
+        self.state, index = self._load()
+        self._view = self._view_of(index)
         self._stop = threading.Event()
         self._thread = None
         self.reloads = 0
+
+    def _view_of(self, index):
+        """(index, its names as a set, ImageFiles): swapped as one."""
+        return index, set(index.names), ImageFiles(self.image_root, index.image_root)
+
+    @property
+    def index(self):
+        return self._view[0]
 
     def _load(self):
         state = _state_name(self.index_dir)
@@ -95,8 +125,7 @@ class Searcher:
             log.warning("the index in %s was not reloaded (tried again later): %s",
                         self.index_dir, e)
             return False
-        names = set(index.names)
-        self.index, self.state, self._names = index, state, names  # one swap each
+        self._view, self.state = self._view_of(index), state
         self.reloads += 1
         if self.metrics is not None:
             self.metrics.reloaded(len(index))
@@ -111,36 +140,68 @@ class Searcher:
         if self.reload_seconds > 0:
             self._thread = threading.Thread(target=loop, name="index-reload", daemon=True)
             self._thread.start()
+        if self.model_server is not None:
+            self.model_server.start()
         return self
 
     def stop(self):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(30)
+        if self.model_server is not None:
+            self.model_server.stop()
+
+    def problem(self):
+        """Why searches by image fail now (one sentence), or None."""
+        return None if self.model_server is None else self.model_server.problem
+
+    def too_slow(self):
+        """The sentence of a search past its deadline (recorded for the model server)."""
+        if self.model_server is not None:
+            return self.model_server.failed(f"The model server did not answer within "
+                                            f"{self.timeout:g} s; try again later.")
+        return f"The search did not finish within {self.timeout:g} s; try again later."
 
     # ------------------------------------------------------------ searching
 
     def info(self):
-        index = self.index
-        return {"model": {"identity": self.describer.identity, "dim": int(index.dim)},
+        index, model = self.index, dict(self.model, dim=int(self.index.dim))
+        if self.model_server is not None and self.model_server.version is not None:
+            model["version"] = self.model_server.version   # the one served now
+        return {"model": model,
                 "index": {"folder": os.path.basename(os.path.normpath(self.index_dir)),
                           "state": self.state, "kind": index.kind, "vectors": len(index)},
                 "search": {"rerank": self.rerank_default, **self.rerank}}
 
-    def _describe(self, blob):
+    def _call_model(self, fn, *args):
+        """fn(*args) of the describer: a refused image is 400, a model server
+        that fails 503."""
         from dplg_tf.retrieval.describers import refusal
+        from dplg_tf.serving.client import ClientError
 
+        server = self.model_server
+        if server is not None and server.other_model:
+            raise HttpError(503, server.problem)
+        try:
+            out = fn(*args)
+        except Exception as e:  # noqa: BLE001 - a refused image is the client's error
+            reason = refusal(e)
+            if reason is not None:
+                raise bad_request(f"The query image was refused by the model: {reason}") from None
+            if server is not None and isinstance(e, ClientError):
+                raise HttpError(503, server.failed(e)) from None
+            raise
+        if server is not None:
+            server.answered()
+        return out
+
+    def _describe(self, blob):
         try:
             images.check_bytes(blob, self.limits)
         except images.ImageError as e:
             raise bad_request(f"The query image was refused: {e}") from None
-        try:
-            return np.asarray(self.describer.describe_bytes([blob])[0], np.float32)
-        except Exception as e:  # noqa: BLE001 - a refused image is the client's error
-            reason = refusal(e)
-            if reason is None:
-                raise
-            raise bad_request(f"The query image was refused by the model: {reason}") from None
+        return np.asarray(self._call_model(self.describer.describe_bytes, [blob])[0],
+                          np.float32)
 
     def _attention(self, blob):
         """The query's attention map (multiscale, scale 1) over it, as a PNG data URL."""
@@ -153,7 +214,7 @@ class Searcher:
         if scale < 1.0:
             size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
             image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
-        amap = self.describer.multiscale(image, [1.0])["attention"]
+        amap = self._call_model(self.describer.multiscale, image, [1.0])["attention"]
         picture = (attention.overlay(image, np.squeeze(amap)) * 255).astype(np.uint8)
         buf = io.BytesIO()
         Image.fromarray(picture).save(buf, "PNG")
@@ -164,7 +225,7 @@ class Searcher:
         from dplg_tf.retrieval.expansion import alpha_qe, index_neighbours
 
         start = time.perf_counter()
-        index = self.index   # this request's index, whatever reloads meanwhile
+        index, _, files = self._view   # this request's index, whatever reloads meanwhile
         if query.get("image") is not None:
             vector = self._describe(query["image"])
         else:
@@ -184,8 +245,8 @@ class Searcher:
             scores, ids = index_rerank(index, vectors, query["top_k"], **self.rerank)
         else:
             scores, ids = index.search(vectors, query["top_k"])
-        results = [{"name": index.names[i], "score": round(float(s), 6),
-                    "image": "/v1/images/" + _quote(index.names[i])}
+        results = [{"name": files.shown(index.names[i]), "score": round(float(s), 6),
+                    "image": files.url(index.names[i])}
                    for s, i in zip(scores[0], ids[0]) if i >= 0]
         answer = dict(self.info(), results=results)
         if query.get("attention") and query.get("image") is not None:
@@ -197,14 +258,15 @@ class Searcher:
         """JPEG bytes of an indexed image, at most THUMBNAIL pixels a side."""
         from PIL import Image
 
-        if name not in self._names:
-            raise HttpError(404, f"{shorten(name)} is not in the index.")
-        if self.image_root is None:
+        _, names, files = self._view
+        if files.root is None:
             raise HttpError(404, "This server has no --image_root, so it shows no images.")
-        path = os.path.realpath(name if os.path.isabs(name)
-                                else os.path.join(self.image_root, name))
-        if os.path.commonpath([path, self.image_root]) != self.image_root:
-            raise HttpError(404, f"{shorten(name)} is outside --image_root.")
+        stored = files.index_name(name, names)
+        if stored is None:
+            raise HttpError(404, f"{shorten(name)} is not in the index.")
+        path = files.path(stored)
+        if path is None:
+            raise HttpError(404, f"{shorten(name)} is not a file under --image_root.")
         try:
             data = images.read_bytes(path, self.limits)
             with Image.open(io.BytesIO(data)) as img:
@@ -214,16 +276,10 @@ class Searcher:
                 buf = io.BytesIO()
                 img.save(buf, "JPEG", quality=85)
         except images.ImageError as e:
-            raise HttpError(404, f"{shorten(name)} cannot be shown: {e}") from None
+            raise HttpError(404, f"{shorten(name)} cannot be shown ({e.reason}).") from None
         except (OSError, ValueError, SyntaxError) as e:
             raise HttpError(404, f"{shorten(name)} cannot be decoded: {e}.") from None
         return buf.getvalue()
-
-
-def _quote(name):
-    from urllib.parse import quote
-
-    return quote(name, safe="/")
 
 
 # ------------------------------------------------------------------ the app
@@ -236,6 +292,8 @@ class SearchApp:
         searcher.metrics = self.metrics
         self.limit = limits.max_request_mb * 1024 * 1024
         self.gate = Gate(max_concurrent, workers)
+        # searches run here: one past its deadline is answered and left to finish
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, "search")
 
     def app(self):
         from starlette.applications import Starlette
@@ -301,7 +359,12 @@ class SearchApp:
                 if not isinstance(fields, dict):
                     raise bad_request("The body must be a JSON object.")
                 query = parse_query(fields, self.searcher.max_top_k)
-            answer = await self.gate.run(self.searcher.search, query)
+            left = max(0.0, self.searcher.timeout - (time.perf_counter() - start))
+            try:
+                answer = await asyncio.wait_for(asyncio.wrap_future(
+                    self.pool.submit(self.searcher.search, query)), left)
+            except asyncio.TimeoutError:
+                raise HttpError(503, self.searcher.too_slow()) from None
             self.metrics.latency.observe(time.perf_counter() - start)
             return json_response(answer)
         return await self._guarded("search", work)
@@ -342,7 +405,10 @@ class SearchApp:
 
     async def health(self, request):
         del request
-        return json_response(dict(self.searcher.info(), status="ok",
+        problem = self.searcher.problem()
+        state = {"status": "ok"} if problem is None else {"status": "degraded",
+                                                         "reason": problem}
+        return json_response(dict(self.searcher.info(), **state,
                                   reloads=self.searcher.reloads))
 
     async def prometheus(self, request):
@@ -365,4 +431,5 @@ class SearchServer(HttpServer):
 
     def stop(self, grace=30.0):
         super().stop(grace)
+        self.api.pool.shutdown(wait=False, cancel_futures=True)
         self.searcher.stop()

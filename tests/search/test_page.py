@@ -94,12 +94,20 @@ def test_the_page_uploads_an_image_and_shows_the_ranked_names(site, browser, tmp
     browser.get(site["url"] + "/")
     wait = WebDriverWait(browser, 60)
     wait.until(lambda d: "10 images indexed" in d.find_element(By.ID, "info").text)
+    info = browser.find_element(By.ID, "info").text
+    assert "model dplg version 1" in info and str(site["root"]) not in info
     # keyboard: the first Tab reaches the file picker
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
     assert browser.switch_to.active_element.get_attribute("id") == "file"
     query = site["names"][7]
+    _slow_searches(browser)
     browser.find_element(By.ID, "file").send_keys(str(site["photos"] / query))
+    # the search starts by itself, and the drop zone says so
+    wait.until(ec.text_to_be_present_in_element((By.ID, "drop-text"), "searching"))
+    assert query in browser.find_element(By.ID, "drop-text").text
     wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "results in"))
+    drop = browser.find_element(By.ID, "drop-text").text
+    assert "drop another image" in drop and "press Search" not in drop
     names = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .name")]
     scores = [float(e.text) for e in browser.find_elements(By.CSS_SELECTOR,
                                                             "#results .score")]
@@ -130,17 +138,36 @@ def test_the_page_uploads_an_image_and_shows_the_ranked_names(site, browser, tmp
     assert len(names) == 10 and sorted(names) == sorted(site["names"])
 
 
+def _slow_searches(browser, ms=1500):
+    """Searches of this page wait `ms` before they go out (to see what it says meanwhile)."""
+    browser.execute_script(
+        "const send = window.fetch; window.fetch = (url, options) => url === '/v1/search' ? "
+        f"new Promise((r) => setTimeout(r, {ms})).then(() => send(url, options)) : "
+        "send(url, options);")
+
+
 @pytest.mark.slow
-def test_the_page_shows_the_servers_refusal(site, browser, tmp_path):
+def test_the_page_shows_the_servers_refusal_in_place_of_the_results(site, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
+    wait = WebDriverWait(browser, 60)
+    browser.get(site["url"] + "/")
+    browser.find_element(By.ID, "file").send_keys(str(site["photos"] / site["names"][2]))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "results in"))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#results li")) == 10
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 this is not a JPEG")
-    browser.get(site["url"] + "/")
     browser.find_element(By.ID, "file").send_keys(str(bad))
-    WebDriverWait(browser, 60).until(ec.text_to_be_present_in_element((By.ID, "status"),
-                                                                      "refused"))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "refused"))
     assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
+    # the previous results and query are gone: only the error is shown
+    assert browser.find_elements(By.CSS_SELECTOR, "#results li") == []
+    assert not browser.find_element(By.ID, "query").is_displayed()
+    drop = browser.find_element(By.ID, "drop-text").text
+    assert "broken.jpg" in drop and "drop another image" in drop
+    shot = os.environ.get("DPLG_SCREENSHOT")
+    shot = shot.replace(".png", "-refused.png") if shot else str(tmp_path / "refused.png")
+    assert browser.save_screenshot(shot)
     assert urllib.request.urlopen(site["url"] + "/v1/health", timeout=10).status == 200

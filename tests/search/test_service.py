@@ -103,7 +103,8 @@ def test_every_indexed_image_finds_itself_first(server, world):
         assert answer["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
         assert len(answer["results"]) == 3
         assert answer["index"]["vectors"] == 8 and answer["took_ms"] > 0
-    assert answer["model"]["identity"] == world["model"]
+    assert answer["model"] == {"name": "dplg", "version": 1, "dim": 512}
+    assert str(world["root"]) not in json.dumps(answer)   # no server path
 
 
 @pytest.mark.slow
@@ -207,6 +208,33 @@ def test_oversized_images_and_bodies_are_refused(server):
     conn.close()
     status, answer = _http(server, "/v1/nothing")
     assert status == 404
+
+
+@pytest.mark.slow
+def test_an_older_index_of_absolute_names_shows_no_server_path(world, tmp_path):
+    photos = world["photos"]
+    names = [os.path.join(photos, world["names"][0]), os.path.join(photos, world["names"][1]),
+             str(world["root"] / "secret.jpg")]
+    rows = world["describer"].describe_bytes([open(n, "rb").read() for n in names])
+    index = DescriptorIndex(rows.shape[1], "exact", world["describer"].probe())
+    index.add(rows, names)
+    index.save(str(tmp_path / "idx"))
+    srv = _start(dict(world, index=str(tmp_path / "idx")))
+    try:
+        status, answer = _http(srv, "/v1/search", {"descriptor": rows[2].tolist(), "top_k": 3})
+        assert status == 200, answer
+        assert str(world["root"]) not in json.dumps(answer)
+        shown = {r["name"]: r["image"] for r in answer["results"]}
+        assert shown == {world["names"][0]: "/v1/images/" + world["names"][0],
+                         world["names"][1]: "/v1/images/" + world["names"][1],
+                         "secret.jpg": None}   # outside --image_root: no picture
+        for url in (u for u in shown.values() if u):
+            assert _http(srv, url)[0] == 200
+        for path in ("/v1/images/secret.jpg", "/v1/images/../secret.jpg",
+                     "/v1/images/" + names[2]):
+            assert _http(srv, path)[0] == 404, path
+    finally:
+        srv.stop(5)
 
 
 @pytest.mark.slow
