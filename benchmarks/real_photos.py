@@ -140,12 +140,18 @@ def main():
         "GitHub marcusklasson/GroceryStoreDataset at fc80ba9, MIT): smartphone photos taken "
         "in shops, 348 px, one folder a product; its train split for fine-tuning, val + "
         "test searched."), help="What the photos are, for RESULTS.md.")
+    parser.add_argument("--unseen_groups", type=int, default=0,
+                        help="Leave the last N groups (sorted) out of fine-tuning and take "
+                             "the queries from them only: retrieval of unseen things.")
     parser.add_argument("--record", action="store_true", help="Write benchmarks/RESULTS.md.")
     args = parser.parse_args()
     work = os.path.abspath(args.workdir)
     os.makedirs(work, exist_ok=True)
 
     train, evaluation = split(os.path.abspath(args.photos), args.train_per_group)
+    names = sorted({g for _, g in evaluation})
+    unseen = set(names[len(names) - args.unseen_groups:]) if args.unseen_groups else set()
+    train = [(p, g) for p, g in train if g not in unseen]
     folder = os.path.join(work, "train_images")
     if not os.path.isdir(folder):
         for path, group in train:
@@ -195,7 +201,7 @@ def main():
     by_group = collections.defaultdict(list)
     for i, g in enumerate(groups):
         by_group[g].append(i)
-    queries = [i for g in sorted(by_group) for i in
+    queries = [i for g in sorted(by_group) if not unseen or g in unseen for i in
                by_group[g][::max(1, len(by_group[g]) // args.queries_per_group)]
                [:args.queries_per_group]]
 
@@ -229,16 +235,21 @@ def main():
     body = (f"{args.about}\n\n{len(train)} fine-tuning photos ({args.train_per_group} a group, the "
             f"dataset's train split), {len(evaluation)} evaluation photos (val + test) in "
             f"{len(by_group)} groups, {len(queries)} queries ({args.queries_per_group} a "
-            "group); each query searches all evaluation photos, its group's other photos "
+            "group" + (f", from the {len(unseen)} groups left out of fine-tuning: products "
+                       "never trained on" if unseen else "") +
+            "); each query searches all evaluation photos, its group's other photos "
             "are positives, itself junk.\n\n" + text + "\n\nTime of each step (the "
             "commands below, 2 cores):\n\n" + "\n".join(timing) +
             "\n\nCommand: `python benchmarks/real_photos.py --photos=GroceryStoreDataset "
             f"--workdir=... --finetune_steps={args.finetune_steps} "
-            f"--demo_steps={args.demo_steps} --record`; the steps it runs:\n\n```\n" +
+            f"--demo_steps={args.demo_steps}"
+            + (f" --unseen_groups={args.unseen_groups}" if unseen else "") +
+            " --record`; the steps it runs:\n\n```\n" +
             "\n".join(" ".join(c).replace(BIN + "/", "").replace(work, "$WORK")
                       for c in steps.values()) + "\n```\n")
     if args.record:
-        record("Real photos (benchmarks/real_photos.py)", body)
+        record("Real photos (benchmarks/real_photos.py)" if not unseen else
+               "Real photos, unseen products (benchmarks/real_photos.py --unseen_groups)", body)
 
 
 if __name__ == "__main__":
