@@ -26,6 +26,13 @@ class OutputExists(UserError, FileExistsError):
     """An output the command would write is already there."""
 
 
+def shorten(text, limit=80):
+    """`text` quoted for an error message, cut to `limit` characters: error
+    details never echo unbounded client text."""
+    text = str(text)
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} chars)"
+
+
 def tf_error_message(error):
     """The useful sentence of a TensorFlow op error: an Assert's text, or the
     first line that is not TensorFlow's own framing, whole."""

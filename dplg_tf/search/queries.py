@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 
-from dplg_tf.serving.http import HttpError
-from dplg_tf.serving.requests import shorten
+from dplg_tf.http.server import HttpError
+from dplg_tf.errors import shorten
 
 SEARCH_KEYS = {"image", "descriptor", "top_k", "qe_k", "qe_alpha", "rerank", "attention"}
 

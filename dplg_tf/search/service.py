@@ -39,8 +39,8 @@ from dplg_tf.errors import UserError
 from dplg_tf.search.index import DescriptorIndex
 from dplg_tf.search.names import ImageFiles
 from dplg_tf.search.queries import SearchMetrics, bad_request, parse_query
-from dplg_tf.serving.requests import shorten
-from dplg_tf.serving.http import (Gate, HttpError, HttpServer, error_response,
+from dplg_tf.errors import shorten
+from dplg_tf.http.server import (Gate, HttpError, HttpServer, error_response,
                                   json_response, prometheus_response,
                                   read_body)
 from dplg_tf.storage.atomic import StateFolder

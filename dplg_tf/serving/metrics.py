@@ -1,6 +1,6 @@
 """Prometheus metrics of dplg-serve, under TensorFlow Serving's names.
 
-Served in Prometheus' text format (serving.http.prometheus_response) at
+Served in Prometheus' text format (http.server.prometheus_response) at
 the monitoring config's path on the REST port. TF Serving names its metrics
 by path (/tensorflow/serving/request_count) and its exporter writes them
 with ':' for '/'; the same names are used here:

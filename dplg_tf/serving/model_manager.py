@@ -18,7 +18,8 @@ import numpy as np
 
 from dplg_tf.errors import tf_error_message
 from dplg_tf.serving import batching
-from dplg_tf.serving.requests import ServingError, shorten
+from dplg_tf.errors import shorten
+from dplg_tf.serving.requests import ServingError
 
 log = logging.getLogger("dplg_tf.serving")
 

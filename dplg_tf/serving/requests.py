@@ -25,13 +25,6 @@ class ServingError(Exception):
         self.code = code
 
 
-def shorten(text, limit=80):
-    """`text` quoted for an error message, cut to `limit` characters: error
-    details never echo unbounded client text."""
-    text = str(text)
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} chars)"
-
-
 def _invalid(message):
     return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
 

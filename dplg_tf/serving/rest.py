@@ -31,9 +31,10 @@ import time
 import grpc
 import numpy as np
 
-from dplg_tf.serving.http import (Gate, HttpError, HttpServer, error_response,
+from dplg_tf.http.server import (Gate, HttpError, HttpServer, error_response,
                                   json_response, prometheus_response, read_body)
-from dplg_tf.serving.requests import ServingError, shorten
+from dplg_tf.errors import shorten
+from dplg_tf.serving.requests import ServingError
 
 log = logging.getLogger("dplg_tf.serving")
 

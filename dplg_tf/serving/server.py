@@ -32,7 +32,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dplg_tf import images
 from dplg_tf.serving import batching
-from dplg_tf.serving.requests import ServingError, read_inputs, shorten
+from dplg_tf.errors import shorten
+from dplg_tf.serving.requests import ServingError, read_inputs
 from dplg_tf.serving.model_manager import BATCHED_SIGNATURE, ModelRegistry, tf_error_message
 
 log = logging.getLogger("dplg_tf.serving")

@@ -300,7 +300,7 @@ def test_another_models_index_is_refused_at_start(world, tmp_path):
 
 def test_search_queries_are_checked_before_any_work():
     from dplg_tf.search.queries import parse_query
-    from dplg_tf.serving.http import HttpError
+    from dplg_tf.http.server import HttpError
 
     query = parse_query({"image": _b64(b"jpeg"), "top_k": 5, "attention": True}, 50)
     assert query["image"] == b"jpeg" and query["top_k"] == 5 and query["attention"]

@@ -561,7 +561,7 @@ def test_a_caller_never_waits_past_its_deadline():
 
 
 def test_error_details_never_echo_unbounded_client_text():
-    from dplg_tf.serving.requests import shorten
+    from dplg_tf.errors import shorten
 
     assert shorten("dplg") == "'dplg'"
     long = shorten("x" * 10 ** 6)
