@@ -201,6 +201,300 @@ def search_vs_in_process(args, base, work):
     return _percentiles(local), _percentiles(remote), statistics.median(ratios), len(index)
 
 
+def _config(name):
+    """configs/NAME.py's config."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _serving_rate(fn, batches, rounds):
+    """[images/s of each round] of fn(batch) over `batches`."""
+    rates = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for batch in batches:
+            fn(batch)
+        rates.append(sum(map(len, batches)) / (time.perf_counter() - start))
+    return rates
+
+
+def precision(args):
+    """bfloat16 exports against float32 ones (speed, cosine, mAP), and dplg-serve
+    against the same SavedModel in-process; returns the Markdown body."""
+    import grpc
+    import keras
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from dplg_tf.data import synthetic
+    from dplg_tf.data.revisited import load_dataset
+    from dplg_tf.export import export as export_lib
+    from dplg_tf.nn.model import build_dplg
+    from dplg_tf.retrieval.evaluation import run_eval
+    from dplg_tf.serving import batching
+    from dplg_tf.serving.server import Server
+
+    work = tempfile.mkdtemp(prefix="dplg_precision_bench_")
+    rows, server_rows = [], []
+    try:
+        data = os.path.join(work, "data")
+        synthetic.generate(data, num_landmarks=1, views_per_landmark=1, progress=False)
+        dataset = load_dataset(data, "synthetic")
+        paths = [dataset.image_path(i) for i in range(len(dataset.imlist))]
+        blobs = [open(p, "rb").read() for p in paths[:args.batch * 3]]
+        batches = [blobs[i:i + args.batch] for i in range(0, len(blobs), args.batch)]
+        models = {"EfficientNet-Lite0, ImageNet weights (configs/pretrained_lite0.py)":
+                  _config("pretrained_lite0"),
+                  "ResNet50 DPLG (configs/dplg_r50_gldv2.py), random weights":
+                  _config("dplg_r50_gldv2")}
+        models[list(models)[1]].model.backbone_weights = None
+        for title, config in models.items():
+            keras.utils.set_random_seed(0)
+            model = build_dplg(config)
+            exports, runs = {}, {}
+            for precision_name in ("float32", "bfloat16"):
+                base = os.path.join(work, f"m{len(rows)}_{precision_name}")
+                exports[precision_name] = export_lib.export(
+                    model, base, max_image_side=config.eval.max_image_side,
+                    precision=precision_name)
+                results, _, _, db, queries = run_eval(
+                    "synthetic", data, model=exports[precision_name], progress=False,
+                    output_dir=os.path.join(work, f"eval_{len(rows)}_{precision_name}"))
+                runs[precision_name] = (results, np.concatenate([db, queries]))
+            loaded = {k: tf.saved_model.load(v).signatures["serving_default"]
+                      for k, v in exports.items()}
+            calls = {k: (lambda f: lambda b: f(image_bytes=tf.constant(b)))(f)
+                     for k, f in loaded.items()}
+            for f in calls.values():   # warm-up
+                f(batches[0])
+            rates = {k: [] for k in calls}
+            for _ in range(args.rounds):   # alternated: the machine's speed drifts
+                for k, f in calls.items():
+                    rates[k] += _serving_rate(f, batches, 1)
+            a, b = runs["float32"][1], runs["bfloat16"][1]
+            cosine = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) *
+                                               np.linalg.norm(b, axis=1))
+            ratio = statistics.median(x / y for x, y in zip(rates["bfloat16"],
+                                                            rates["float32"]))
+            rows.append((title, {k: statistics.median(v) for k, v in rates.items()}, ratio,
+                         float(cosine.min()), float(cosine.mean()),
+                         {k: (r[0]["medium"]["mAP"], r[0]["hard"]["mAP"])
+                          for k, r in runs.items()}, len(a)))
+            print(rows[-1], flush=True)
+            # dplg-serve against the same SavedModel in-process, same batches
+            for precision_name in ("float32", "bfloat16"):
+                base = os.path.dirname(exports[precision_name])
+                server = Server(base, "dplg", "127.0.0.1", 0, dict(batching.DEFAULTS)).start()
+                try:
+                    while not server.models.ready():
+                        time.sleep(0.1)
+                    channel = grpc.insecure_channel(server.address)
+                    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+                    def served(batch):
+                        request = predict_pb2.PredictRequest()
+                        request.model_spec.name = "dplg"
+                        request.inputs["image_bytes"].CopyFrom(
+                            tf.make_tensor_proto(batch, dtype=tf.string))
+                        out = stub.Predict(request, timeout=300)
+                        assert len(out.outputs["global_descriptor"].float_val) > 0
+
+                    served(batches[0])
+                    local, remote = [], []
+                    for _ in range(args.rounds):
+                        local += _serving_rate(calls[precision_name], batches, 1)
+                        remote += _serving_rate(served, batches, 1)
+                    channel.close()
+                finally:
+                    server.stop(5)
+                server_rows.append((title, precision_name, statistics.median(local),
+                                    statistics.median(remote),
+                                    statistics.median(r / l for r, l in zip(remote, local))))
+                print(server_rows[-1], flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    lines = ["| model | float32 images/s | bfloat16 images/s | bf16 / f32 | cosine min / "
+             "mean | mAP M / H float32 | mAP M / H bfloat16 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for title, rate, ratio, cmin, cmean, maps, n in rows:
+        lines.append(f"| {title} | {rate['float32']:.2f} | {rate['bfloat16']:.2f} | "
+                     f"**{ratio:.2f}x** | {cmin:.5f} / {cmean:.5f} | "
+                     f"{maps['float32'][0]:.2f} / {maps['float32'][1]:.2f} | "
+                     f"{maps['bfloat16'][0]:.2f} / {maps['bfloat16'][1]:.2f} |")
+    lines += ["", "| model | precision | in-process images/s | dplg-serve (gRPC) images/s | "
+              "served / in-process |", "|---|---|---:|---:|---:|"]
+    for title, precision_name, local, remote, ratio in server_rows:
+        lines.append(f"| {title} | {precision_name} | {local:.2f} | {remote:.2f} | "
+                     f"**{ratio:.2f}x** |")
+    return "\n".join(lines) + f"""
+
+Command: `python benchmarks/serving.py --precision --rounds {args.rounds} --batch \
+{args.batch}`. `dplg-export --precision=bfloat16` (export/precision.py: Keras'
+mixed_bfloat16 policy, weights float32 and frozen into the graph, the input
+and the final normalisation float32) against the float32 export of the same
+model, both through serving_default in-process on batches of {args.batch} of the
+synthetic set's 256x192 JPEGs at the paper's 5 scales ({3 * args.batch} images a
+round, rounds alternated, medians of {args.rounds}; ratio the median of the
+rounds' ratios). Cosine: each of the synthetic set's {rows[0][6]} images (database and
+queries) described by both exports. mAP: the synthetic set's Revisited-style
+Medium / Hard (goal: within 0.3). dplg-serve: one gRPC client sending the
+same batches to the server (in this process, default batching) against
+serving_default called in-process (goal >= 0.9x)."""
+
+
+def _vm_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def hostile(args):
+    """dplg-serve (its own process) under hostile clients: good clients'
+    requests/s on the REST status call with and without `--slow` slow clients
+    beside them (each declares a 1 MB predict body and sends a byte every 5 s,
+    reconnecting when closed), and the server's RSS before and after 100
+    refused ~60 MB bodies ({"instances": [{}, {}, ...]})."""
+    import socket
+    import subprocess
+
+    import keras
+
+    from dplg_tf.config import base_config
+    from dplg_tf.export import export as export_lib
+    from dplg_tf.nn.model import build_dplg
+
+    keras.utils.set_random_seed(0)
+    config = base_config()
+    config.model.backbone, config.model.local_dim = "small", 32
+    work = tempfile.mkdtemp(prefix="dplg_hostile_bench_")
+    base = os.path.join(work, "dplg")
+    export_lib.export(build_dplg(config), base)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    rest_port = probe.getsockname()[1]
+    probe.close()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dplg_tf.cli.serve", f"--model_base_path={base}", "--port=0",
+         f"--rest_api_port={rest_port}"], stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    address = f"127.0.0.1:{rest_port}"
+    stop, slow_socks, lock = threading.Event(), [], threading.Lock()
+
+    def slow_one():
+        s = socket.create_connection(("127.0.0.1", rest_port))
+        s.sendall(f"POST /v1/models/dplg:predict HTTP/1.1\r\nHost: {address}\r\n"
+                  "Content-Length: 1000000\r\n\r\n{".encode())
+        return s
+
+    def trickle():   # a byte every 5 s on each; a closed one is opened again
+        while not stop.wait(5.0):
+            with lock:
+                for i, s in enumerate(slow_socks):
+                    try:
+                        s.send(b" ")
+                    except OSError:
+                        s.close()
+                        slow_socks[i] = slow_one()
+
+    def good_rate(seconds):
+        done, errors = [0], [0]
+        end = time.perf_counter() + seconds
+
+        def run():
+            conn = http.client.HTTPConnection("127.0.0.1", rest_port, timeout=30)
+            while time.perf_counter() < end:
+                try:
+                    conn.request("GET", "/v1/models/dplg")
+                    response = conn.getresponse()
+                    response.read()
+                    ok = response.status == 200
+                except (OSError, http.client.HTTPException):
+                    conn.close()
+                    conn, ok = http.client.HTTPConnection("127.0.0.1", rest_port,
+                                                          timeout=30), False
+                done[0] += ok
+                errors[0] += not ok
+            conn.close()
+        threads = [threading.Thread(target=run) for _ in range(args.clients)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return done[0] / (time.perf_counter() - start), errors[0]
+
+    try:
+        line = ""
+        while "REST API" not in line:
+            line = server.stdout.readline()
+            if not line:
+                raise RuntimeError("dplg-serve did not start")
+        threading.Thread(target=trickle, daemon=True).start()
+        good_rate(2)   # warm-up
+        rows = []
+        for i in range(args.rounds):
+            alone = good_rate(args.seconds)
+            with lock:
+                slow_socks.extend(slow_one() for _ in range(args.slow))
+            time.sleep(1)
+            beside = good_rate(args.seconds)
+            with lock:
+                for s in slow_socks:
+                    s.close()
+                slow_socks.clear()
+            rows.append((alone, beside))
+            print(f"round {i + 1}: alone {alone[0]:.1f} req/s ({alone[1]} errors), beside "
+                  f"{args.slow} slow clients {beside[0]:.1f} req/s ({beside[1]} errors)",
+                  flush=True)
+            time.sleep(1)
+        body = b'{"instances": [' + b"{}," * 20_000_000 + b"{}]}"
+        before = _vm_rss_mb(server.pid)
+        codes = {}
+        for _ in range(100):
+            conn = http.client.HTTPConnection("127.0.0.1", rest_port, timeout=120)
+            conn.request("POST", "/v1/models/dplg:predict", body,
+                         {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            codes[response.status] = codes.get(response.status, 0) + 1
+        time.sleep(1)
+        after = _vm_rss_mb(server.pid)
+        print(f"RSS {before:.0f} MB -> {after:.0f} MB after 100 refused bodies {codes}",
+              flush=True)
+    finally:
+        stop.set()
+        server.terminate()
+        server.wait(60)
+        shutil.rmtree(work, ignore_errors=True)
+    ratios = [b[0] / a[0] for a, b in rows]
+    alone = statistics.median(a[0] for a, _ in rows)
+    beside = statistics.median(b[0] for _, b in rows)
+    errors = sum(a[1] + b[1] for a, b in rows)
+    return f"""| dplg-serve REST, GET /v1/models/dplg, {args.clients} good clients | req/s (median of {args.rounds} rounds) |
+|---|---:|
+| alone | {alone:.1f} |
+| beside {args.slow} slow clients (1 MB declared, a byte every 5 s) | {beside:.1f} |
+
+With / without slow clients: **{statistics.median(ratios):.3f}x** (median of the rounds'
+ratios; goal >= 0.8x); good requests that failed: {errors}.
+
+Server RSS (VmRSS of the dplg-serve process) before and after 100 refused
+{len(body) / 1e6:.0f} MB bodies (`{{"instances": [{{}}, {{}}, ...]}}`, answered {codes}):
+{before:.0f} MB -> {after:.0f} MB, **{after - before:+.0f} MB** (goal: within 300 MB).
+
+Command: `python benchmarks/serving.py --hostile --rounds {args.rounds} --clients \
+{args.clients} --slow {args.slow} --seconds {args.seconds}`. dplg-serve in its own
+process with its default HTTP bounds (10 s header, 60 s body, 5 s keep-alive
+timeouts, 512 connections); clients in the benchmark's process; {args.seconds} s
+windows, alternated."""
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
@@ -210,7 +504,24 @@ def main():
     parser.add_argument("--database", type=int, default=20000, help="index vectors besides "
                         "the queries'")
     parser.add_argument("--backbone", default="small")
+    parser.add_argument("--precision", action="store_true", help="only the precision part: "
+                        "bfloat16 vs float32 exports, dplg-serve vs in-process")
+    parser.add_argument("--batch", type=int, default=8, help="--precision: images a request")
+    parser.add_argument("--hostile", action="store_true", help="only the hostile-clients "
+                        "part: slow clients beside good ones, RSS after refused bodies")
+    parser.add_argument("--slow", type=int, default=130, help="--hostile: slow clients")
+    parser.add_argument("--seconds", type=float, default=10.0, help="--hostile: window")
     args = parser.parse_args()
+    if args.hostile:
+        body = hostile(args)
+        print(body)
+        record("Serving under hostile clients: slow clients, refused bodies", body)
+        return
+    if args.precision:
+        body = precision(args)
+        print(body)
+        record("Serving precision: bfloat16 exports, dplg-serve vs in-process", body)
+        return
 
     import keras
 

@@ -16,12 +16,8 @@ README "Layout"):
 - search, bulk: the FAISS index and dplg-search; the Ray Data extraction
 - cli: one thin absl module per console script
 
-Nothing is imported here, so tools that need no TensorFlow start fast.
+Nothing is imported here, so tools that need no TensorFlow start fast, and
+nothing is changed: the commands quiet TensorFlow (dplg_tf.console).
 """
 
-import os as _os
-
 __version__ = "0.1.0"
-
-# TensorFlow's C++ start-up chatter hides our own output; users can override.
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

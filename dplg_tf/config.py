@@ -3,17 +3,31 @@
 `base_config()` holds the paper's recipe (section 3.4); the files in configs/
 change a few fields of it. `validate(config)` checks a tree and raises one
 clear sentence on the first wrong value; the names of backbones and heads
-are checked by dplg_tf.nn.model.validate, which `build_dplg` calls. This
+are checked by dplg_tf.nn.model.validate, which `build_dplg` calls.
+`config_file(name)` finds a file of configs/, in a checkout or a wheel. This
 module sits at the bottom with dplg_tf.errors.
 """
 
 import math
+import os
 
 import ml_collections
 
 from dplg_tf.errors import UserError
 
 PAPER_SCALES = (1 / (2 * math.sqrt(2)), 0.5, 1 / math.sqrt(2), 1.0, math.sqrt(2))
+
+
+def config_file(name):
+    """The path of the shipped config `name` (e.g. "demo_cpu.py"): in an
+    installed wheel, its copy of configs/ (dplg_tf/configs, mapped so in
+    pyproject.toml); in a checkout, which has no such folder, configs/ beside
+    the package, the files users edit."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(package, "configs")
+    folder = installed if os.path.isdir(installed) else os.path.join(
+        os.path.dirname(package), "configs")
+    return os.path.join(folder, name)
 
 
 def base_config():

@@ -9,17 +9,20 @@ TensorFlow's C++ runtime prints a dozen lines when it is imported and when
 its devices are first listed (absl's "All log messages before
 absl::InitializeLog()", oneDNN, CUDA stubs on machines without a GPU),
 before any logging setting applies. After `quiet_tensorflow()`, the first
-`import tensorflow` (whoever makes it) and its device listing run with
-stderr captured, and only the lines that are not that chatter are passed
-on; --verbosity=1 (any command) shows everything.
+`import tensorflow` (whoever makes it) and its device listing write their
+stderr into a pipe; a small helper process passes on the lines that are not
+that chatter, as they come. Should the import crash the process (SIGSEGV,
+SIGILL, abort), the helper still passes on what was written before it, so
+the crash's last words reach the console. --verbosity=1 (any command) shows
+everything.
 """
 
 import contextlib
 import logging
 import os
 import re
+import subprocess
 import sys
-import tempfile
 
 # TensorFlow's start-up lines that say nothing to a user of this package
 _CHATTER = re.compile(
@@ -56,24 +59,46 @@ def progress_bar(total, unit="images", enabled=True):
                 mininterval=0.2 if tty else 10.0, dynamic_ncols=tty, ascii=not tty)
 
 
+# the helper: stdin's lines that are not chatter (argv[1]) to stdout, each at once
+_FILTER = """
+import re, sys
+chatter = re.compile(sys.argv[1])
+for line in sys.stdin.buffer:
+    if line.strip() and not chatter.search(line.decode("utf-8", "replace")):
+        sys.stdout.buffer.write(line if line.endswith(b"\\n") else line + b"\\n")
+        sys.stdout.buffer.flush()
+"""
+
+
 @contextlib.contextmanager
 def _filtered_stderr():
-    """File descriptor 2 into a temporary file; then its lines that are not
-    chatter go to the real stderr."""
+    """File descriptor 2 into a pipe, read by a helper process that passes
+    the lines that are not chatter to the real stderr. The helper outlives a
+    crash of this process: it reads to the pipe's end, which comes when the
+    last writer (fd 2 here) is closed, by us or by the kernel."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            for line in capture.read().decode("utf-8", "replace").splitlines():
-                if line.strip() and not _CHATTER.search(line):
-                    print(line, file=sys.stderr)
+    read_end, write_end = os.pipe()
+    try:
+        helper = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _FILTER, _CHATTER.pattern], stdin=read_end,
+            stdout=saved, start_new_session=True)   # a Ctrl-C reaches us, not the helper
+    except OSError:   # no interpreter to start: stderr unfiltered
+        os.close(read_end)
+        os.close(write_end)
+        os.close(saved)
+        yield
+        return
+    os.close(read_end)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)   # closes the pipe's last writer: the helper ends
+        os.close(saved)
+        helper.wait()
 
 
 class _QuietImport:
@@ -110,7 +135,11 @@ class _QuietLoader:
 def quiet_tensorflow(verbose=False):
     """Keep TensorFlow's start-up chatter (at its import and first device
     listing) out of the console, and quiet the loggers of libraries that
-    report normal events as failures; everything is shown when `verbose`."""
+    report normal events as failures; everything is shown when `verbose`,
+    except the C++ INFO and WARNING lines (TF_CPP_MIN_LOG_LEVEL=2 unless set).
+    Every command calls it (dplg_tf.cli.run) before TensorFlow is imported."""
+    # TensorFlow's C++ INFO and WARNING lines; a user's own setting wins
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if verbose:
         return
     for name in _QUIET_LOGGERS:

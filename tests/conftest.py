@@ -46,18 +46,40 @@ def image_bytes(h=120, w=160, seed=0, fmt="JPEG", mode="RGB"):
     return buf.getvalue()
 
 
+FIXED_PORTS = (10000, 30000)   # where free_ports looks, when below the ephemeral range
+
+
 def free_ports(n=1):
-    """`n` TCP ports on 127.0.0.1 that were free a moment ago."""
+    """`n` distinct TCP ports on 127.0.0.1, free now, for a process that takes
+    a port number. They are drawn at random below the kernel's ephemeral
+    range, which port-0 binds (every server the tests start on port 0) and
+    outgoing connections take from, so neither can take them before the
+    process binds; only another such draw could, one chance in thousands."""
+    import random
     import socket
 
-    socks = [socket.socket() for _ in range(n)]
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768   # Linux's default
+    low, high = FIXED_PORTS[0], min(FIXED_PORTS[1], ephemeral)
+    if high - low < 1000:
+        raise RuntimeError(f"the ephemeral port range starts at {ephemeral}: no room below it")
+    rng, ports = random.SystemRandom(), []
+    for _ in range(1000):
+        port = rng.randrange(low, high)
+        if port in ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:   # taken
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"no {n} free ports in [{low}, {high})")
 
 
 @pytest.fixture(scope="session")

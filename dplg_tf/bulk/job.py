@@ -284,9 +284,9 @@ def _start_ray(options):
     common = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=True)
     if options.ray_address:
         ray.init(address=options.ray_address, **common)
-    else:
-        ray.init(address="local", num_cpus=options.num_cpus, **common)
-    return ray
+        return ray, None
+    context = ray.init(address="local", num_cpus=options.num_cpus, **common)
+    return ray, context.address_info["session_dir"]   # ray.init's public answer
 
 
 def extract(inputs, options):
@@ -316,11 +316,10 @@ def extract(inputs, options):
     if stopped:
         print(f"dplg-extract: stopped {stopped} Ray processes left running by a killed run "
               f"into {options.output_dir}", file=sys.stderr)
-    ray = _start_ray(options)
+    ray, session_dir = _start_ray(options)
     try:
-        if not options.ray_address:
-            leftovers.record(options.output_dir, ray._private.worker._global_node
-                             .get_session_dir_path())
+        if session_dir:   # a local runtime: its processes are ours to reap
+            leftovers.record(options.output_dir, session_dir)
         return _run(options, ray, names, limits, manifest)
     finally:
         ray.shutdown()

@@ -3,10 +3,10 @@
 from absl import flags
 
 from dplg_tf import cli
-from dplg_tf.nn.costs import cost_table, markdown
 
 
 def main(argv):
+    from dplg_tf.nn.costs import cost_table, markdown   # TensorFlow, after cli.run's setup
 
     del argv
     f = flags.FLAGS

@@ -24,10 +24,11 @@ from absl import flags
 from ml_collections import config_flags
 
 from dplg_tf import cli
+from dplg_tf.config import config_file
 from dplg_tf.images.attention import ascii_map
 from dplg_tf.images.probe import facade_image
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo_cpu.py")
+_DEFAULT_CONFIG = config_file("demo_cpu.py")
 FLAGS = flags.FLAGS
 
 def describe(config):
@@ -68,28 +69,38 @@ def describe(config):
 _REFERENCE = {"gflops": 134.0, "train_seconds": 530.0, "other_seconds": 67.0, "steps": 900}
 
 
-def matmul_gflops(size=1024, repeats=5):
-    """This machine's float32 matrix-multiply speed (numpy's BLAS), GFLOP/s."""
+def matmul_gflops(size=1024, timings=9, clock=time.perf_counter):
+    """This machine's float32 matrix-multiply speed (numpy's BLAS), GFLOP/s:
+    the best of several short timings, so that other work running during
+    part of the measurement does not make the machine look slow."""
     a = np.random.default_rng(0).random((size, size), np.float32)
     a @ a  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
+    best = float("inf")
+    for _ in range(timings):
+        start = clock()
         a @ a
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
+        best = min(best, clock() - start)
+    return 2 * size ** 3 / max(best, 1e-9) / 1e9
 
 
-def estimate():
-    """How long the demo should take here, scaled from the reference run."""
+def estimate(gflops=None, load=None):
+    """How long the demo should take here, scaled from the reference run at
+    this machine's best speed; says so when other work runs now (`load`: the
+    1-minute load average, per core), which makes the demo take longer."""
     ref = _REFERENCE
-    gflops = matmul_gflops()
+    gflops = gflops or matmul_gflops()
     if not ref["gflops"]:
         return f"this machine: {gflops:.0f} GFLOP/s float32 matmul"
+    if load is None:
+        load = os.getloadavg()[0] / (os.cpu_count() or 1) if hasattr(os, "getloadavg") else 0
     seconds = (ref["train_seconds"] * FLAGS.train_steps / ref["steps"]
                + ref["other_seconds"]) * ref["gflops"] / gflops
+    busy = (f"; other work keeps the cores {min(load, 1):.0%} busy now, which makes it longer"
+            if load > 0.5 else "")
     return (f"this machine: {gflops:.0f} GFLOP/s float32 matmul; the demo should take about "
             f"{seconds / 60:.0f} min here ({(ref['train_seconds'] + ref['other_seconds']) / 60:.0f}"
             f" min on a 2-core machine of {ref['gflops']:.0f} GFLOP/s; --train_steps "
-            "shortens it)")
+            f"shortens it){busy}")
 
 def _stage(name):
     print(f"\n== {name}", flush=True)

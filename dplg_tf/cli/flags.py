@@ -110,3 +110,58 @@ def index_inputs(argv, command):
     paths = list(getattr(f, "images", None) or []) + argv[1:]
     return read_inputs(paths, f.descriptors, f.model, f.server, f.model_name,
                        f.allow_unverified, command)
+
+
+def define_access_flags(token_for):
+    """--allowed_hosts, --cors_origins and --auth_token_file (dplg_tf.http.access)."""
+    flags.DEFINE_string("allowed_hosts", None, "Host names answered besides the loopback "
+                        "names and --host, comma-separated (*.example.com: its subdomains; "
+                        "*: any, for a proxy that checks Host); others get 400.")
+    flags.DEFINE_string("cors_origins", None, "Origins whose pages may call the API "
+                        "(CORS), comma-separated, e.g. https://app.example.com (*: any); "
+                        "none by default.")
+    flags.DEFINE_string("auth_token_file", None, "A file holding a token that every "
+                        f"request to {token_for} must send as 'Authorization: Bearer "
+                        "<token>' (else 401).")
+
+
+def access_from_flags():
+    """The http.access.Access of the flags of define_access_flags."""
+    from dplg_tf.http.access import Access, read_token_file, split_list
+
+    f = flags.FLAGS
+    token = read_token_file(f.auth_token_file) if f.auth_token_file else None
+    return Access(split_list(f.allowed_hosts), split_list(f.cors_origins), token)
+
+
+def define_http_flags():
+    """The timeouts and bounds of an HTTP server (dplg_tf.http.server.HttpLimits)."""
+    from dplg_tf.http.server import DEFAULT_HTTP_LIMITS as d
+
+    flags.DEFINE_float("http_header_timeout_s", d.header_timeout, "Seconds a connection may "
+                       "take to send a request's headers (from connecting, or from the "
+                       "request's first byte); then 408 and closed.", lower_bound=0.01)
+    flags.DEFINE_float("http_body_timeout_s", d.body_timeout, "Seconds a request may take to "
+                       "send its body after its headers; then 408 and closed.",
+                       lower_bound=0.01)
+    flags.DEFINE_float("http_keep_alive_s", d.keep_alive, "Seconds an idle connection is "
+                       "kept open between requests.", lower_bound=0.01)
+    flags.DEFINE_integer("http_max_connections", d.max_connections, "Open connections at "
+                         "most; a new one past them is answered 503 and closed.",
+                         lower_bound=1)
+    flags.DEFINE_integer("http_max_json_depth", d.json_max_depth, "Nesting of arrays and "
+                         "objects in a JSON body, at most.", lower_bound=1)
+    flags.DEFINE_integer("http_max_json_values", d.json_max_items, "Values in a JSON body, "
+                         "at most (checked on its bytes before it is parsed).", lower_bound=1)
+
+
+def http_limits_from_flags():
+    """The HttpLimits of the flags of define_http_flags."""
+    from dplg_tf.http.server import HttpLimits
+
+    f = flags.FLAGS
+    return HttpLimits(header_timeout=f.http_header_timeout_s,
+                      body_timeout=f.http_body_timeout_s, keep_alive=f.http_keep_alive_s,
+                      max_connections=f.http_max_connections,
+                      json_max_depth=f.http_max_json_depth,
+                      json_max_items=f.http_max_json_values)

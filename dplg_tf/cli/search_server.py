@@ -12,8 +12,10 @@ import sys
 from absl import flags
 
 from dplg_tf import cli
-from dplg_tf.cli.flags import (define_limit_flags, define_model_flags, define_rerank_flags,
-                              limits_from_flags, rerank_settings_from_flags)
+from dplg_tf.cli.flags import (access_from_flags, define_access_flags, define_http_flags,
+                              http_limits_from_flags, define_limit_flags,
+                              define_model_flags, define_rerank_flags, limits_from_flags,
+                              rerank_settings_from_flags)
 
 log = logging.getLogger("dplg_tf.search")
 
@@ -41,6 +43,8 @@ def _define_flags():
     define_rerank_flags()   # --rerank: every search re-ranked unless it asks "rerank": false
     flags.DEFINE_float("grace_seconds", 10.0, "On SIGTERM, time for requests in flight.",
                        lower_bound=0)
+    define_access_flags("the API (/v1/..., /metrics; the page and its files need none)")
+    define_http_flags()   # header/body/keep-alive timeouts, connections, JSON bounds
 
 
 def main(argv):
@@ -57,12 +61,14 @@ def main(argv):
         if not os.path.isdir(f.image_root):
             raise UserError(f"--image_root {f.image_root!r} is not a folder.")
     limits = limits_from_flags()
+    access = access_from_flags()   # before the model loads: a bad flag fails at once
     describer = Describer(f.model, f.server, f.model_name, limits=limits)
     searcher = Searcher(f.index_dir, describer, f.image_root, limits, f.max_top_k,
                         f.reload_seconds, rerank=f.rerank,
                         rerank_settings=rerank_settings_from_flags(), timeout=f.timeout_seconds)
     server = SearchServer(searcher, f.host, f.port, limits, f.workers,
-                          f.max_concurrent).start()
+                          f.max_concurrent, access=access,
+                          http_limits=http_limits_from_flags()).start()
     print(f"dplg-search-server: http://{server.address}/ searching {len(searcher.index)} "
           f"images of {f.index_dir} with {describer.identity}", flush=True)
     cli.wait_for_stop_signal(log)

@@ -13,7 +13,9 @@ import sys
 from absl import flags
 
 from dplg_tf import cli
-from dplg_tf.cli.flags import define_limit_flags, limits_from_flags
+from dplg_tf.cli.flags import (access_from_flags, define_access_flags, define_http_flags,
+                              http_limits_from_flags, define_limit_flags,
+                              limits_from_flags)
 from dplg_tf.errors import InputNotFound, UserError
 from dplg_tf.serving import batching
 from dplg_tf.serving.config import read_monitoring_config
@@ -58,6 +60,8 @@ def _define_flags():
                          "more are answered RESOURCE_EXHAUSTED (0: 4 x --grpc_workers).",
                          lower_bound=0)
     flags.DEFINE_float("grace_seconds", 30.0, "On SIGTERM, time for requests in flight.")
+    define_access_flags("the REST API and its metrics page (not the gRPC port)")
+    define_http_flags()   # header/body/keep-alive timeouts, connections, JSON bounds
 
 
 def main(argv):
@@ -92,7 +96,8 @@ def main(argv):
                     rest_workers=f.rest_api_num_threads or None,
                     tensor_content=f.enable_serialization_as_tensor_content,
                     warm_up=f.enable_model_warmup,
-                    allow_unavailable_labels=f.allow_version_labels_for_unavailable_models
+                    allow_unavailable_labels=f.allow_version_labels_for_unavailable_models,
+                    access=access_from_flags(), http_limits=http_limits_from_flags()
                     ).start()
     models = ", ".join(repr(n) for n in server.models.names)
     where = f.model_base_path or f.model_config_file

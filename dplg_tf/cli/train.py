@@ -4,17 +4,16 @@
     dplg-train --config=configs/demo_cpu.py --config.train.batch_size=16 --workdir=w
 """
 
-import os
-
 from absl import flags, logging
 from ml_collections import config_flags
 
 from dplg_tf import cli
+from dplg_tf.config import config_file
 from dplg_tf.errors import PARTLY_FAILED
 from dplg_tf.training.trainer import TrainingError, train
 
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo_cpu.py")
+_DEFAULT_CONFIG = config_file("demo_cpu.py")
 
 
 def _define_flags():

@@ -16,9 +16,11 @@ class BuildError(UserError):
 def list_image_dir(image_dir, problems=None):
     """[(path, image_id, class_name)] from a folder with one sub-folder per class.
 
-    Names that are not valid UTF-8 (the record schema stores text) and
-    symbolic links that loop or lead nowhere are left out and appended to
-    `problems` as [path, reason]."""
+    A file name that is not valid UTF-8 is kept: its image_id holds the
+    undecodable bytes as surrogate escapes (os.fsdecode), and the record
+    stores them as they are (make_example). Class folders whose names are
+    not valid UTF-8 (relabeling.csv is text) and symbolic links that loop or
+    lead nowhere are left out and appended to `problems` as [path, reason]."""
     from dplg_tf.images import is_text_name, display_name
 
     problems = problems if problems is not None else []
@@ -26,9 +28,9 @@ def list_image_dir(image_dir, problems=None):
         raise BuildError(f"--image_dir {image_dir!r} is not a folder.")
     items, ignored = [], 0
 
-    def usable(path, name):
-        if not is_text_name(name):
-            problems.append([display_name(path), "name is not valid UTF-8"])
+    def usable(path, name, folder=False):
+        if folder and not is_text_name(name):
+            problems.append([display_name(path), "folder name is not valid UTF-8"])
             return False
         if os.path.islink(path) and not os.path.exists(path):
             problems.append([display_name(path), "broken or looping symbolic link"])
@@ -36,7 +38,7 @@ def list_image_dir(image_dir, problems=None):
         return not name.startswith(".")
 
     classes = sorted(d for d in os.listdir(image_dir)
-                     if usable(os.path.join(image_dir, d), d)
+                     if usable(os.path.join(image_dir, d), d, folder=True)
                      and os.path.isdir(os.path.join(image_dir, d)))
     if not classes:
         raise BuildError(f"--image_dir {image_dir!r} has no class sub-folders.")

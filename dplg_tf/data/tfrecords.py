@@ -130,6 +130,12 @@ def load_image(path, max_size=0):
     return jpeg, w, h
 
 
+def _id_bytes(image_id):
+    """An id as bytes: UTF-8, and a file name's undecodable bytes as they were
+    on disk (os.fsdecode's surrogate escapes), so os.fsdecode gives it back."""
+    return str(image_id).encode("utf-8", "surrogateescape")
+
+
 def make_example(jpeg, image_id, label, width, height):
     import tensorflow as tf
 
@@ -140,7 +146,7 @@ def make_example(jpeg, image_id, label, width, height):
         return tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
 
     return tf.train.Example(features=tf.train.Features(feature={
-        "image/encoded": b(jpeg), "image/id": b(str(image_id).encode()),
+        "image/encoded": b(jpeg), "image/id": b(_id_bytes(image_id)),
         "image/class/label": i(label), "image/height": i(height), "image/width": i(width),
         "image/channels": i(3), "image/format": b(b"JPEG"), "image/colorspace": b(b"RGB"),
     }))
@@ -154,7 +160,7 @@ def _fingerprint(plans, labels, max_size):
     for name in sorted(plans):
         h.update(name.encode())
         for path, image_id, cls in plans[name]:
-            h.update(f"{path}\0{image_id}\0{labels[cls]}\n".encode())
+            h.update(f"{path}\0{image_id}\0{labels[cls]}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 

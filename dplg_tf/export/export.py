@@ -52,7 +52,7 @@ from dplg_tf.export.saved_models import next_version
 
 def export(model, export_dir, version=None, scales=None, max_image_side=1024,
            min_scaled_side=64, limits=DEFAULT_LIMITS, freeze=True, whitening=None,
-           refinements=None):
+           refinements=None, precision="float32"):
     """Write `model` as BASE/<version>/ with both signatures; returns the path.
 
     With `freeze`, the weights are graph constants (faster; no variables in
@@ -61,14 +61,19 @@ def export(model, export_dir, version=None, scales=None, max_image_side=1024,
     layers.Whitening (the descriptor may then be shorter). TF Serving's warm-up
     file goes into assets.extra/ (export.warmup). `refinements`
     (export.refinements.Refinements) change the pooling; they are recorded as
-    the SavedModel's `refinements` (JSON)."""
+    the SavedModel's `refinements` (JSON). `precision` (export.precision:
+    float32, bfloat16, float16) is what the layers compute in; the
+    descriptors are float32 whatever it is; recorded as `precision`."""
     import tensorflow as tf
 
     from dplg_tf.config import PAPER_SCALES
+    from dplg_tf.export.precision import in_precision
     from dplg_tf.export.refinements import NONE, refined
 
     refinements = refinements or NONE
     model = refined(model, refinements)
+    plain = model
+    model = in_precision(model, precision)
 
     os.makedirs(export_dir, exist_ok=True)
     version = version or next_version(export_dir)
@@ -79,7 +84,7 @@ def export(model, export_dir, version=None, scales=None, max_image_side=1024,
     scales = scales or PAPER_SCALES
     layer = None
     if whitening:
-        layer = whitening_layer(whitening, model, scales, max_image_side, min_scaled_side,
+        layer = whitening_layer(whitening, plain, scales, max_image_side, min_scaled_side,
                                 refinements.scale_aggregation)
     extractor = DescriptorExtractor(model, scales, max_image_side, min_scaled_side, limits,
                                     freeze=freeze, whitening=layer,
@@ -107,6 +112,7 @@ def export(model, export_dir, version=None, scales=None, max_image_side=1024,
     module.refinements = tf.Variable(refinements.to_json(), trainable=False, dtype=tf.string)
     module.preprocessing = tf.Variable(preprocessing_of(model), trainable=False,
                                        dtype=tf.string)
+    module.precision = tf.Variable(precision, trainable=False, dtype=tf.string)
     tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

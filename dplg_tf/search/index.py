@@ -46,6 +46,36 @@ class IndexMismatch(UserError):
     """The index and the request do not fit together."""
 
 
+def _json_kind(value):
+    """How a JSON value is called in an error sentence."""
+    if isinstance(value, list):
+        return "a list" if all(isinstance(v, str) for v in value) else "a list of non-strings"
+    return {dict: "an object", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(value), "null")
+
+
+# meta.json's fields and the JSON types each may hold (None: null)
+META_FIELDS = {"dim": (int,), "kind": (str,), "params": (dict,), "probe": (list, type(None)),
+               "image_root": (str, type(None)), "sha256": (dict, type(None))}
+
+
+def _check_meta(meta, state):
+    """Refuse a meta.json of the wrong shape with one sentence (IndexMismatch)."""
+    if not isinstance(meta, dict):
+        raise IndexMismatch(f"{state}/meta.json must be a JSON object, not "
+                            f"{_json_kind(meta)}; rebuild the index with dplg-index.")
+    for field, types in META_FIELDS.items():
+        value = meta.get(field)
+        if (field in ("dim", "kind", "params") and field not in meta) or not isinstance(
+                value, types) or isinstance(value, bool):
+            raise IndexMismatch(f"{state}/meta.json has a bad {field!r} ("
+                                f"{_json_kind(value)}); rebuild the index with dplg-index.")
+    if meta["dim"] < 1 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                  for v in meta["probe"] or ()):
+        raise IndexMismatch(f"{state}/meta.json has a bad dimension or probe; rebuild the "
+                            "index with dplg-index.")
+
+
 class DescriptorIndex:
     def __init__(self, dim, kind="exact", probe=None, hnsw_m=32, ef_search=128,
                  nlist=1024, pq_m=64, nprobe=32, refine=10, fs_m=None, dba_k=0,
@@ -227,19 +257,21 @@ class DescriptorIndex:
             or os.path.isfile(os.path.join(folder, "meta.json")))
 
     @classmethod
-    def load(cls, folder):
-        """The committed index of `folder` (or of an older flat folder)."""
+    def load(cls, folder, state=None):
+        """The committed index of `folder` (or of an older flat folder); `state`:
+        the state folder to read (one StateFolder.current() gave) instead."""
         if not os.path.isdir(folder):
             what = "a file" if os.path.exists(folder) else "missing"
             raise InputNotFound(f"--index_dir {folder} is {what}, not an index folder; "
                                     "build one with dplg-index.")
-        state = StateFolder(folder).current() or folder
+        state = state or StateFolder(folder).current() or folder
         if not os.path.isfile(os.path.join(state, "meta.json")):
             raise InputNotFound(f"{folder} is not an index folder (no committed "
                                     "index); build one with dplg-index.")
         try:
             return cls._load_state(state)
-        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError,
+                IndexError) as e:
             if isinstance(e, IndexMismatch):
                 raise
             raise IndexMismatch(f"The index in {folder} is damaged ({type(e).__name__}); "
@@ -251,6 +283,7 @@ class DescriptorIndex:
 
         with open(os.path.join(state, "meta.json")) as f:
             meta = json.load(f)
+        _check_meta(meta, state)
         for name, digest in (meta.get("sha256") or {}).items():   # indexes since the checksums
             if name not in ("index.faiss", "names.json") or _sha256(
                     os.path.join(state, name)) != digest:
@@ -263,6 +296,11 @@ class DescriptorIndex:
             index.index.hnsw.efSearch = meta["params"]["ef_search"]
         with open(os.path.join(state, "names.json")) as f:
             index.names = json.load(f)
+        if not isinstance(index.names, list) or not all(isinstance(n, str)
+                                                        for n in index.names):
+            raise IndexMismatch(f"{state}/names.json must be a JSON list of image names "
+                                f"(strings), not {_json_kind(index.names)}; rebuild the "
+                                "index with dplg-index.")
         if meta["kind"] in ("exact", "hnsw"):   # stored as floats: a damaged one shows NaN
             flat = index.index if meta["kind"] == "exact" else faiss.downcast_index(
                 index.index.storage)

@@ -107,6 +107,8 @@ class SearchMetrics:
                              registry=self.registry)
         self.reloads = Counter("dplg_search_index_reloads", "Index states loaded after the "
                                "first.", registry=self.registry)
+        self.refused = Counter("dplg_search_index_refused", "Index states refused (unreadable "
+                               "or invalid) and skipped.", registry=self.registry)
 
     def reloaded(self, vectors):
         self.vectors.set(vectors)

@@ -16,7 +16,10 @@ and people (a web page), on Starlette / uvicorn.
 Queries are described by the model the index was built with (checked by
 the probe descriptor at start and at each reload). The index is reloaded in
 the background when its CURRENT state changes; requests in flight keep the
-index they started with. The server only reads the index folder, so several
+index they started with, and an answer names the state it was computed on
+and what was done ("search": rerank, qe_k as applied). A state that fails to
+load is refused (logged, counted, told by /v1/health) and the last good one
+served. The server only reads the index folder, so several
 replicas can serve one folder. Answers name images as search.names says:
 relative, never by a server path. A search gets `timeout` seconds; past
 them, or when the model server (search.model_server) fails, it answers 503.
@@ -40,9 +43,10 @@ from dplg_tf.search.index import DescriptorIndex
 from dplg_tf.search.names import ImageFiles
 from dplg_tf.search.queries import SearchMetrics, bad_request, parse_query
 from dplg_tf.errors import shorten
-from dplg_tf.http.server import (Gate, HttpError, HttpServer, error_response,
-                                  json_response, prometheus_response,
-                                  read_body)
+from dplg_tf.http.bodies import parse_json
+from dplg_tf.http.server import (DEFAULT_HTTP_LIMITS, Gate, HttpError, HttpServer,
+                                  call_boxed, error_response, json_response,
+                                  prometheus_response, read_body, unbox)
 from dplg_tf.storage.atomic import StateFolder
 
 log = logging.getLogger("dplg_tf.search")
@@ -66,6 +70,26 @@ def _state_name(folder):
     """The committed state's name (what CURRENT says), or '' for a flat folder."""
     current = StateFolder(folder).current()
     return "" if current is None else os.path.basename(current)
+
+
+def _pointer(folder):
+    """CURRENT's text, None without one: what the reload thread watches."""
+    try:
+        with open(os.path.join(folder, StateFolder.POINTER), "rb") as f:
+            return f.read(4096)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"unreadable: {e}"
+
+
+class IndexView:
+    """One served index state; a request takes one and uses only it."""
+
+    def __init__(self, state, index, image_root):
+        self.state, self.index = state, index
+        self.names = set(index.names)
+        self.files = ImageFiles(image_root, index.image_root)
 
 
 class Searcher:
@@ -94,52 +118,103 @@ class Searcher:
         self.model = _model_info(describer)
         self.model_server = None if getattr(describer, "client", None) is None else ModelServer(
             describer, self.probe, self.timeout, check_seconds, limits.max_request_mb)
-        self.state, index = self._load()
-        self._view = self._view_of(index)
+        pointer = _pointer(index_dir)
+        self._view = self._load()
+        self._served = pointer   # CURRENT's text when the served state was read
+        self._refused = None     # (CURRENT's text, sentence, when) of a refused state
         self._stop = threading.Event()
         self._thread = None
-        self.reloads = 0
-
-    def _view_of(self, index):
-        """(index, its names as a set, ImageFiles): swapped as one."""
-        return index, set(index.names), ImageFiles(self.image_root, index.image_root)
+        self.reloads = self.refused = self.thread_restarts = 0
 
     @property
     def index(self):
-        return self._view[0]
+        return self._view.index
+
+    @property
+    def state(self):
+        return self._view.state
 
     def _load(self):
         state = _state_name(self.index_dir)
-        index = DescriptorIndex.load(self.index_dir)
+        index = DescriptorIndex.load(
+            self.index_dir, os.path.join(self.index_dir, state) if state else None)
         index.check_probe(self.probe)
-        return state, index
+        return IndexView(state, index, self.image_root)
 
     def reload_if_changed(self):
         """Load the committed state if it is not the one served; True if swapped.
-        A state that cannot be read yet (a writer is committing) is tried again later."""
-        try:
-            if _state_name(self.index_dir) == self.state:
-                return False
-            state, index = self._load()
-        except (UserError, OSError) as e:
-            log.warning("the index in %s was not reloaded (tried again later): %s",
-                        self.index_dir, e)
+        A state that fails to load is refused (logged, counted, told by
+        problem()) and the last good one kept; it is tried again when CURRENT
+        changes or after RETRY_SECONDS. One replaced while read is tried at
+        the next check."""
+        pointer = _pointer(self.index_dir)
+        if pointer == self._served:
             return False
-        self._view, self.state = self._view_of(index), state
+        if self._refused is not None and self._refused[0] == pointer and (
+                time.monotonic() - self._refused[2] < self.RETRY_SECONDS):
+            return False
+        try:
+            view = self._load()
+        except Exception as e:  # noqa: BLE001 - no state may stop the serving of the last good one
+            if _pointer(self.index_dir) == pointer:   # else a writer moved CURRENT meanwhile
+                self._refuse(pointer, e)
+            return False
+        self._view, self._served, self._refused = view, pointer, None
         self.reloads += 1
         if self.metrics is not None:
-            self.metrics.reloaded(len(index))
-        log.info("serving index state %s (%d vectors)", state or "(flat)", len(index))
+            self.metrics.reloaded(len(view.index))
+        log.info("serving index state %s (%d vectors)", view.state or "(flat)",
+                 len(view.index))
         return True
 
-    def start(self):
-        def loop():
-            while not self._stop.wait(self.reload_seconds):
-                self.reload_if_changed()
+    RETRY_SECONDS = 60.0
 
+    def _refuse(self, pointer, error):
+        why = str(error) if isinstance(error, UserError) else (
+            f"{type(error).__name__}: {shorten(error, 200)}")
+        folder = os.path.normpath(self.index_dir)   # no server path in /v1/health
+        why = why.replace(folder, os.path.basename(folder))
+        name = "(no CURRENT)" if pointer is None else shorten(pointer.decode(
+            "utf-8", "replace").strip() if isinstance(pointer, bytes) else pointer, 80)
+        sentence = (f"Index state {name} was refused ({why.rstrip('.')}); serving state "
+                    f"{self.state or '(flat)'} instead.")
+        again = self._refused is not None and self._refused[:2] == (pointer, sentence)
+        if self._refused is None or self._refused[0] != pointer:
+            self.refused += 1
+            if self.metrics is not None:
+                self.metrics.refused.inc()
+        self._refused = (pointer, sentence, time.monotonic())
+        if not again:
+            log.error("%s (in %s)", sentence, self.index_dir)
+
+    def _start_reloads(self):
+        self._thread = threading.Thread(target=self._reload_loop, name="index-reload",
+                                        daemon=True)
+        self._thread.start()
+
+    def _reload_loop(self):
+        """Check for a new state every reload_seconds until stopped; whatever
+        ends this loop otherwise is logged and a new thread takes over."""
+        try:
+            while not self._stop.wait(self.reload_seconds):
+                try:
+                    self.reload_if_changed()
+                except Exception:  # noqa: BLE001 - a bug must not end the reloads
+                    log.exception("checking the index in %s failed; checked again later",
+                                  self.index_dir)
+        except BaseException:  # noqa: BLE001 - even SystemExit: a new thread goes on
+            if self._stop.is_set():
+                return
+            self.thread_restarts += 1
+            log.exception("the index reload thread ended unexpectedly; starting a new one")
+            try:
+                self._start_reloads()
+            except Exception:  # noqa: BLE001 - problem() then tells /v1/health
+                log.exception("the index reload thread could not be started again")
+
+    def start(self):
         if self.reload_seconds > 0:
-            self._thread = threading.Thread(target=loop, name="index-reload", daemon=True)
-            self._thread.start()
+            self._start_reloads()
         if self.model_server is not None:
             self.model_server.start()
         return self
@@ -152,8 +227,18 @@ class Searcher:
             self.model_server.stop()
 
     def problem(self):
-        """Why searches by image fail now (one sentence), or None."""
-        return None if self.model_server is None else self.model_server.problem
+        """Why the server is degraded now (sentences: a failing model server, a
+        refused index state, a stopped reload thread), or None."""
+        problems = [] if self.model_server is None or self.model_server.problem is None else [
+            self.model_server.problem]
+        refused = self._refused
+        if refused is not None:
+            problems.append(refused[1])
+        thread = self._thread
+        if thread is not None and not thread.is_alive() and not self._stop.is_set():
+            problems.append("The index reload thread has stopped, so new index states are "
+                            "not loaded; restart the server.")
+        return " ".join(problems) or None
 
     def too_slow(self):
         """The sentence of a search past its deadline (recorded for the model server)."""
@@ -164,13 +249,15 @@ class Searcher:
 
     # ------------------------------------------------------------ searching
 
-    def info(self):
-        index, model = self.index, dict(self.model, dim=int(self.index.dim))
+    def info(self, view=None):
+        """The model, the index state (`view`'s, else the served one) and the defaults."""
+        view = view or self._view
+        index, model = view.index, dict(self.model, dim=int(view.index.dim))
         if self.model_server is not None and self.model_server.version is not None:
             model["version"] = self.model_server.version   # the one served now
         return {"model": model,
                 "index": {"folder": os.path.basename(os.path.normpath(self.index_dir)),
-                          "state": self.state, "kind": index.kind, "vectors": len(index)},
+                          "state": view.state, "kind": index.kind, "vectors": len(index)},
                 "search": {"rerank": self.rerank_default, **self.rerank}}
 
     def _call_model(self, fn, *args):
@@ -225,7 +312,8 @@ class Searcher:
         from dplg_tf.retrieval.expansion import alpha_qe, index_neighbours
 
         start = time.perf_counter()
-        index, _, files = self._view   # this request's index, whatever reloads meanwhile
+        view = self._view   # this request's index state, whatever reloads meanwhile
+        index, files = view.index, view.files
         if query.get("image") is not None:
             vector = self._describe(query["image"])
         else:
@@ -236,10 +324,12 @@ class Searcher:
             if not np.all(np.isfinite(vector)) or not np.any(vector):
                 raise bad_request("The descriptor must be finite and not all zero.")
         vectors = vector[None, :]
-        if query["qe_k"]:
-            vectors = alpha_qe(vectors, k=query["qe_k"], alpha=query["qe_alpha"],
+        qe_k = min(query["qe_k"], len(index))
+        if qe_k:
+            vectors = alpha_qe(vectors, k=qe_k, alpha=query["qe_alpha"],
                                neighbours=index_neighbours(index))
-        if query.get("rerank", self.rerank_default):
+        rerank = bool(query.get("rerank", self.rerank_default)) and len(index) >= 2
+        if rerank:   # (index_rerank leaves an index of one as it is)
             from dplg_tf.retrieval.rerank import index_rerank
 
             scores, ids = index_rerank(index, vectors, query["top_k"], **self.rerank)
@@ -248,7 +338,9 @@ class Searcher:
         results = [{"name": files.shown(index.names[i]), "score": round(float(s), 6),
                     "image": files.url(index.names[i])}
                    for s, i in zip(scores[0], ids[0]) if i >= 0]
-        answer = dict(self.info(), results=results)
+        answer = dict(self.info(view), results=results)
+        answer["search"] = {"rerank": rerank, **self.rerank, "qe_k": qe_k,   # what was done
+                            "qe_alpha": query["qe_alpha"] if qe_k else None}
         if query.get("attention") and query.get("image") is not None:
             answer["attention"] = self._attention(query["image"])
         answer["took_ms"] = round((time.perf_counter() - start) * 1000, 2)
@@ -258,7 +350,8 @@ class Searcher:
         """JPEG bytes of an indexed image, at most THUMBNAIL pixels a side."""
         from PIL import Image
 
-        _, names, files = self._view
+        view = self._view
+        names, files = view.names, view.files
         if files.root is None:
             raise HttpError(404, "This server has no --image_root, so it shows no images.")
         stored = files.index_name(name, names)
@@ -286,11 +379,12 @@ class Searcher:
 
 class SearchApp:
     def __init__(self, searcher, limits=images.DEFAULT_LIMITS, workers=8, max_concurrent=64,
-                 metrics=None):
+                 metrics=None, http_limits=None):
         self.searcher, self.metrics = searcher, metrics or SearchMetrics()
         self.metrics.vectors.set(len(searcher.index))
         searcher.metrics = self.metrics
         self.limit = limits.max_request_mb * 1024 * 1024
+        self.http_limits = http_limits or DEFAULT_HTTP_LIMITS
         self.gate = Gate(max_concurrent, workers)
         # searches run here: one past its deadline is answered and left to finish
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, "search")
@@ -345,29 +439,34 @@ class SearchApp:
             self.metrics.requests.labels(endpoint, str(code)).inc()
 
     async def search(self, request):
+        try:   # the body first: a slow one holds no slot (the body timeout bounds it)
+            body = await read_body(request, self.limit)
+        except HttpError as e:
+            self.metrics.requests.labels("search", str(e.status)).inc()
+            return error_response(e.status, e)
+
         async def work():
             start = time.perf_counter()
-            body = await read_body(request, self.limit)
-            content_type = request.headers.get("content-type", "")
-            if content_type.startswith("multipart/form-data"):
-                query = await self._form_query(request, body)
-            else:
-                try:
-                    fields = json.loads(body)
-                except (ValueError, RecursionError) as e:
-                    raise bad_request(f"The body is not valid JSON ({shorten(e, 120)}).") from None
-                if not isinstance(fields, dict):
-                    raise bad_request("The body must be a JSON object.")
-                query = parse_query(fields, self.searcher.max_top_k)
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                box = [(self.searcher.search, (await self._form_query(request, body),))]
+            else:   # parsed on the search thread, not the event loop
+                box = [(self._search_json, (body,))]
             left = max(0.0, self.searcher.timeout - (time.perf_counter() - start))
             try:
-                answer = await asyncio.wait_for(asyncio.wrap_future(
-                    self.pool.submit(self.searcher.search, query)), left)
+                await asyncio.wait_for(asyncio.wrap_future(self.pool.submit(call_boxed, box)),
+                                       left)
             except asyncio.TimeoutError:
                 raise HttpError(503, self.searcher.too_slow()) from None
+            answer = unbox(box)
             self.metrics.latency.observe(time.perf_counter() - start)
             return json_response(answer)
         return await self._guarded("search", work)
+
+    def _search_json(self, body):
+        fields = parse_json(body, self.http_limits, "The body")
+        if not isinstance(fields, dict):
+            raise bad_request("The body must be a JSON object.")
+        return self.searcher.search(parse_query(fields, self.searcher.max_top_k))
 
     async def _form_query(self, request, body):
         request._body = body   # Starlette parses the form from the body read above
@@ -387,10 +486,8 @@ class SearchApp:
         if image is None and "descriptor" not in fields:
             raise bad_request("The form holds no image file (field image).")
         if "descriptor" in fields:
-            try:
-                fields["descriptor"] = json.loads(fields["descriptor"])
-            except ValueError:
-                raise bad_request("The descriptor field must be a JSON list of numbers.") from None
+            fields["descriptor"] = parse_json(fields["descriptor"].encode("utf-8", "replace"),
+                                              self.http_limits, "The descriptor field")
         return parse_query(fields, self.searcher.max_top_k, image=image)
 
     async def image(self, request):
@@ -413,17 +510,23 @@ class SearchApp:
 
     async def prometheus(self, request):
         del request
-        return prometheus_response(self.metrics.registry)
+        return await prometheus_response(self.metrics.registry)
 
 
 class SearchServer(HttpServer):
-    """The search service on host:port (a Searcher behind a SearchApp)."""
+    """The search service on host:port (a Searcher behind a SearchApp), behind
+    `access` (http.access: hosts, CORS, token; the page and its static files
+    need no token)."""
 
     def __init__(self, searcher, host="127.0.0.1", port=8600, limits=images.DEFAULT_LIMITS,
-                 workers=8, max_concurrent=64):
+                 workers=8, max_concurrent=64, access=None, http_limits=None):
+        from dplg_tf.http.access import protect
+
         self.searcher = searcher
-        self.api = SearchApp(searcher, limits, workers, max_concurrent)
-        super().__init__(self.api.app(), host, port, name="search")
+        self.api = SearchApp(searcher, limits, workers, max_concurrent,
+                             http_limits=http_limits)
+        super().__init__(protect(self.api.app(), access, host, public=("/", "/static/*")),
+                         host, port, name="search", limits=http_limits)
 
     def start(self):
         self.searcher.start()

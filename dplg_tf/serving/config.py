@@ -13,8 +13,20 @@ config goes through the same checks (`model_configs_from_proto`).
 
 import dataclasses
 import os
+import re
 
 from dplg_tf.errors import InputNotFound, UserError
+
+MAX_VERSION = 2 ** 63 - 1   # versions are int64 in TF Serving's protos
+
+
+def version_number(folder_name):
+    """The version a folder's name gives (ASCII digits without leading zeros, at
+    most MAX_VERSION), else None."""
+    if not re.fullmatch(r"0|[1-9][0-9]{0,18}", folder_name):
+        return None
+    version = int(folder_name)
+    return version if version <= MAX_VERSION else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +144,31 @@ def read_model_config(path):
     """[ModelConfig] of a --model_config_file; relative base paths are taken
     from the working folder, as TF Serving takes them."""
     return model_configs_from_text(_read(path, "model_config_file"), path)
+
+
+class ModelConfigFile:
+    """A --model_config_file that is reread: `configs` is what it said at
+    start; poll() gives its models only once the file reads the same at two
+    polls in a row and then parses and validates whole, so a writer caught
+    between two steps (or half way through one) changes nothing."""
+
+    def __init__(self, path):
+        self.path = path
+        self._last = _read(path, "model_config_file")
+        self.configs = model_configs_from_text(self._last, path)
+        self._parsed = self._last
+
+    def poll(self):
+        """[ModelConfig] of the file when it is settled, None while it changes;
+        UserError when it cannot be read, or has settled but is invalid."""
+        text = _read(self.path, "model_config_file")
+        settled, self._last = text == self._last, text
+        if not settled:
+            return None
+        if text != self._parsed:
+            self.configs = model_configs_from_text(text, self.path)
+            self._parsed = text
+        return self.configs
 
 
 def _monitoring_message():

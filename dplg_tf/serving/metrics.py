@@ -20,6 +20,10 @@ with ':' for '/'; the same names are used here:
 - `:dplg:serving:batch_queue_items{model_name}` (no TF Serving name): items
   waiting in the batch queues now.
 
+Series are kept only for the models the server knows (`known_models`);
+requests naming any other model are counted under model_name "<unknown>",
+so what clients send cannot grow the page.
+
 TF Serving writes its counters without the `_total` suffix that
 prometheus_client's Counter adds, so the counters here are kept by a small
 collector and exposed as untyped samples under the exact names; the
@@ -31,6 +35,7 @@ from collections import defaultdict
 
 LATENCY_BUCKETS_US = tuple(10.0 * 2 ** i for i in range(25))   # 10 us .. 168 s
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+UNKNOWN_MODEL = "<unknown>"
 
 
 class _ExactCounters:
@@ -100,12 +105,20 @@ class Metrics:
                                  "Items waiting in the batch queues.", ("model_name",),
                                  registry=self.registry)
         self._queues = {}   # model name -> function giving the items waiting
+        self.known_models = None   # function giving the served names (None: any name)
+
+    def model_label(self, model_name):
+        """`model_name` if the server knows it, else UNKNOWN_MODEL."""
+        known = self.known_models
+        return model_name if known is None or model_name in known() else UNKNOWN_MODEL
 
     def request(self, model_name, status, seconds, api="predict", entrypoint="GRPC"):
+        model_name = self.model_label(model_name)
         self.counters.inc(self.REQUEST_COUNT, (model_name, status))
         self.request_latency.labels(model_name, api, entrypoint).observe(seconds * 1e6)
 
     def runtime(self, model_name, seconds, api="predict"):
+        model_name = self.model_label(model_name)
         self.runtime_latency.labels(model_name, api, "TF2").observe(seconds * 1e6)
 
     def batch_observer(self, model_name):

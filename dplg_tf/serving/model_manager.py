@@ -4,7 +4,10 @@ signatures and batcher, and serving the newest version under a base path.
 A version that fails to load (half copied, broken) is skipped and reported
 with its error until its files change; then it is tried again. A base path
 that does not exist or holds no versions, and `specific` versions that are
-not on disk, are logged once and reported by the model's status.
+not on disk, are logged once and reported by the model's status. A version
+is a folder named by a whole number up to 2**63 - 1 (int64, as in TF
+Serving's protos) without leading zeros; other numeric names are ignored and
+logged once. One thread (ModelRegistry's) polls the base paths of all models.
 """
 
 import io
@@ -96,7 +99,8 @@ class LoadedVersion:
 
 class ModelManager:
     """Serves the versions of one model that its policy asks for (by default
-    the newest under `base_path`), polling for new ones.
+    the newest under `base_path`); poll_once() (ModelRegistry's poll thread)
+    looks for new ones.
 
     A request without a version gets the newest loaded one; a version label
     (`labels`, from the model config) names a loaded version. A version the
@@ -117,10 +121,10 @@ class ModelManager:
         self._failed = {}  # version -> (files' stamp, error message)
         self._missing = {}  # version (0: the whole model) -> why it is not on disk
         self._loading = None
+        self._ignored = set()   # numeric folder names that are no version (logged)
         self._lock = threading.Lock()
-        self._poll_lock = threading.Lock()
+        self._poll_lock = threading.RLock()
         self._stop = threading.Event()
-        self._thread = None
         if metrics is not None:
             metrics.watch_queue(name, self.queued_items)
 
@@ -136,15 +140,37 @@ class ModelManager:
             self.config = config
 
     def versions_on_disk(self):
-        from dplg_tf.export.saved_models import saved_model_versions
+        """The complete versions (folders named by a version, holding
+        saved_model.pb) under the base path, oldest first."""
+        from dplg_tf.serving.config import version_number
 
-        return saved_model_versions(self.base_path)
+        try:
+            names = os.listdir(self.base_path)
+        except OSError:
+            return []
+        versions, ignored = [], set()
+        for name in names:
+            version = version_number(name)
+            if version is None:
+                if name.isdigit():
+                    ignored.add(name)
+            elif os.path.isfile(os.path.join(self.base_path, name, "saved_model.pb")):
+                versions.append(version)
+        if ignored - self._ignored:
+            log.warning("model %r: folders %s under base path %r are ignored: a version "
+                        "is a whole number from 0 to 2**63 - 1 without leading zeros",
+                        self.name, ", ".join(sorted(shorten(n, 40) for n in ignored
+                                                    - self._ignored)), self.base_path)
+        self._ignored = ignored
+        return sorted(versions)
 
     def poll_once(self):
         """Load the versions the policy wants that are not loaded (newest
         first), then unload those it no longer wants. A version that failed
         to load is tried again once its files change. True if anything changed."""
         with self._poll_lock:
+            if self._stop.is_set():   # stopped (no longer in the config)
+                return False
             disk = self.versions_on_disk()
             self._note_missing(disk)
             with self._lock:   # a failed version whose folder went away is forgotten
@@ -290,25 +316,14 @@ class ModelManager:
         return labels[label]
 
     def start(self):
+        """Load what the policy wants of what is on disk (later polls: ModelRegistry's)."""
         self.poll_once()
-
-        def loop():
-            while not self._stop.wait(self.poll_seconds):
-                try:
-                    self.poll_once()
-                except Exception as e:  # noqa: BLE001
-                    log.error("polling %s failed: %s", self.base_path, e)
-
-        self._thread = threading.Thread(target=loop, name=f"version-poll-{self.name}",
-                                        daemon=True)
-        self._thread.start()
 
     def stop(self):
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(60)   # a load in progress finishes first
-        for loaded in self.loaded_versions().values():
-            loaded.close()
+        with self._poll_lock:   # a load in progress finishes first
+            for loaded in self.loaded_versions().values():
+                loaded.close()
 
     @property
     def current(self):
@@ -358,6 +373,8 @@ class ModelRegistry:
         self._managers = {}
         self._lock = threading.Lock()
         self._started = False
+        self._stop, self._wake = threading.Event(), threading.Event()
+        self._thread = None
         for config in configs:
             self._managers[config.name] = self._manager(config)
 
@@ -393,6 +410,23 @@ class ModelRegistry:
         for manager in self.managers():
             manager.start()
         self._started = True
+        self._thread = threading.Thread(target=self._poll_loop, name="version-poll",
+                                        daemon=True)
+        self._thread.start()
+
+    def _poll_loop(self):
+        """Poll every model's base path each poll_seconds (sooner when woken),
+        in this one thread: a version loading holds up the others' polls."""
+        while not self._stop.is_set():
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+            for manager in self.managers():
+                if self._stop.is_set():
+                    break
+                try:
+                    manager.poll_once()
+                except Exception as e:  # noqa: BLE001 - one model must not stop the others
+                    log.error("polling %s failed: %s", manager.base_path, e)
 
     def ready(self):
         """True when every model has a loaded version."""
@@ -446,14 +480,18 @@ class ModelRegistry:
                     started.append(self._managers[name])
         for manager in stopped:
             log.info("model %s is no longer in the config: unloading it", manager.name)
-            threading.Thread(target=manager.stop, daemon=True).start()
+            manager._stop.set()   # no poll loads it again
+        if stopped:   # one thread unloads them all
+            threading.Thread(target=lambda: [m.stop() for m in stopped], daemon=True).start()
         if self._started:
             for manager in started:
                 manager.start()
-        for manager in self.managers():
-            if manager not in started:
-                threading.Thread(target=manager.poll_once, daemon=True).start()
+        self._wake.set()   # the others take their new policies at once
 
     def stop(self):
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(60)   # a load in progress finishes first
         for manager in self.managers():
             manager.stop()

@@ -31,8 +31,10 @@ import time
 import grpc
 import numpy as np
 
-from dplg_tf.http.server import (Gate, HttpError, HttpServer, error_response,
-                                  json_response, prometheus_response, read_body)
+from dplg_tf.http.bodies import parse_json
+from dplg_tf.http.server import (DEFAULT_HTTP_LIMITS, Gate, HttpError, HttpServer,
+                                  error_response, json_response, prometheus_response,
+                                  read_body)
 from dplg_tf.errors import shorten
 from dplg_tf.serving.requests import ServingError
 
@@ -55,6 +57,7 @@ _SPEC = r"/v1/models/([^/:]+)(?:/versions/(\d+)|/labels/([^/:]+))?"
 PREDICT_PATH = re.compile(_SPEC + r":(classify|regress|predict)", re.IGNORECASE)
 STATUS_PATH = re.compile(_SPEC + r"(/metadata)?", re.IGNORECASE)
 REQUEST_KEYS = {"signature_name", "instances", "inputs"}
+MAX_DIMS = 32   # numpy's arrays have at most 64
 
 
 def _invalid(message):
@@ -75,6 +78,15 @@ def _model_spec(spec, name, version, label):
 
 # ------------------------------------------------------------ JSON -> arrays
 
+def _is_utf8(text):
+    """False for a str holding a lone surrogate (JSON's "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_b64(value):
     return isinstance(value, dict) and set(value) == {"b64"}
 
@@ -90,7 +102,11 @@ def _leaf(value, kind, where):
             except (binascii.Error, ValueError):
                 raise _invalid(f"{where}: the b64 value is not valid base64.") from None
         if isinstance(value, str):
-            return value.encode("utf-8")
+            try:
+                return value.encode("utf-8")
+            except UnicodeEncodeError:   # JSON's "\ud800": a lone surrogate
+                raise _invalid(f"{where}: a string holds a lone surrogate (not "
+                               "UTF-8).") from None
         raise _invalid(f"{where}: expected a string or {{\"b64\": ...}}, got "
                        f"{type(value).__name__}.")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -112,27 +128,30 @@ def _shape(value):
     return shape
 
 
+def _walk(v, depth, shape, kind, where, flat):
+    """The leaves of `v` onto `flat`, checking that it has `shape`."""
+    if depth == len(shape):
+        if isinstance(v, list):
+            raise _invalid(f"{where}: the lists are nested unevenly (ragged).")
+        flat.append(_leaf(v, kind, where))
+        return
+    if not isinstance(v, list) or len(v) != shape[depth]:
+        raise _invalid(f"{where}: the lists are not all of the same length (ragged); "
+                       f"expected shape {shape}.")
+    for item in v:
+        _walk(item, depth + 1, shape, kind, where, flat)
+
+
 def to_array(value, kind, where):
     """A JSON value (nested lists of scalars) as a numpy array of `kind`;
     ragged lists are refused."""
     shape = _shape(value)
-
+    if len(shape) > MAX_DIMS:
+        raise _invalid(f"{where}: the value has {len(shape)} dimensions; at most "
+                       f"{MAX_DIMS} are taken.")
     flat = []
-
-    def walk(v, depth):
-        if depth == len(shape):
-            if isinstance(v, list):
-                raise _invalid(f"{where}: the lists are nested unevenly (ragged).")
-            flat.append(_leaf(v, kind, where))
-            return
-        if not isinstance(v, list) or len(v) != shape[depth]:
-            raise _invalid(f"{where}: the lists are not all of the same length (ragged); "
-                           f"expected shape {shape}.")
-        for item in v:
-            walk(item, depth + 1)
-
     try:
-        walk(value, 0)
+        _walk(value, 0, shape, kind, where, flat)
     except RecursionError:
         raise _invalid(f"{where}: the value is nested too deeply.") from None
     if kind is bytes:
@@ -231,13 +250,14 @@ class RestApi:
     """The REST handlers over a PredictionServicer."""
 
     def __init__(self, servicer, limits, timeout_ms=30000, metrics=None, monitoring=None,
-                 workers=32, max_concurrent=128):
+                 workers=32, max_concurrent=128, http_limits=None):
         self.servicer = servicer
         self.limit = limits.max_request_mb * 1024 * 1024
         self.timeout = timeout_ms / 1000.0 if timeout_ms and timeout_ms > 0 else None
         self.metrics = metrics
         self.monitoring = monitoring
-        self.gate = Gate(max_concurrent, workers)
+        self.http_limits = http_limits or DEFAULT_HTTP_LIMITS
+        self.gate = Gate(max_concurrent, workers, refusals=(HttpError, ServingError))
 
     def app(self):
         """The ASGI app: every path and method goes to `dispatch` (TF Serving
@@ -263,26 +283,25 @@ class RestApi:
             if request.method != "GET":
                 return error_response(400, f"Malformed request: {request.method} "
                                            f"{shorten(path)}")
-            return prometheus_response(self.metrics.registry)
+            return await prometheus_response(self.metrics.registry)
         return error_response(404, f"Nothing is served at {shorten(path)}; the API is "
                                    "under /v1/models/.")
 
     async def v1(self, request, path):
         method = request.method
+        match = PREDICT_PATH.fullmatch(path) if method == "POST" else None
         try:
+            # the body first: a slow one holds no slot (the body timeout bounds it)
+            body = None if match is None else await read_body(request, self.limit)
             self.gate.enter()
         except HttpError as e:
             return error_response(e.status, e)
         try:
-            if method == "POST":
-                match = PREDICT_PATH.fullmatch(path)
-                if match:
-                    body = await read_body(request, self.limit)
-                    return json_response(await self.gate.run(self._predict, match, body))
-            elif method == "GET":
-                match = STATUS_PATH.fullmatch(path)
-                if match:
-                    return json_response(await self.gate.run(self._status, match))
+            if match:
+                return json_response(await self.gate.run(self._predict, match, body))
+            status = STATUS_PATH.fullmatch(path) if method == "GET" else None
+            if status:
+                return json_response(await self.gate.run(self._status, status))
             raise _invalid(f"Malformed request: {method} {shorten(path)}")
         except ServingError as e:
             return error_response(HTTP_CODES.get(e.code, 500), e)
@@ -328,9 +347,9 @@ class RestApi:
             raise _invalid(f":{verb.lower()} is not served: the model's signatures are "
                            "predict signatures, so use :predict.")
         try:
-            doc = json.loads(body)
-        except (ValueError, RecursionError) as e:
-            raise _invalid(f"The request body is not valid JSON ({shorten(e, 120)}).") from None
+            doc = parse_json(body, self.http_limits)
+        except HttpError as e:
+            raise _invalid(str(e)) from None
         if not isinstance(doc, dict):
             raise _invalid("The request body must be a JSON object with 'instances' or "
                            "'inputs'.")
@@ -342,8 +361,8 @@ class RestApi:
             raise _invalid("The request must hold exactly one of 'instances' (rows) or "
                            "'inputs' (columns).")
         signature = doc.get("signature_name", "serving_default")
-        if not isinstance(signature, str):
-            raise _invalid("'signature_name' must be a string.")
+        if not isinstance(signature, str) or not _is_utf8(signature):
+            raise _invalid("'signature_name' must be a string (of UTF-8 text).")
         request.model_spec.signature_name = signature
         infos = self.servicer.input_infos(request.model_spec, signature)
         arrays, form = arrays_from_json(doc, infos)
@@ -357,10 +376,14 @@ class RestApi:
 
 
 class RestServer(HttpServer):
-    """The REST port of dplg-serve."""
+    """The REST port of dplg-serve, behind `access` (http.access: hosts, CORS, token)."""
 
     def __init__(self, servicer, host, port, limits, timeout_ms=30000, metrics=None,
-                 monitoring=None, workers=32, max_concurrent=128):
+                 monitoring=None, workers=32, max_concurrent=128, access=None,
+                 http_limits=None):
+        from dplg_tf.http.access import protect
+
         self.api = RestApi(servicer, limits, timeout_ms, metrics, monitoring, workers,
-                           max_concurrent)
-        super().__init__(self.api.app(), host, port, name="rest")
+                           max_concurrent, http_limits)
+        super().__init__(protect(self.api.app(), access, host), host, port, name="rest",
+                         limits=http_limits)

@@ -122,6 +122,10 @@ class PredictionServicer:
             raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"signature {shorten(name)} not found; the model has "
                                f"{sorted(model.signatures)}")
+        if name not in model.signatures:   # listed, but not a function (the init op)
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"signature {shorten(name)} cannot be run; the model's "
+                               f"signatures are {sorted(model.signatures)}")
         return model.signature_defs[name]
 
     def _predict(self, request, deadline, is_active):
@@ -316,7 +320,10 @@ class Server:
     port. `tensor_content` answers Predict's outputs in tensor_content
     instead of the typed fields; `allow_unavailable_labels` lets a version
     label point at a version that is not loaded (TF Serving's
-    --allow_version_labels_for_unavailable_models).
+    --allow_version_labels_for_unavailable_models). `access`
+    (http.access.Access: allowed hosts, CORS origins, token) guards the REST
+    port; None: loopback host names only, no CORS, no token. `http_limits`
+    (http.server.HttpLimits): the REST port's timeouts and bounds.
     """
 
     def __init__(self, model_base_path=None, model_name="dplg", host="127.0.0.1", port=8500,
@@ -324,7 +331,7 @@ class Server:
                  workers=32, warm_up=True, max_concurrent_rpcs=None, model_config_file=None,
                  config_poll_seconds=0.0, rest_port=None, monitoring=None,
                  rest_timeout_ms=30000, rest_workers=None, tensor_content=False,
-                 allow_unavailable_labels=False):
+                 allow_unavailable_labels=False, access=None, http_limits=None):
         from dplg_tf.serving import config as config_lib
         from dplg_tf.serving.metrics import Metrics
 
@@ -334,13 +341,17 @@ class Server:
         self.model_config_file = model_config_file
         self.config_poll_seconds = config_poll_seconds
         self.allow_unavailable_labels = allow_unavailable_labels
-        configs = (config_lib.read_model_config(model_config_file) if model_config_file
+        self._config_file = (config_lib.ModelConfigFile(model_config_file)
+                             if model_config_file else None)
+        configs = (self._config_file.configs if model_config_file
                    else [config_lib.ModelConfig(model_name, model_base_path)])
         self._file_configs = configs   # what the config file said when last applied
+        self._config_problem = None
         self._reload_lock = threading.Lock()
         self.metrics = Metrics()
         self.models = ModelRegistry(configs, batching_params, poll_seconds, warm_up,
                                     self.metrics)
+        self.metrics.known_models = lambda: self.models.names   # other names: one label
         limit = limits.max_request_mb * 1024 * 1024
         concurrent = max_concurrent_rpcs or 4 * workers
         # calls past max_concurrent_rpcs (in progress or waiting for a worker) are
@@ -372,7 +383,8 @@ class Server:
             self.rest = RestServer(self.servicer, host, rest_port, limits,
                                    timeout_ms=rest_timeout_ms, metrics=self.metrics,
                                    monitoring=monitoring, workers=rest_workers or workers,
-                                   max_concurrent=concurrent)
+                                   max_concurrent=concurrent, access=access,
+                                   http_limits=http_limits)
         self.rest_address = None if self.rest is None else self.rest.address
         self._stop = threading.Event()
         self._health = {}
@@ -464,24 +476,32 @@ class Server:
         return response
 
     def _poll_config(self):
-        """Reread the model config; a change is served through `reload`, a bad
-        file is logged (once) and the served config kept, to be tried again."""
-        from dplg_tf.errors import UserError
-        from dplg_tf.serving.config import read_model_config
-
-        last = None
         while not self._stop.wait(self.config_poll_seconds):
             try:
-                configs = read_model_config(self.model_config_file)
-                if configs != self._file_configs:
-                    self.reload(configs)
-                    self._file_configs = configs
-            except (UserError, ServingError) as e:
-                if str(e) != last:
-                    log.error("the model config was not reread (the old one stays): %s", e)
-                last = str(e)
-                continue
-            last = None
+                self.poll_config_once()
+            except Exception:  # noqa: BLE001 - a bug must not end the polls
+                log.exception("rereading the model config failed; tried again later")
+
+    def poll_config_once(self):
+        """Reread the model config file; a change that has settled (serving.
+        config.ModelConfigFile) is served through `reload`, a bad file is
+        logged (once) and the served config kept, to be tried again. True if
+        the served config changed."""
+        from dplg_tf.errors import UserError
+
+        try:
+            configs = self._config_file.poll()
+            changed = configs is not None and configs != self._file_configs
+            if changed:
+                self.reload(configs)
+                self._file_configs = configs
+        except (UserError, ServingError) as e:
+            if str(e) != self._config_problem:
+                log.error("the model config was not reread (the old one stays): %s", e)
+            self._config_problem = str(e)
+            return False
+        self._config_problem = None
+        return changed
 
     def stop(self, grace=30.0):
         """Refuse new requests, finish those in flight (up to `grace` s), stop."""

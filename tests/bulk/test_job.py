@@ -126,8 +126,15 @@ def test_resume_after_driver_sigkill(model, tmp_path):
     from dplg_tf.bulk import leftovers
 
     session = json.load(open(os.path.join(out, leftovers.RECORD)))["session_dir"]
-    time.sleep(5)   # the raylet and workers end with the driver; its agents do not
-    left = leftovers.session_processes(session)
+    # the raylet and workers end with the driver, its agents do not: polled
+    # until what is left stays the same
+    left, deadline = leftovers.session_processes(session), time.time() + 60
+    while time.time() < deadline:
+        time.sleep(1)
+        now = leftovers.session_processes(session)
+        if sorted(now) == sorted(left):
+            break
+        left = now
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]   # one bad image
     if left:

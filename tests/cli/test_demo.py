@@ -35,6 +35,29 @@ def test_demo_rejects_a_bad_config_value_in_one_sentence():
     assert "Traceback" not in proc.stderr
 
 
+def test_the_speed_measure_takes_the_best_of_its_timings():
+    """A timing slowed by other work does not count (the demo once said
+    "about 25 min" and took 4): the fastest of the timings gives the speed."""
+    from dplg_tf.cli.demo import matmul_gflops
+
+    ticks = iter([0.0, 10.0, 10.0, 10.1, 10.1, 20.1])   # timings of 10 s, 0.1 s, 10 s
+    assert matmul_gflops(size=64, timings=3, clock=lambda: next(ticks)) == pytest.approx(
+        2 * 64 ** 3 / 0.1 / 1e9)
+
+
+def test_the_time_estimate_scales_the_reference_and_names_other_work():
+    code = ("from absl import flags; from dplg_tf.cli import demo; demo._define_flags(); "
+            "flags.FLAGS(['dplg-demo']); print(demo.estimate(gflops=134, load=0.1)); "
+            "print(demo.estimate(gflops=67, load=0.9))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    idle, busy = proc.stdout.splitlines()
+    assert "should take about 10 min here" in idle and "busy" not in idle
+    assert "should take about 20 min here" in busy
+    assert "other work keeps the cores 90% busy now, which makes it longer" in busy
+
+
 def test_helpfull_lists_the_flags():
     proc = subprocess.run([sys.executable, "-m", "dplg_tf.cli.demo", "--helpfull"],
                           capture_output=True, text=True, timeout=300)

@@ -173,7 +173,7 @@ def _read_shards(pattern):
             ex = tf.train.Example.FromString(raw.numpy())
             f = ex.features.feature
             records.append(dict(
-                id=f["image/id"].bytes_list.value[0].decode(),
+                id=os.fsdecode(f["image/id"].bytes_list.value[0]),  # names' bytes kept
                 label=f["image/class/label"].int64_list.value[0],
                 height=f["image/height"].int64_list.value[0],
                 width=f["image/width"].int64_list.value[0],
@@ -269,6 +269,33 @@ def test_an_unfinished_shard_is_not_taken_as_complete(messy_tree, tmp_path):
     summary = tfrecords.build(out, items, num_shards=2, seed=0, progress=False)
     assert summary["shards_written"] == 1
     assert len(_read_shards(out + "/train-00000-of-00002")) > 0
+
+
+def test_a_jpeg_whose_name_is_not_utf8_is_kept_and_its_id_names_the_file(tmp_path):
+    root = tmp_path / "images"
+    rng = np.random.default_rng(1)
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+                root / cls / f"{i}.jpg")
+    raw = os.path.join(os.fsencode(root / "a"), b"caf\xff.jpg")
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, "JPEG")
+    with open(raw, "wb") as f:
+        f.write(buf.getvalue())
+    bad_class = os.path.join(os.fsencode(root), b"cl\xffss")
+    os.mkdir(bad_class)
+    problems = []
+    items, _ = tfrecords.list_image_dir(str(root), problems)
+    assert [reason for _, reason in problems] == ["folder name is not valid UTF-8"]
+    out = str(tmp_path / "shards")
+    summary = tfrecords.build(out, items, num_shards=1, progress=False)
+    assert summary["train_records"] == 5 and summary["bad_files"] == 0
+    records = {r["id"]: r for r in _read_shards(out + "/train-*")}
+    kept = records[os.fsdecode(b"a/caf\xff")]   # the id is the name's bytes as on disk
+    assert os.fsencode(os.path.join(str(root), kept["id"] + ".jpg")) == raw
+    assert kept["image"] == buf.getvalue() and kept["label"] == 0
 
 
 def test_gldv2_csv_layouts(tmp_path):

@@ -141,7 +141,9 @@ def test_a_search_asks_for_re_ranking(server, world):
                                                                     abs=1e-5)
     plain = _http(server, "/v1/search", {"descriptor": vector.tolist(), "top_k": 6})[1]
     assert plain["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)   # not re-scored
-    assert answer["search"] == {"rerank": False, "m": 400, "k": 9, "beta": 0.15}
+    assert answer["search"] == {"rerank": True, "m": 400, "k": 9, "beta": 0.15,   # as done
+                                "qe_k": 0, "qe_alpha": None}
+    assert plain["search"]["rerank"] is False
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import image_bytes, small_dplg
+from conftest import free_ports, image_bytes, small_dplg
 import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
@@ -415,16 +415,20 @@ def test_a_new_version_is_picked_up_while_a_client_keeps_sending(server, exporte
             except grpc.RpcError as e:
                 errors.append(e.details())
 
+    def until(condition, seconds=120):
+        deadline = time.time() + seconds
+        while not condition() and time.time() < deadline:
+            time.sleep(0.05)
+
     thread = threading.Thread(target=keep_sending)
     thread.start()
     try:
-        time.sleep(1.0)
+        until(lambda: versions or errors)   # the old version has answered
         new = export_lib.export(_model(seed=1), base)
         new_version = int(os.path.basename(new))
-        deadline = time.time() + 120
-        while time.time() < deadline and (not versions or versions[-1] != new_version):
-            time.sleep(0.2)
-        time.sleep(0.5)
+        until(lambda: new_version in versions)
+        seen = len(versions)
+        until(lambda: len(versions) >= seen + 3 or errors)   # and the new one goes on
     finally:
         stop.set()
         thread.join()
@@ -596,12 +600,7 @@ def test_models_config_is_a_valid_model_server_config():
 @pytest.mark.slow
 def test_serve_cli_sigterm_drains_in_flight_requests(exported, tmp_path):
     port_file = tmp_path / "port"
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_ports()[0]
     proc = subprocess.Popen(
         [sys.executable, "-m", "dplg_tf.cli.serve", f"--model_base_path={exported[0]}",
          f"--port={port}", "--rest_api_port=0", "--grace_seconds=60"],
