@@ -12,7 +12,7 @@ from absl import flags
 
 from dplg_tf import cli
 from dplg_tf.cli.flags import (define_expansion_flags, define_model_flags, define_rerank_flags,
-                              expansion_from_flags, rerank_from_flags)
+                              expansion_from_flags, rerank_from_flags, scales_from_flag)
 from dplg_tf.retrieval.evaluation import markdown_table, run_eval
 
 
@@ -40,7 +40,7 @@ def main(argv):
     del argv
     f = flags.FLAGS
     results, *_ = run_eval(f.dataset, f.data_root, f.model, f.server, f.model_name,
-                           [float(s) for s in f.scales] if f.scales else None,
+                           scales_from_flag(f.scales),
                            None, f.distractors, f.figures, f.output_dir, workers=f.workers,
                            expansion=expansion_from_flags(),
                            allow_unverified=f.allow_unverified, rerank=rerank_from_flags())

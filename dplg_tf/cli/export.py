@@ -15,7 +15,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from dplg_tf import cli
-from dplg_tf.cli.flags import define_limit_flags, limits_from_flags
+from dplg_tf.cli.flags import define_limit_flags, limits_from_flags, scales_from_flag
 from dplg_tf.export.export import export, load_for_export, run_config
 from dplg_tf.images import GRAPH_LIMITS
 
@@ -63,7 +63,7 @@ def main(argv):
     f = flags.FLAGS
     model = load_for_export(f.workdir, f.keras_model, f.config, f.allow_random_init)
     config = f.config if f.config is not None else run_config(f.workdir)
-    scales = [float(s) for s in f.scales] if f.scales else (
+    scales = scales_from_flag(f.scales) or (
         list(config.eval.scales) if config is not None else None)
     max_side = f.max_image_side or (config.eval.max_image_side if config is not None else 1024)
     min_side = config.model.min_image_size if config is not None else 64

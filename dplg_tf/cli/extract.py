@@ -12,7 +12,8 @@ from absl import flags
 from dplg_tf import cli
 from dplg_tf.bulk.job import Options, extract
 from dplg_tf.images import READ_LIMITS
-from dplg_tf.cli.flags import define_limit_flags, define_model_flags, limits_from_flags
+from dplg_tf.cli.flags import (define_limit_flags, define_model_flags, limits_from_flags,
+                               scales_from_flag)
 
 
 def define_flags():
@@ -41,7 +42,8 @@ def main(argv):
         output_dir=f.output_dir, model=f.model, server=f.server, model_name=f.model_name,
         shard_size=f.shard_size, workers=f.workers, batch_size=f.batch_size,
         cpus_per_worker=f.cpus_per_worker, gpus_per_worker=f.gpus_per_worker,
-        ray_address=f.ray_address, num_cpus=f.num_cpus, scales=f.scales,
+        ray_address=f.ray_address, num_cpus=f.num_cpus,
+        scales=scales_from_flag(f.scales),
         limits=limits_from_flags(READ_LIMITS), commit_seconds=f.commit_seconds)
     return extract(list(f.inputs or []) + argv[1:], options)
 

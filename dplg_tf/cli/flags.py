@@ -26,6 +26,26 @@ def limits_from_flags(names=tuple(images.LIMIT_FLAGS)):
         images.LIMIT_FLAGS[n][0]: getattr(flags.FLAGS, n) for n in names})
 
 
+def scales_from_flag(values, name="scales", limits=images.DEFAULT_LIMITS):
+    """A list flag of scales as floats (None when not given), checked once:
+    numbers, finite, 1 to max_scales of them in (0, max_scale]."""
+    from dplg_tf.errors import UserError
+
+    if not values:
+        return None
+    try:
+        scales = [float(v) for v in values]
+    except ValueError:
+        raise UserError(f"--{name} must be numbers separated by commas, got "
+                        f"{','.join(values)!r}.") from None
+    if not all(math.isfinite(s) for s in scales):
+        raise UserError(f"--{name} must be finite numbers, got {','.join(values)!r}.")
+    try:
+        return limits.check_scales(scales)
+    except UserError as e:
+        raise UserError(f"--{name}: {e}") from None
+
+
 def define_expansion_flags(qe=False, dba=False, dba_graph=False):
     """The --qe_k/--qe_alpha and --dba_k/--dba_alpha flags of the commands."""
     if qe:

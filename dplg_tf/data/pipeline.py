@@ -28,6 +28,30 @@ FEATURES = {
 }
 
 
+def shard_files(pattern):
+    """The TFRecord files of `pattern`, sorted; InputNotFound when there are none."""
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise InputNotFound(f"No TFRecord shards match {pattern!r}.")
+    return files
+
+
+def record_batches(pattern, max_images=0, batch_size=16):
+    """(encoded images [list of bytes], labels [n]) of the records matching
+    `pattern` (dplg-build-tfrecords shards), a batch at a time."""
+    files = shard_files(pattern)
+    ds = tf.data.TFRecordDataset(files).map(
+        lambda r: tf.io.parse_single_example(r, FEATURES))
+    if max_images:
+        ds = ds.take(max_images)
+    empty = True
+    for batch in ds.batch(batch_size).as_numpy_iterator():
+        empty = False
+        yield list(batch["image/encoded"]), batch["image/class/label"]
+    if empty:
+        raise UserError(f"The shards {pattern!r} hold no records.")
+
+
 def dataset_info(pattern):
     """{"num_classes", "splits": {split: {"num_records"}}} of the shards of
     `pattern`: the builder's dataset_info.json beside them when it knows the
@@ -48,9 +72,7 @@ def _counted(pattern):
 
     from absl import logging
 
-    files = sorted(tf.io.gfile.glob(pattern))
-    if not files:
-        raise InputNotFound(f"No TFRecord shards match {pattern!r}.")
+    files = shard_files(pattern)
     key = hashlib.sha1("\n".join(f"{f}:{tf.io.gfile.stat(f).length}" for f in files)
                        .encode("utf-8", "surrogateescape")).hexdigest()[:16]
     cache = os.path.join(os.path.dirname(pattern), f".dplg_counts-{key}.json")

@@ -28,7 +28,7 @@ def choose_gem_p(model, pattern, scales, max_image_side=1024, min_scaled_side=64
     from dplg_tf.export.refinements import NONE, refined, trained_gem_p
     from dplg_tf.export.signatures import DescriptorExtractor
     from dplg_tf.retrieval.evaluation import labelled_map
-    from dplg_tf.retrieval.whitening import record_batches
+    from dplg_tf.data.pipeline import record_batches
 
     refinements = refinements or NONE
     batches = list(record_batches(pattern, max_images, batch_size=8))

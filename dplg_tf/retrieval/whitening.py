@@ -18,7 +18,7 @@ the file format is dplg_tf.storage.whitening.
 
 import numpy as np
 
-from dplg_tf.errors import InputNotFound, UserError
+from dplg_tf.errors import UserError
 
 KINDS = ("supervised", "pca")
 
@@ -101,41 +101,12 @@ def apply(x, mean, projection):
     return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
 
 
-def shard_files(pattern):
-    """The TFRecord files of `pattern`, sorted; InputNotFound when there are none."""
-    import tensorflow as tf
-
-    files = sorted(tf.io.gfile.glob(pattern))
-    if not files:
-        raise InputNotFound(f"No TFRecord shards match {pattern!r}.")
-    return files
-
-
-def record_batches(pattern, max_images=0, batch_size=16):
-    """(encoded images [list of bytes], labels [n]) of the records matching
-    `pattern` (dplg-build-tfrecords shards), a batch at a time."""
-    import tensorflow as tf
-
-    from dplg_tf.data.pipeline import FEATURES
-
-    files = shard_files(pattern)
-    ds = tf.data.TFRecordDataset(files).map(
-        lambda r: tf.io.parse_single_example(r, FEATURES))
-    if max_images:
-        ds = ds.take(max_images)
-    empty = True
-    for batch in ds.batch(batch_size).as_numpy_iterator():
-        empty = False
-        yield list(batch["image/encoded"]), batch["image/class/label"]
-    if empty:
-        raise UserError(f"The shards {pattern!r} hold no records.")
-
-
 def describe_records(describer, pattern, max_images=0, batch_size=16, progress=True):
     """(descriptors [N, D] float32, labels [N]) of the records matching `pattern`,
     read and described a batch at a time (the encoded images are never all in
     memory), through the SavedModel's serving_default."""
     from dplg_tf.console import progress_bar
+    from dplg_tf.data.pipeline import record_batches
 
     bar = progress_bar(max_images or None, "images", enabled=progress)
     rows, labels = [], []
@@ -213,6 +184,8 @@ def learn(describer, pattern, kind, dim, max_images=0, shrinkage=None, progress=
     if not 0.0 <= holdout_fraction < 1.0:
         raise UserError(f"--holdout_fraction must be in [0, 1), got {holdout_fraction}.")
     if holdout_records:
+        from dplg_tf.data.pipeline import shard_files
+
         shard_files(holdout_records)   # a bad pattern fails before any image is described
     x, labels = describe_records(describer, pattern, max_images, progress=progress)
     full = x.shape[1]
