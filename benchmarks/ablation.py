@@ -48,7 +48,8 @@ def whitened_scores(run, shards, dataset, db, queries):
     training records by the run's own export."""
     from dplg_tf.retrieval import whitening
     from dplg_tf.retrieval.describers import Describer
-    from dplg_tf.retrieval.evaluation import evaluate, rank
+    from dplg_tf.retrieval.evaluation import evaluate
+    from dplg_tf.retrieval.knn import rank
     from dplg_tf.cli.whiten import learn
 
     mean, proj, _ = learn(Describer(model=os.path.join(run, "export")),
@@ -73,7 +74,7 @@ def train(run, head, seed, shards, steps):
 def run_one(run, head, seed, data, shards, steps):
     """(Medium, Hard, Medium whitened, Hard whitened) of one head and seed;
     kept from an earlier run when its result file is there."""
-    from dplg_tf.retrieval import evaluation
+    from dplg_tf.retrieval import eval_run
     from dplg_tf.export import export
 
     done = os.path.join(run, "ablation_result.json")
@@ -87,7 +88,7 @@ def run_one(run, head, seed, data, shards, steps):
     base = os.path.join(run, "export")
     shutil.rmtree(base, ignore_errors=True)
     export.export(export.load_for_export(workdir=run), base, version=1)
-    results, _, dataset, db, queries = evaluation.run_eval(
+    results, _, dataset, db, queries = eval_run.run_eval(
         "synthetic", data, model=base, progress=False, output_dir=os.path.join(run, "eval"))
     raw = (results["medium"]["mAP"], results["hard"]["mAP"])
     white = whitened_scores(run, shards, dataset, db, queries)

@@ -72,14 +72,11 @@ def describe(base, dataset):
 
 
 def score(dataset, queries, db, expansion=None, rerank=None):
-    from dplg_tf.retrieval import evaluation
-    from dplg_tf.retrieval.rerank import rerank_ranks
+    """(Easy, Medium, Hard) mAP of one query path (retrieval.query)."""
+    from dplg_tf.retrieval import evaluation, query
 
-    db, queries = evaluation.expand(queries, np.array(db), dict(
-        evaluation.EXPANSION_OFF, **(expansion or {})))
-    ranks = evaluation.rank(queries, db)
-    if rerank:
-        ranks = rerank_ranks(ranks, queries, db, **rerank)
+    settings = query.Settings(**(expansion or {}), rerank=bool(rerank), rerank_params=rerank)
+    ranks = query.run(queries, np.array(db), settings).ids.T
     r = evaluation.evaluate(ranks, dataset)
     return [r[p]["mAP"] for p in ("easy", "medium", "hard")]
 

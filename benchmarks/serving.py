@@ -24,10 +24,12 @@ import json
 import os
 import shutil
 import statistics
+import struct
 import sys
 import tempfile
 import threading
 import time
+import zlib
 
 import numpy as np
 
@@ -145,7 +147,8 @@ def rest_vs_grpc(args, base, blob):
 def search_vs_in_process(args, base, work):
     from dplg_tf.retrieval.describers import Describer
     from dplg_tf.search.index import DescriptorIndex
-    from dplg_tf.search.service import Searcher, SearchServer
+    from dplg_tf.search.searcher import Searcher
+    from dplg_tf.search.service import SearchServer
 
     describer = Describer(model=base)
     queries = [_jpeg(1000 + i, 480, 640) for i in range(args.queries)]
@@ -236,7 +239,7 @@ def precision(args):
     from dplg_tf.data.revisited import load_dataset
     from dplg_tf.export import export as export_lib
     from dplg_tf.nn.model import build_dplg
-    from dplg_tf.retrieval.evaluation import run_eval
+    from dplg_tf.retrieval.eval_run import run_eval
     from dplg_tf.serving import batching
     from dplg_tf.serving.server import Server
 
@@ -346,6 +349,20 @@ queries) described by both exports. mAP: the synthetic set's Revisited-style
 Medium / Hard (goal: within 0.3). dplg-serve: one gRPC client sending the
 same batches to the server (in this process, default batching) against
 serving_default called in-process (goal >= 0.9x)."""
+
+
+def _png_bomb(side):
+    """A small PNG of side x side flat pixels, compressed row by row."""
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff))
+
+    row = b"\x00" + bytes([90, 120, 30]) * side
+    packer = zlib.compressobj(9)
+    body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2,
+                                                              0, 0, 0))
+            + chunk(b"IDAT", body) + chunk(b"IEND", b""))
 
 
 def _vm_rss_mb(pid):
@@ -467,6 +484,26 @@ def hostile(args):
         after = _vm_rss_mb(server.pid)
         print(f"RSS {before:.0f} MB -> {after:.0f} MB after 100 refused bodies {codes}",
               flush=True)
+
+        def predict(blob):
+            conn = http.client.HTTPConnection("127.0.0.1", rest_port, timeout=300)
+            conn.request("POST", "/v1/models/dplg:predict", json.dumps(
+                {"instances": [{"b64": base64.b64encode(blob).decode()}]}),
+                {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            return response.status
+
+        legit = _jpeg(0, 1024, 1024)
+        warm = [predict(legit) for _ in range(3)]   # the cost of a large image, paid once
+        bomb = _png_bomb(6300)
+        bomb_before = _vm_rss_mb(server.pid)
+        bomb_codes = [predict(bomb) for _ in range(5)]
+        time.sleep(1)
+        bomb_after = _vm_rss_mb(server.pid)
+        print(f"RSS {bomb_before:.0f} MB -> {bomb_after:.0f} MB after 5 PNG bombs of "
+              f"{len(bomb) / 1e3:.0f} KB ({bomb_codes}; warmed by {warm})", flush=True)
     finally:
         stop.set()
         server.terminate()
@@ -487,6 +524,10 @@ ratios; goal >= 0.8x); good requests that failed: {errors}.
 Server RSS (VmRSS of the dplg-serve process) before and after 100 refused
 {len(body) / 1e6:.0f} MB bodies (`{{"instances": [{{}}, {{}}, ...]}}`, answered {codes}):
 {before:.0f} MB -> {after:.0f} MB, **{after - before:+.0f} MB** (goal: within 300 MB).
+
+PNG bombs: 5 predicts of a {len(bomb) / 1e3:.0f} KB PNG of 6300 x 6300 pixels (within
+the 40 M pixel limit; answered {bomb_codes}), after 3 of a 1024 x 1024 JPEG: RSS
+{bomb_before:.0f} MB -> {bomb_after:.0f} MB, **{bomb_after - bomb_before:+.0f} MB**.
 
 Command: `python benchmarks/serving.py --hostile --rounds {args.rounds} --clients \
 {args.clients} --slow {args.slow} --seconds {args.seconds}`. dplg-serve in its own

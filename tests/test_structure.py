@@ -9,8 +9,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "dplg_tf"
 # DESIGN's layers, bottom up: a module imports only from its own layer or lower
 # ones (the top-level modules errors, config and console are the bottom).
 LAYERS = [{"errors", "config", "console"}, {"storage", "images"}, {"nn"}, {"data"},
-          {"training"}, {"export"}, {"http"}, {"serving"}, {"retrieval"}, {"search", "bulk"},
-          {"cli"}]
+          {"training"}, {"export"}, {"http"}, {"serving"}, {"retrieval"},
+          {"search", "bulk", "demo"}, {"cli"}]
 ADVISED_MODULE_LINES = 400  # advice, printed by test_module_sizes; not a reason to split
 MAX_MODULE_LINES = 800      # a module past this is refused: split it by job
 
@@ -150,6 +150,42 @@ def test_one_module_holds_brute_force_knn():
     assert holders == ["dplg_tf.retrieval.knn"]
 
 
+def test_one_function_is_the_query_path():
+    """QE, DBA and re-ranking are applied by retrieval.query.run alone: no
+    other module calls their functions (the index applies DBA to what it
+    adds; the command layer reads the re-ranker's default numbers)."""
+    steps = {"alpha_qe", "dba", "dba_neighbours", "index_neighbours", "exact_neighbours",
+             "rerank", "_rerank_chunk"}
+    own = {"dplg_tf.retrieval.query", "dplg_tf.retrieval.expansion", "dplg_tf.retrieval.rerank"}
+    callers = set()
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        imported = {a.asname or a.name for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module in (
+                        "dplg_tf.retrieval.expansion", "dplg_tf.retrieval.rerank")
+                    for a in node.names}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            called = f.id if isinstance(f, ast.Name) and f.id in imported else (
+                f.attr if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name)
+                and f.value.id in ("expansion", "rerank", "superglobal") else None)
+            if called in steps:
+                callers.add((name, called))
+    assert ("dplg_tf.retrieval.query", "alpha_qe") in callers   # the walk sees calls
+    assert sorted(f"{n}: {c}" for n, c in callers if n not in own) == []
+
+
+def test_the_command_layer_is_thin():
+    """A command parses its flags and calls a library function: no module of
+    cli/ holds a pipeline (the demo's is demo.pipeline)."""
+    sizes = {n: p.read_text().count("\n") for n, p in _modules().items()
+             if n.startswith("dplg_tf.cli.")}
+    assert len(sizes) > 10 and sizes["dplg_tf.cli.demo"] < 80
+    assert [n for n, lines in sizes.items() if lines > 200] == []
+
+
 def test_module_sizes(capsys):
     """Modules past ADVISED_MODULE_LINES are listed (advice); past
     MAX_MODULE_LINES they are refused."""
@@ -179,6 +215,57 @@ def test_the_wheel_ships_every_subpackage_and_the_configs():
 def test_no_module_uses_private_modules_of_ray():
     users = sorted(n for n, p in _modules().items() if re.search(r"\bray\._", p.read_text()))
     assert users == []
+
+
+def _calls(tree, owners, functions):
+    """The calls owner.function(...) in `tree` (an owner: a module's name or
+    alias), and the calls of those functions imported by name."""
+    imported = {a.asname or a.name for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module in owners
+                for a in node.names if a.name in functions}
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr in functions and isinstance(
+                f.value, ast.Name) and f.value.id in owners:
+            found.append(f"{f.value.id}.{f.attr}")
+        elif isinstance(f, ast.Name) and f.id in imported:
+            found.append(f.id)
+    return found
+
+
+def test_the_call_finder_sees_calls_by_module_and_by_imported_name():
+    tree = ast.parse("import numpy as np\nfrom os import replace as r\n"
+                     "np.load('a')\nr('a', 'b')\nx.load('c')\n")
+    assert _calls(tree, {"np", "numpy", "os"}, {"load", "replace"}) == ["np.load", "r"]
+
+
+def test_numpy_files_are_read_only_in_storage():
+    """np.load (pickles, unbounded allocations) is called in dplg_tf/storage
+    alone, where each file is checked before use."""
+    readers = sorted(f"{name}: {call}" for name, path in _modules().items()
+                     if not name.startswith("dplg_tf.storage.")
+                     for call in _calls(ast.parse(path.read_text()), {"np", "numpy"},
+                                        {"load", "fromfile", "memmap", "loadtxt"}))
+    assert readers == []
+
+
+def test_every_rename_is_in_storage_atomic():
+    """Files are published by storage.atomic alone (atomic_path, set_aside,
+    StateFolder): no other module renames or moves a file."""
+    movers = []
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        calls = _calls(tree, {"os", "shutil"}, {"replace", "rename", "renames", "move"})
+        calls += [node.func.attr for node in ast.walk(tree)   # pathlib's Path.rename
+                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in ("rename", "renames")
+                  and not (isinstance(node.func.value, ast.Name) and node.func.value.id == "os")]
+        movers += [f"{name}: {call}" for call in calls]
+    assert sorted(m for m in movers if not m.startswith("dplg_tf.storage.atomic:")) == []
+    assert "dplg_tf.storage.atomic: os.replace" in movers   # the walk sees the calls
 
 
 def test_bazel_lists_every_test_file():

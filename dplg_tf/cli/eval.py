@@ -11,9 +11,10 @@ import sys
 from absl import flags
 
 from dplg_tf import cli
-from dplg_tf.cli.flags import (define_expansion_flags, define_model_flags, define_rerank_flags,
-                              expansion_from_flags, rerank_from_flags, scales_from_flag)
-from dplg_tf.retrieval.evaluation import markdown_table, run_eval
+from dplg_tf.cli.flags import (define_model_flags, define_query_flags, scales_from_flag,
+                              settings_from_flags)
+from dplg_tf.retrieval.eval_run import run_eval
+from dplg_tf.retrieval.evaluation import markdown_table
 
 
 def _define_flags():
@@ -32,18 +33,17 @@ def _define_flags():
     flags.DEFINE_integer("workers", 4, "Images extracted at once.")
     flags.DEFINE_bool("allow_unverified", False, "Accept distractors without a probe "
                       "descriptor (an .npy; the model that made them is then not checked).")
-    define_expansion_flags(qe=True, dba=True, dba_graph=True)
-    define_rerank_flags()
+    define_query_flags(qe=True, dba=True, dba_graph=True, rerank=True)
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
+    settings = settings_from_flags()
     results, *_ = run_eval(f.dataset, f.data_root, f.model, f.server, f.model_name,
                            scales_from_flag(f.scales),
                            None, f.distractors, f.figures, f.output_dir, workers=f.workers,
-                           expansion=expansion_from_flags(),
-                           allow_unverified=f.allow_unverified, rerank=rerank_from_flags())
+                           settings=settings, allow_unverified=f.allow_unverified)
     print(markdown_table(results, f.dataset))
     out = f.output_dir or os.path.join(f.data_root, f.dataset, "eval")
     print(f"results in {out}/results.json and results.md", file=sys.stderr)

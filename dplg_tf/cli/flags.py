@@ -1,5 +1,6 @@
-"""Flags that several commands share: the limits (README "Limits"), the QE/DBA
-knobs and the index commands' inputs. Only the command layer calls these."""
+"""Flags that several commands share: the limits (README "Limits"), the query
+settings (QE, DBA, re-ranking) and the index commands' inputs. Only the
+command layer calls these."""
 
 import dataclasses
 import math
@@ -7,9 +8,6 @@ import math
 from absl import flags
 
 from dplg_tf import images
-
-MAX_K = 1000        # neighbours for QE / DBA: more is no expansion but a blow-up
-MAX_ALPHA = 100.0   # similarity exponents: finite (inf and nan are refused)
 
 
 def define_limit_flags(names=tuple(images.LIMIT_FLAGS)):
@@ -46,64 +44,63 @@ def scales_from_flag(values, name="scales", limits=images.DEFAULT_LIMITS):
         raise UserError(f"--{name}: {e}") from None
 
 
-def define_expansion_flags(qe=False, dba=False, dba_graph=False):
-    """The --qe_k/--qe_alpha and --dba_k/--dba_alpha flags of the commands."""
+def define_query_flags(qe=False, dba=False, dba_graph=False, rerank=False):
+    """The flags of retrieval.query.Settings that a command takes: --qe_k and
+    --qe_alpha, --dba_k and --dba_alpha, --dba_graph, --rerank and its
+    re-ranker's settings."""
+    from dplg_tf.retrieval import query, rerank as superglobal
+
     if qe:
         flags.DEFINE_integer("qe_k", 0, "alpha-QE: nearest database vectors added to each "
-                             "query (0: off).", lower_bound=0, upper_bound=MAX_K)
+                             "query (0: off).", lower_bound=0, upper_bound=query.MAX_K)
         flags.DEFINE_float("qe_alpha", 3.0, "alpha-QE: similarity exponent.", lower_bound=0.0,
-                           upper_bound=MAX_ALPHA)
+                           upper_bound=query.MAX_ALPHA)
     if dba:
         flags.DEFINE_integer("dba_k", 0, "DBA: nearest database vectors averaged into each "
                              "database vector, itself included (0: off).", lower_bound=0,
-                             upper_bound=MAX_K)
+                             upper_bound=query.MAX_K)
         flags.DEFINE_float("dba_alpha", 3.0, "DBA: similarity exponent.", lower_bound=0.0,
-                           upper_bound=MAX_ALPHA)
+                           upper_bound=query.MAX_ALPHA)
     for name in ("qe_alpha",) * qe + ("dba_alpha",) * dba:   # the bounds let nan through
         flags.register_validator(name, lambda v: v is None or math.isfinite(v),
                                  message=f"--{name} must be a finite number")
     if dba_graph:
-        flags.DEFINE_enum("dba_graph", "auto", ["auto", "exact", "ivf"], "DBA's neighbour "
+        flags.DEFINE_enum("dba_graph", "auto", list(query.DBA_GRAPHS), "DBA's neighbour "
                           "graph: exact, ivf (approximate FAISS, its recall printed) or auto "
                           "(exact up to 200,000 descriptors).")
-
-
-def expansion_from_flags():
-    """{qe_k, qe_alpha, dba_k, dba_alpha} of the flags a command defined."""
-    f = flags.FLAGS
-    return {k: getattr(f, k) for k in ("qe_k", "qe_alpha", "dba_k", "dba_alpha", "dba_graph")
-            if k in f}
-
-
-def define_rerank_flags():
-    """--rerank and its settings (dplg_tf.retrieval.rerank)."""
-    from dplg_tf.retrieval import rerank
-
+    if not rerank:
+        return
     flags.DEFINE_bool("rerank", False, "Re-rank each query's shortlist of --rerank_m with "
-                      "global descriptors alone (SuperGlobal's MDescAug + RerankwMDA).")
-    flags.DEFINE_integer("rerank_m", rerank.DEFAULT_M, "Re-ranking: the shortlist's length.",
-                         lower_bound=2, upper_bound=rerank.MAX_M)
-    flags.DEFINE_integer("rerank_k", rerank.DEFAULT_K, "Re-ranking: neighbours averaged into "
-                         "each shortlist vector, and the best kept for the query's maximum "
-                         "descriptor (plus one).", lower_bound=1, upper_bound=rerank.MAX_M - 1)
-    flags.DEFINE_float("rerank_beta", rerank.DEFAULT_BETA, "Re-ranking: weight of the "
-                       "neighbours against the vector itself.", lower_bound=0.0, upper_bound=1.0)
+                      "--reranker.")
+    flags.DEFINE_enum("reranker", "superglobal", sorted(query.RERANKERS), "The re-ranking "
+                      "method: superglobal (SuperGlobal's MDescAug + RerankwMDA, global "
+                      "descriptors alone).")
+    flags.DEFINE_integer("rerank_m", superglobal.DEFAULT_M, "Re-ranking: the shortlist's "
+                         "length.", lower_bound=2, upper_bound=superglobal.MAX_M)
+    flags.DEFINE_integer("rerank_k", superglobal.DEFAULT_K, "Re-ranking (superglobal): "
+                         "neighbours averaged into each shortlist vector, and the best kept "
+                         "for the query's maximum descriptor (plus one).", lower_bound=1,
+                         upper_bound=superglobal.MAX_M - 1)
+    flags.DEFINE_float("rerank_beta", superglobal.DEFAULT_BETA, "Re-ranking (superglobal): "
+                       "weight of the neighbours against the vector itself.", lower_bound=0.0,
+                       upper_bound=1.0)
     flags.register_validator("rerank_beta", lambda v: math.isfinite(v),
                              message="--rerank_beta must be a finite number")
 
 
-def rerank_settings_from_flags():
-    """{m, k, beta} of the --rerank_* flags, checked."""
-    from dplg_tf.retrieval import rerank
+def settings_from_flags():
+    """retrieval.query.Settings of the flags define_query_flags defined,
+    checked (a UserError for a bad combination)."""
+    from dplg_tf.retrieval import query
 
     f = flags.FLAGS
-    rerank.check(f.rerank_m, f.rerank_k, f.rerank_beta)
-    return {"m": f.rerank_m, "k": f.rerank_k, "beta": f.rerank_beta}
-
-
-def rerank_from_flags():
-    """rerank_settings_from_flags() when --rerank is on, else None."""
-    return rerank_settings_from_flags() if flags.FLAGS.rerank else None
+    given = {k: getattr(f, k) for k in ("qe_k", "qe_alpha", "dba_k", "dba_alpha", "dba_graph",
+                                        "rerank", "reranker") if k in f}
+    if "rerank_m" in f:
+        params = {"m": f.rerank_m, "k": f.rerank_k, "beta": f.rerank_beta}
+        known = query.RERANKERS[given.get("reranker", "superglobal")].defaults
+        given["rerank_params"] = {k: v for k, v in params.items() if k in known}
+    return query.Settings(**given)
 
 
 def define_model_flags():

@@ -14,7 +14,7 @@ import sys
 from absl import flags
 
 from dplg_tf import cli
-from dplg_tf.cli.flags import define_expansion_flags, define_index_input_flags, index_inputs
+from dplg_tf.cli.flags import define_index_input_flags, define_query_flags, index_inputs
 from dplg_tf.errors import UserError
 from dplg_tf.search.index import KINDS, DescriptorIndex, folder_chunks
 from dplg_tf.search.names import common_root, relative_names
@@ -86,7 +86,7 @@ def run_index():
     flags.DEFINE_enum("kind", "exact", list(KINDS), "Index kind.")
     flags.DEFINE_bool("append", False, "Add to an existing index.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing index.")
-    define_expansion_flags(dba=True)  # kept in the index for appends
+    define_query_flags(dba=True)  # kept in the index for appends
     cli.run(index_main, "dplg-index")
 
 

@@ -14,15 +14,13 @@ on stderr), 2 bad usage or input.
 import json
 import sys
 
-import numpy as np
 from absl import flags
 
 from dplg_tf import cli
-from dplg_tf.cli.flags import (define_expansion_flags, define_index_input_flags,
-                              define_rerank_flags, index_inputs, rerank_from_flags)
+from dplg_tf.cli.flags import (define_index_input_flags, define_query_flags, index_inputs,
+                              settings_from_flags)
 from dplg_tf.errors import UserError
-from dplg_tf.retrieval.expansion import alpha_qe, index_neighbours
-from dplg_tf.retrieval.rerank import index_rerank
+from dplg_tf.retrieval import query
 from dplg_tf.search.index import DescriptorIndex
 from dplg_tf.storage import extraction
 from dplg_tf.storage.atomic import write_atomic
@@ -32,7 +30,7 @@ def search_main(argv):
     f = flags.FLAGS
     if f.top_k < 1:
         raise UserError(f"--top_k must be at least 1, not {f.top_k}.")
-    reranking = rerank_from_flags()
+    settings = settings_from_flags()
     index = DescriptorIndex.load(f.index_dir)
     queries, names, probe, errors = index_inputs(argv, "dplg-search")
     if queries is None:  # a dplg-extract folder: its described images are the queries
@@ -40,15 +38,8 @@ def search_main(argv):
     if probe is not None:
         index.check_probe(probe)
     index.tune(f.refine, f.nprobe, f.ef_search)
-    if f.qe_k and len(queries):
-        queries = alpha_qe(queries, k=f.qe_k, alpha=f.qe_alpha,
-                           neighbours=index_neighbours(index))
-    if not len(queries):
-        scores, ids = np.zeros((0, 0)), np.zeros((0, 0), int)
-    elif reranking:
-        scores, ids = index_rerank(index, queries, f.top_k, **reranking)
-    else:
-        scores, ids = index.search(queries, f.top_k)
+    found = query.run(queries, index, settings, f.top_k)
+    scores, ids = found.scores, found.ids
     results = []
     for name, row_scores, row_ids in zip(names, scores, ids):
         hits = [{"name": index.names[i], "score": round(float(s), 5)}
@@ -74,8 +65,7 @@ def run_search():
                          lower_bound=1, upper_bound=65536)
     flags.DEFINE_integer("ef_search", None, "hnsw: size of the search frontier.",
                          lower_bound=1, upper_bound=100000)
-    define_expansion_flags(qe=True)
-    define_rerank_flags()
+    define_query_flags(qe=True, rerank=True)
     cli.run(search_main, "dplg-search")
 
 

@@ -14,8 +14,8 @@ from absl import flags
 from dplg_tf import cli
 from dplg_tf.cli.flags import (access_from_flags, define_access_flags, define_http_flags,
                               http_limits_from_flags, define_limit_flags,
-                              define_model_flags, define_rerank_flags, limits_from_flags,
-                              rerank_settings_from_flags)
+                              define_model_flags, define_query_flags, limits_from_flags,
+                              settings_from_flags)
 
 log = logging.getLogger("dplg_tf.search")
 
@@ -40,7 +40,8 @@ def _define_flags():
                          upper_bound=1024)
     flags.DEFINE_integer("max_concurrent", 64, "Requests in progress at most; more are "
                          "answered 429.", lower_bound=1, upper_bound=100000)
-    define_rerank_flags()   # --rerank: every search re-ranked unless it asks "rerank": false
+    # the defaults of a search, which a query may change: "rerank": false, "qe_k": 2
+    define_query_flags(qe=True, rerank=True)
     flags.DEFINE_float("grace_seconds", 10.0, "On SIGTERM, time for requests in flight.",
                        lower_bound=0)
     define_access_flags("the API (/v1/..., /metrics; the page and its files need none)")
@@ -51,7 +52,8 @@ def main(argv):
     del argv
     from dplg_tf.errors import UserError
     from dplg_tf.retrieval.describers import Describer
-    from dplg_tf.search.service import Searcher, SearchServer
+    from dplg_tf.search.searcher import Searcher
+    from dplg_tf.search.service import SearchServer
 
     f = flags.FLAGS
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -64,8 +66,8 @@ def main(argv):
     access = access_from_flags()   # before the model loads: a bad flag fails at once
     describer = Describer(f.model, f.server, f.model_name, limits=limits)
     searcher = Searcher(f.index_dir, describer, f.image_root, limits, f.max_top_k,
-                        f.reload_seconds, rerank=f.rerank,
-                        rerank_settings=rerank_settings_from_flags(), timeout=f.timeout_seconds)
+                        f.reload_seconds, settings=settings_from_flags(),
+                        timeout=f.timeout_seconds)
     server = SearchServer(searcher, f.host, f.port, limits, f.workers,
                           f.max_concurrent, access=access,
                           http_limits=http_limits_from_flags()).start()

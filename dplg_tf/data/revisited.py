@@ -20,6 +20,7 @@ import numpy as np
 
 from dplg_tf.errors import InputNotFound, UserError
 from dplg_tf.storage import safe_pickle
+from dplg_tf.storage.atomic import atomic_path, publish
 
 DATASETS = ("roxford5k", "rparis6k", "synthetic")
 PROTOCOLS = ("easy", "medium", "hard")
@@ -194,7 +195,7 @@ def download(url, path, chunk=1 << 20, log=print):
     size = os.path.getsize(part)
     if expected is not None and size != expected:
         raise IOError(f"{url}: got {size} bytes of {expected}; run the command again to resume.")
-    os.replace(part, path)
+    publish(part, path)
     log(f"fetched {path} ({size} bytes)")
     return path
 
@@ -213,8 +214,9 @@ def download_dataset(data_root, name, log=print):
             for member in tar.getmembers():
                 if member.isfile() and member.name.lower().endswith(".jpg"):
                     target = os.path.join(jpg, os.path.basename(member.name))
-                    if not os.path.isfile(target):
-                        with tar.extractfile(member) as src, open(target, "wb") as dst:
+                    if not os.path.isfile(target):   # whole or absent: a rerun skips it
+                        with tar.extractfile(member) as src, atomic_path(target) as tmp, \
+                                open(tmp, "wb") as dst:
                             dst.write(src.read())
     dataset = load_dataset(data_root, name)
     missing = [p for p in map(dataset.image_path, range(len(dataset.imlist)))

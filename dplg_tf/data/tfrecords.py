@@ -36,7 +36,7 @@ from dplg_tf.errors import UserError
 from dplg_tf.data.sources import (  # noqa: F401 (list_* are part of this module's API)
     BuildError, list_gldv2, list_image_dir, present)
 from dplg_tf.images import DEFAULT_LIMITS
-from dplg_tf.storage.atomic import write_atomic
+from dplg_tf.storage.atomic import atomic_path, remove_temporaries, write_atomic
 
 STATE_DIR = ".build"  # per-shard results, kept out of the shard glob
 MAX_SHARDS = 100_000
@@ -168,22 +168,23 @@ def _write_shard(output_dir, name, items, labels, max_size, progress):
     """Write one shard atomically; returns its result dict."""
     import tensorflow as tf
 
-    final = os.path.join(output_dir, name)
-    tmp = os.path.join(output_dir, STATE_DIR, name + ".tmp")
+    state = os.path.join(output_dir, STATE_DIR)
     records, bad = 0, []
-    with tf.io.TFRecordWriter(tmp) as writer:
-        for path, image_id, cls in items:
-            try:
-                jpeg, w, h = load_image(path, max_size)
-            except ValueError as e:
-                bad.append([path, str(e)])
-            else:
-                writer.write(make_example(jpeg, image_id, labels[cls], w, h).SerializeToString())
-                records += 1
-            progress()
-    result = {"shard": name, "records": records, "bad": bad}
-    write_atomic(os.path.join(output_dir, STATE_DIR, name + ".json"), json.dumps(result))
-    os.replace(tmp, final)
+    # the temporary lies in STATE_DIR, out of the shard glob
+    with atomic_path(os.path.join(output_dir, name), tmp_dir=state) as tmp:
+        with tf.io.TFRecordWriter(tmp) as writer:
+            for path, image_id, cls in items:
+                try:
+                    jpeg, w, h = load_image(path, max_size)
+                except ValueError as e:
+                    bad.append([path, str(e)])
+                else:
+                    writer.write(make_example(jpeg, image_id, labels[cls], w,
+                                              h).SerializeToString())
+                    records += 1
+                progress()
+        result = {"shard": name, "records": records, "bad": bad}
+        write_atomic(os.path.join(state, name + ".json"), json.dumps(result))
     return result
 
 
@@ -253,6 +254,7 @@ def _claim(output_dir, fingerprint, overwrite):
     """Make `output_dir` this build's: refuse another build's shards unless
     `overwrite`, which removes them."""
     os.makedirs(os.path.join(output_dir, STATE_DIR), exist_ok=True)
+    remove_temporaries(os.path.join(output_dir, STATE_DIR))   # shards of a killed build
     plan_path = os.path.join(output_dir, STATE_DIR, "plan.json")
     if os.path.isfile(plan_path) and not overwrite:
         with open(plan_path) as f:
@@ -294,13 +296,12 @@ def _write_shards(output_dir, todo, labels, max_image_size, num_workers, progres
 
 def _finish(output_dir, plans, results, labels, listed, missing, ignored, start, written,
             total, excluded=None):
-    with open(os.path.join(output_dir, "relabeling.csv.tmp"), "w", newline="") as f:
+    with atomic_path(os.path.join(output_dir, "relabeling.csv")) as tmp, \
+            open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["new_label", "old_label"])
         for old, new in sorted(labels.items(), key=lambda kv: kv[1]):
             w.writerow([new, old])
-    os.replace(os.path.join(output_dir, "relabeling.csv.tmp"),
-               os.path.join(output_dir, "relabeling.csv"))
     bad = sorted([b for r in results.values() for b in r["bad"]] + missing,
                  key=lambda b: b[0])
     splits = {}

@@ -37,7 +37,6 @@ first frame.
 """
 
 import os
-import shutil
 
 
 from dplg_tf.errors import OutputExists
@@ -46,6 +45,7 @@ from dplg_tf.export.signatures import DescriptorExtractor
 from dplg_tf.images import DEFAULT_LIMITS
 from dplg_tf.export import warmup
 from dplg_tf.export.saved_models import next_version
+from dplg_tf.storage.atomic import atomic_path
 
 # the limits the signatures check themselves (TF Serving runs them as they are)
 
@@ -113,15 +113,12 @@ def export(model, export_dir, version=None, scales=None, max_image_side=1024,
     module.preprocessing = tf.Variable(preprocessing_of(model), trainable=False,
                                        dtype=tf.string)
     module.precision = tf.Variable(precision, trainable=False, dtype=tf.string)
-    tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # a hidden folder renamed into place: a server polling BASE never sees half a
+    # model, and a version made meanwhile by another export is not replaced
+    with atomic_path(final) as tmp:
         tf.saved_model.save(module, tmp, signatures={
             "serving_default": module.serving_default, "multiscale": module.multiscale})
         warmup.write(tmp, os.path.basename(os.path.normpath(export_dir)))
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -110,9 +110,9 @@ def decode(data, max_pixels, min_side):
         "The image is", height, "x", width, "pixels; the shorter side must be at least",
         min_side])
     with tf.control_dependencies([large, small]):
-        image = tf.io.decode_image(data, channels=3, dtype=tf.uint16, expand_animations=False)
-    # 16-bit and 8-bit sources alike: uint16 -> uint8 by the top byte
-    image = tf.cast(tf.bitwise.right_shift(image, 8), tf.uint8)
+        # a 16-bit PNG keeps its top byte; decoded as uint8 directly, with no
+        # wider copy of a large image (the same values as uint16 >> 8)
+        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
 
@@ -123,5 +123,7 @@ def limit_side(image, max_side):
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = tf.minimum(1.0, max_side / tf.reduce_max(shape))
     new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), 1)
-    resized = tf.image.resize(tf.cast(image, tf.float32), new, antialias=True)
-    return tf.cond(scale < 1.0, lambda: resized, lambda: tf.cast(image, tf.float32))
+    # only the branch taken runs, and a large image is resized from its uint8
+    # pixels (the same numbers as from float32, without a 4-byte copy of it)
+    return tf.cond(scale < 1.0, lambda: tf.image.resize(image, new, antialias=True),
+                   lambda: tf.cast(image, tf.float32))

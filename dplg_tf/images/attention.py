@@ -1,10 +1,20 @@
 """Drawing an attention map (B, H4, W4) over its image: the one renderer behind
 TensorBoard's attention images, dplg-eval's figures, the search page and the
-demo's text map."""
+demo's text map; and its entropy."""
 
 import numpy as np
 
 _SHADES = " .:-=+*#%@"
+
+
+def entropy(attention):
+    """The normalised entropy of each map of `attention` [B, H, W] (or [H, W])
+    -> [B]: 1 for a uniform map, 0 for one position."""
+    a = np.asarray(attention, np.float64)
+    a = a.reshape((-1, a.shape[-2] * a.shape[-1]))
+    a = a / np.maximum(a.sum(axis=1, keepdims=True), 1e-12)
+    h = -np.sum(np.where(a > 0, a * np.log(np.maximum(a, 1e-300)), 0.0), axis=1)
+    return h / max(np.log(a.shape[1]), 1e-12) if a.shape[1] > 1 else np.ones(len(a))
 
 
 def normalised(attention):

@@ -5,6 +5,7 @@ negative / junk database images."""
 import os
 
 from dplg_tf.images.attention import overlay
+from dplg_tf.storage.atomic import atomic_path
 
 COLOURS = {"positive": "#1a9850", "negative": "#d73027", "junk": "#999999", None: "#ffffff"}
 
@@ -30,7 +31,8 @@ def attention_figure(pairs, path, title="Dot-product attention A (Eq. 2)"):
             ax.axis("off")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
     return path
 
@@ -56,7 +58,8 @@ def ranked_sheet(query, results, path, title=""):
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
     return path
 

@@ -12,8 +12,9 @@ For each query, its shortlist holds the M nearest database vectors X [M, D]
 
 The shortlist is re-ordered by the final score; what lies past M keeps its
 order. The work is M x M x D per query and M x D floats of memory: the
-shortlist comes from any index kind (exact, pq, hnsw, ivfpq: `index_rerank`)
-or from a full ranking (`rerank_ranks`), never the whole database.
+shortlist comes from any index kind or from a full ranking
+(retrieval.query, where this method is the re-ranker "superglobal"), never
+the whole database.
 """
 
 import numpy as np
@@ -80,40 +81,3 @@ def _rerank_chunk(q, x, valid, k, beta):
     top = np.where(np.isfinite(best_scores)[..., None], top, -np.inf).max(axis=1)
     final = (first + (augmented @ top[:, :, None])[..., 0]) / 2.0
     return _top(np.where(valid, final, -np.inf), m)
-
-
-def rerank_ranks(ranks, queries, database, m=DEFAULT_M, k=DEFAULT_K, beta=DEFAULT_BETA,
-                 in_place=False):
-    """A full ranking [n_db, n_query] (evaluation's) with each query's first m
-    entries re-ordered; `database` is read only at those rows. `in_place`
-    re-orders `ranks` itself (at +1M a copy of the ranking is 8 bytes x n_db x
-    n_query)."""
-    check(m, k, beta)
-    ranks = np.asarray(ranks) if in_place else np.array(ranks, copy=True)
-    m = min(m, len(ranks))
-    if m < 2 or ranks.shape[1] == 0:
-        return ranks
-    short = ranks[:m].T                                     # [q, m]
-    out = np.empty_like(short)
-    for start in range(0, len(short), 64):                 # 64 x m x D floats at a time
-        ids = short[start:start + 64]
-        _, order = rerank(queries[start:start + 64], np.asarray(database[ids], np.float32),
-                          k, beta)
-        out[start:start + 64] = np.take_along_axis(ids, order, 1)
-    ranks[:m] = out.T
-    return ranks
-
-
-def index_rerank(index, queries, top_k, m=DEFAULT_M, k=DEFAULT_K, beta=DEFAULT_BETA):
-    """(scores [q, top_k], ids [q, top_k]) like index.search, with the index's
-    m best re-ranked; scores are the re-ranking's final scores."""
-    check(m, k, beta)
-    scores, ids = index.search(queries, max(m, top_k))
-    valid = ids >= 0
-    if ids.shape[1] < 2:
-        return scores[:, :top_k], ids[:, :top_k]
-    vectors = index.vectors(np.where(valid, ids, 0))
-    final, order = rerank(np.asarray(queries, np.float32) / np.maximum(np.linalg.norm(
-        queries, axis=1, keepdims=True), 1e-12), vectors, k, beta, valid)
-    ids = np.where(np.isfinite(final), np.take_along_axis(ids, order, 1), -1)
-    return final[:, :top_k], ids[:, :top_k]

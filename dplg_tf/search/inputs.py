@@ -1,16 +1,12 @@
 """What dplg-index and dplg-search take in: a descriptor file, a dplg-extract
 folder, or image files described by one model."""
 
-import os
 import sys
-
-import numpy as np
 
 from dplg_tf import images
 from dplg_tf.errors import UserError
 from dplg_tf.console import progress_bar
-from dplg_tf.storage import extraction
-from dplg_tf.storage.descriptors import read_npz
+from dplg_tf.storage.sources import open_descriptors
 
 
 def report(errors, command):
@@ -28,16 +24,9 @@ def read_inputs(paths, descriptors=None, model=None, server=None, model_name="dp
     paths = list(paths)
     if bool(paths) == bool(descriptors):
         raise UserError("Give either --descriptors or image files / folders.")
-    if descriptors and os.path.isdir(descriptors):
-        manifest = extraction.check_complete(descriptors)
-        return None, None, np.asarray(manifest["probe"], np.float32), []
-    if descriptors:
-        rows, names, probe = read_npz(descriptors)
-        if probe is None and not allow_unverified:
-            raise UserError(f"{descriptors} carries no probe descriptor, so the model "
-                            "that made it cannot be checked; describe the images again "
-                            "with dplg-client, or pass --allow_unverified.")
-        return rows, names, probe, []
+    if descriptors:   # a folder's shards are only checked here: callers stream them
+        source = open_descriptors(descriptors, allow_unverified, rows=False)
+        return source.rows, source.names, source.probe, []
     from dplg_tf.retrieval.describers import Describer
 
     describer = Describer(model, server, model_name)

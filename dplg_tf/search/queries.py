@@ -64,10 +64,13 @@ def parse_query(fields, max_top_k, image=None):
         raise bad_request(f"Unknown fields {shorten(unknown)}; a search takes "
                    f"{sorted(SEARCH_KEYS)}.")
     query = {"top_k": _integer(fields.get("top_k"), "top_k", 1, max_top_k, 10),
-             "qe_k": _integer(fields.get("qe_k"), "qe_k", 0, 100, 0),
-             "qe_alpha": _number(fields.get("qe_alpha"), "qe_alpha", 0.0, 100.0, 3.0),
              "attention": _flag(fields.get("attention"), "attention")}
-    if fields.get("rerank") not in (None, ""):   # absent: the server's default
+    # absent: the server's default (its retrieval.query.Settings)
+    if fields.get("qe_k") not in (None, ""):
+        query["qe_k"] = _integer(fields["qe_k"], "qe_k", 0, 100, 0)
+    if fields.get("qe_alpha") not in (None, ""):
+        query["qe_alpha"] = _number(fields["qe_alpha"], "qe_alpha", 0.0, 100.0, 3.0)
+    if fields.get("rerank") not in (None, ""):
         query["rerank"] = _flag(fields["rerank"], "rerank")
     if image is None and fields.get("image") is not None:
         value = fields["image"]

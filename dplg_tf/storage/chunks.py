@@ -27,8 +27,8 @@ import time
 import numpy as np
 
 from dplg_tf.errors import UserError
-from dplg_tf.storage.atomic import write_atomic
-from dplg_tf.storage.descriptors import read_npz, same_probe, write_npz
+from dplg_tf.storage.atomic import set_aside, write_atomic
+from dplg_tf.storage.descriptors import read_npz_with_errors, same_probe, write_npz
 
 FORMAT = 2   # parts named by their ranges (format 1 had fixed-size chunk-N files)
 _PART = re.compile(r"^part-(\d{9})-(\d{9})\.npz$")
@@ -90,8 +90,7 @@ class ChunkedOutput:
             problem = self._check_part(name, start, end, covered)
             if problem:
                 self.damaged.append((name, problem))
-                os.replace(os.path.join(self.folder, name),
-                           os.path.join(self.folder, name + ".damaged"))
+                set_aside(os.path.join(self.folder, name))
                 continue
             covered[start:end] = True
             parts.append((start, end))
@@ -102,16 +101,14 @@ class ChunkedOutput:
         if not 0 <= start < end <= len(self.names) or covered[start:end].any():
             return "its range does not fit the inputs"
         try:
-            rows, ok, probe = read_npz(os.path.join(self.folder, name))
-            with np.load(os.path.join(self.folder, name), allow_pickle=False) as data:
-                failed = [str(n) for n in data["error_names"]]
-        except (UserError, KeyError, ValueError, OSError) as e:
+            rows, ok, probe, errors = read_npz_with_errors(os.path.join(self.folder, name))
+        except (UserError, ValueError, OSError) as e:
             return f"unreadable ({e})"
         if probe is None or not same_probe(probe, self.probe):
             return "written by another model"
         if len(rows) and rows.shape[1] != len(self.probe):
             return "descriptors of another dimension"
-        if sorted(ok + failed) != sorted(self.names[start:end]):
+        if sorted(ok + [n for n, _ in errors]) != sorted(self.names[start:end]):
             return "its names are not those of its range"
         return None
 
@@ -166,9 +163,8 @@ class ChunkedOutput:
         names, rows, errors = [], [], []
         for start, end in sorted(self.parts):
             path = os.path.join(self.folder, f"part-{start:09d}-{end:09d}.npz")
-            part_rows, part_names, _ = read_npz(path)
-            with np.load(path, allow_pickle=False) as data:
-                errors += list(zip(data["error_names"].tolist(), data["error_reasons"].tolist()))
+            part_rows, part_names, _, part_errors = read_npz_with_errors(path)
+            errors += part_errors
             names += part_names
             if len(part_rows):
                 rows.append(part_rows)

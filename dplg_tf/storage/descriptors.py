@@ -35,6 +35,12 @@ def write_npz(path, names, descriptors, probe=None, errors=()):
 def read_npz(path):
     """(descriptors [N, D] float32, names, probe or None) of a descriptor file,
     checked: a 2-D finite array and one name per row."""
+    return read_npz_with_errors(path)[:3]
+
+
+def read_npz_with_errors(path):
+    """read_npz's (descriptors, names, probe) and the file's [(name, reason)]
+    of the images that could not be described ([] when it records none)."""
     if not os.path.isfile(path):
         raise InputNotFound(f"Descriptor file {path} does not exist.")
     data = read_arrays(path, {"descriptors": "fiu", "names": "U", "probe": "fiu",
@@ -61,7 +67,11 @@ def read_npz(path):
         probe = probe.astype(np.float32).ravel()
         if probe.shape[0] != descriptors.shape[1] or not np.all(np.isfinite(probe)):
             raise UserError(f"{path}: the probe descriptor does not fit the descriptors.")
-    return descriptors, names, probe
+    failed, reasons = (data.get(k, np.zeros(0, str)) for k in ("error_names", "error_reasons"))
+    if failed.ndim != 1 or reasons.ndim != 1 or len(failed) != len(reasons):
+        raise UserError(f"{path}: 'error_names' and 'error_reasons' must be lists of the "
+                        "same length; describe the images again.")
+    return descriptors, names, probe, list(zip(map(str, failed), map(str, reasons)))
 
 
 def same_probe(a, b):

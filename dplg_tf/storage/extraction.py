@@ -27,7 +27,7 @@ import numpy as np
 
 from dplg_tf.errors import InputNotFound, UserError
 from dplg_tf.storage.descriptors import same_probe
-from dplg_tf.storage.atomic import write_atomic
+from dplg_tf.storage.atomic import atomic_path, set_aside, write_atomic
 
 # what must match for a rerun to resume into the same folder
 KEYS = ("fingerprint", "requested_scales", "limits", "listing_sha256", "shard_size", "dim")
@@ -134,7 +134,7 @@ def done_shards(out, count, manifest=None, damaged=None):
             continue
         problem = check_shard(path, manifest, i) if manifest else None
         if problem:
-            os.replace(path, path + ".damaged")
+            set_aside(path)
             if damaged is not None:
                 damaged.append((path, problem))
             continue
@@ -176,11 +176,8 @@ def _write_parquet(path, table):
     import pyarrow.parquet as pq
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def write_shard(out, i, names, descriptors, errors, manifest):
@@ -277,7 +274,7 @@ def read_partial(out, i, names, manifest, damaged=None):
             rows[j] = (vectors[k], None if status == "ok" else (status, reason))
         return rows
     except (OSError, pa.ArrowException, ValueError, KeyError, TypeError) as e:
-        os.replace(path, path + ".damaged")
+        set_aside(path)
         if damaged is not None:
             damaged.append((path, str(e) or type(e).__name__))
         return {}

@@ -12,14 +12,7 @@ scalars); dplg-eval --figures reports the entropy of the drawn queries.
 
 import numpy as np
 
-
-def attention_entropy(attention):
-    """Normalised entropy of each map of `attention` [B, H, W] (or [H, W]) -> [B]."""
-    a = np.asarray(attention, np.float64)
-    a = a.reshape((-1, a.shape[-2] * a.shape[-1]))
-    a = a / np.maximum(a.sum(axis=1, keepdims=True), 1e-12)
-    h = -np.sum(np.where(a > 0, a * np.log(np.maximum(a, 1e-300)), 0.0), axis=1)
-    return h / max(np.log(a.shape[1]), 1e-12) if a.shape[1] > 1 else np.ones(len(a))
+from dplg_tf.images.attention import entropy as attention_entropy
 
 
 def fusion_probe(embedder):

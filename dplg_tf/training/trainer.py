@@ -36,7 +36,7 @@ import time
 from absl import logging
 
 from dplg_tf.errors import UserError
-from dplg_tf.storage.atomic import write_atomic
+from dplg_tf.storage.atomic import atomic_path, write_atomic
 
 
 class TrainingError(RuntimeError):
@@ -308,9 +308,8 @@ class Trainer:
                   "validation_accuracy": acc}
         if self.chief:  # each file whole or not at all: export falls back to checkpoints
             path = os.path.join(self.workdir, "model.keras")
-            tmp = os.path.join(self.workdir, f".model-{os.getpid()}.tmp.keras")
-            self.embedder.save(tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                self.embedder.save(tmp)
             result["model"] = path
             write_atomic(os.path.join(self.workdir, "result.json"), json.dumps(result, indent=1))
         for w in self.writers:

@@ -249,8 +249,8 @@ def test_partial_files_round_trip_and_a_foreign_one_is_set_aside(tmp_path):
 
 def test_index_and_eval_read_an_extraction_folder(model, tmp_path):
     """dplg-index --descriptors OUT streams the shards and checks the probe;
-    evaluation.load_distractors takes the folder for the +1M setting."""
-    from dplg_tf.retrieval import evaluation
+    eval_run.load_distractors takes the folder for the +1M setting."""
+    from dplg_tf.retrieval import eval_run
     from dplg_tf.storage import extraction
     from dplg_tf.export.saved_models import fingerprint
     from dplg_tf.retrieval.describers import Describer
@@ -297,12 +297,12 @@ def test_index_and_eval_read_an_extraction_folder(model, tmp_path):
     assert all(h["results"][0]["name"] == h["query"] for h in found)
 
     used = info["scales"]
-    loaded = evaluation.load_distractors(out, 512, np.asarray(info["probe"]), used)
+    loaded = eval_run.load_distractors(out, 512, np.asarray(info["probe"]), used)
     assert loaded.shape == (6, 512)
     with pytest.raises(UserError, match="another model"):
-        evaluation.load_distractors(out, 512, -np.asarray(info["probe"]), used)
+        eval_run.load_distractors(out, 512, -np.asarray(info["probe"]), used)
     with pytest.raises(UserError, match="described at scales"):
-        evaluation.load_distractors(out, 512, np.asarray(info["probe"]), used[:2])
+        eval_run.load_distractors(out, 512, np.asarray(info["probe"]), used[:2])
     # a rerun into the folder with other inputs is refused
     with pytest.raises(UserError, match="another input listing"):
         extraction.open_folder(out, dict(manifest, listing_sha256="0"), names)

@@ -38,7 +38,7 @@ def test_demo_rejects_a_bad_config_value_in_one_sentence():
 def test_the_speed_measure_takes_the_best_of_its_timings():
     """A timing slowed by other work does not count (the demo once said
     "about 25 min" and took 4): the fastest of the timings gives the speed."""
-    from dplg_tf.cli.demo import matmul_gflops
+    from dplg_tf.demo.pipeline import matmul_gflops
 
     ticks = iter([0.0, 10.0, 10.0, 10.1, 10.1, 20.1])   # timings of 10 s, 0.1 s, 10 s
     assert matmul_gflops(size=64, timings=3, clock=lambda: next(ticks)) == pytest.approx(
@@ -46,13 +46,9 @@ def test_the_speed_measure_takes_the_best_of_its_timings():
 
 
 def test_the_time_estimate_scales_the_reference_and_names_other_work():
-    code = ("from absl import flags; from dplg_tf.cli import demo; demo._define_flags(); "
-            "flags.FLAGS(['dplg-demo']); print(demo.estimate(gflops=134, load=0.1)); "
-            "print(demo.estimate(gflops=67, load=0.9))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    idle, busy = proc.stdout.splitlines()
+    from dplg_tf.demo.pipeline import estimate
+
+    idle, busy = estimate(900, gflops=134, load=0.1), estimate(900, gflops=67, load=0.9)
     assert "should take about 10 min here" in idle and "busy" not in idle
     assert "should take about 20 min here" in busy
     assert "other work keeps the cores 90% busy now, which makes it longer" in busy

@@ -251,7 +251,8 @@ def world(tmp_path_factory):
 
 
 def _search_server(world, access=None):
-    from dplg_tf.search.service import Searcher, SearchServer
+    from dplg_tf.search.searcher import Searcher
+    from dplg_tf.search.service import SearchServer
 
     searcher = Searcher(world["index"], world["describer"], str(world["photos"]),
                         reload_seconds=0)

@@ -61,7 +61,8 @@ def search(model_base, tmp_path_factory):
     """A search server over 6 random descriptors (searched by descriptor)."""
     from dplg_tf.retrieval.describers import Describer
     from dplg_tf.search.index import DescriptorIndex
-    from dplg_tf.search.service import Searcher, SearchServer
+    from dplg_tf.search.searcher import Searcher
+    from dplg_tf.search.service import SearchServer
 
     root = tmp_path_factory.mktemp("bounds_search")
     describer = Describer(model=model_base, limits=LIMITS)

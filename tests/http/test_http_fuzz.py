@@ -84,7 +84,8 @@ def _check(status, data):
 def servers(tmp_path_factory):
     from dplg_tf.retrieval.describers import Describer
     from dplg_tf.search.index import DescriptorIndex
-    from dplg_tf.search.service import Searcher, SearchServer
+    from dplg_tf.search.searcher import Searcher
+    from dplg_tf.search.service import SearchServer
 
     root = tmp_path_factory.mktemp("fuzz")
     base = str(root / "dplg")

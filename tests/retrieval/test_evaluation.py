@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from dplg_tf.retrieval import evaluation
+from dplg_tf.retrieval import eval_run, evaluation
+from dplg_tf.retrieval.cache import extract
 from dplg_tf.retrieval import pictures
 
 
@@ -71,7 +72,9 @@ def test_perfect_and_reversed_rankings():
 def test_rank_orders_by_inner_product():
     db = np.eye(4, dtype=np.float32)
     q = np.array([[0.1, 0.9, 0.3, 0.0]], np.float32)
-    assert evaluation.rank(q, db)[:, 0].tolist() == [1, 2, 0, 3]
+    from dplg_tf.retrieval import knn
+
+    assert knn.rank(q, db)[:, 0].tolist() == [1, 2, 0, 3]
 
 
 def test_markdown_table_side_by_side():
@@ -133,18 +136,18 @@ def test_extraction_cache_resumes_at_the_first_unfinished_chunk(tmp_path):
         path = str(tmp_path / f"im{i}.png")
         Image.fromarray(np.full((20, 20, 3), 20 * i, np.uint8)).save(path)
         jobs.append((path, None))
-    cache = str(tmp_path / "cache")
+    folder = str(tmp_path / "cache")
     with pytest.raises(RuntimeError, match="killed"):
-        evaluation.extract(_CountingDescriber(fail_after=7), [1.0], jobs, cache, "db",
-                           chunk=3, progress=False, workers=1)
+        extract(_CountingDescriber(fail_after=7), [1.0], jobs, folder, "db",
+                chunk=3, progress=False, workers=1)
     again = _CountingDescriber()
-    rows = evaluation.extract(again, [1.0], jobs, cache, "db", chunk=3, progress=False,
-                              workers=1)
+    rows = extract(again, [1.0], jobs, folder, "db", chunk=3, progress=False,
+                   workers=1)
     assert again.calls == 3          # the 7 images described before the failure were kept
     np.testing.assert_allclose(rows[:, 0], 20.0 * np.arange(10))
     third = _CountingDescriber()
-    np.testing.assert_allclose(evaluation.extract(third, [1.0], jobs, cache, "db", chunk=3,
-                                                  progress=False), rows)
+    np.testing.assert_allclose(extract(third, [1.0], jobs, folder, "db", chunk=3,
+                                       progress=False), rows)
     assert third.calls == 0          # the finished file is read back
 
 
@@ -160,22 +163,22 @@ def test_distractor_files_are_checked_against_the_model(tmp_path):
     ours = str(tmp_path / "ours.npz")
     write_npz(ours, [f"d{i}" for i in range(5)], rows, probe)
     scales = [0.5, 1.0]
-    np.testing.assert_allclose(evaluation.load_distractors(ours, 4, probe, scales, scales), rows)
+    np.testing.assert_allclose(eval_run.load_distractors(ours, 4, probe, scales, scales), rows)
     with pytest.raises(UserError, match="another model"):
-        evaluation.load_distractors(ours, 4, -probe, scales, scales)
+        eval_run.load_distractors(ours, 4, -probe, scales, scales)
     with pytest.raises(UserError, match="at the export's scales"):
-        evaluation.load_distractors(ours, 4, probe, [1.0], scales)
+        eval_run.load_distractors(ours, 4, probe, [1.0], scales)
     with pytest.raises(UserError, match="4"):
-        evaluation.load_distractors(ours, 8, probe, scales, scales)
+        eval_run.load_distractors(ours, 8, probe, scales, scales)
     bare = str(tmp_path / "bare.npy")
     np.save(bare, rows)
     with pytest.raises(UserError, match="no probe descriptor.*--allow_unverified"):
-        evaluation.load_distractors(bare, 4, probe, scales, scales)
-    np.testing.assert_allclose(evaluation.load_distractors(
+        eval_run.load_distractors(bare, 4, probe, scales, scales)
+    np.testing.assert_allclose(eval_run.load_distractors(
         bare, 4, probe, scales, scales, allow_unverified=True), rows)
     np.save(bare, np.full((2, 4), np.nan, np.float32))
     with pytest.raises(UserError, match="finite"):
-        evaluation.load_distractors(bare, 4, probe, scales, scales, allow_unverified=True)
+        eval_run.load_distractors(bare, 4, probe, scales, scales, allow_unverified=True)
 
 
 def test_labelled_map_of_a_large_set_samples_its_queries():

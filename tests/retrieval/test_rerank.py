@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dplg_tf.errors import UserError
-from dplg_tf.retrieval import knn, rerank
+from dplg_tf.retrieval import knn, query, rerank
 from dplg_tf.search.index import DescriptorIndex
 
 
@@ -45,11 +45,15 @@ def reference(X, Q, ranks, M, K, beta):
     return out
 
 
+def _settings(m=400, k=9, beta=0.15):
+    return query.Settings(rerank=True, rerank_params={"m": m, "k": k, "beta": beta})
+
+
 def test_rerank_equals_the_reference_transcription():
     db, q = _clustered(600, 32, 0), _clustered(5, 32, 7)
     ranks = knn.rank(q, db)
     for m, k, beta in ((50, 9, 0.15), (80, 3, 0.5), (20, 1, 0.0)):
-        got = rerank.rerank_ranks(ranks, q, db, m, k, beta)
+        got = query.run(q, db, _settings(m, k, beta)).ids.T
         want = reference(db, q, ranks, m, k, beta)
         np.testing.assert_array_equal(got, want)
         assert not np.array_equal(got[:m], ranks[:m])   # it did re-order something
@@ -86,7 +90,7 @@ def test_invalid_entries_sort_last():
 
 
 @pytest.mark.parametrize("kind", ["exact", "pq", "hnsw", "ivfpq"])
-def test_index_rerank_over_every_kind_equals_the_exact_rerank(kind):
+def test_rerank_over_every_index_kind_equals_the_exact_rerank(kind):
     """When the index's shortlist is the exact top M, re-ranking over it gives
     the exact re-ranking; the shortlist check keeps the test honest."""
     db, q = _clustered(2000, 32, 10), _clustered(6, 32, 11)
@@ -98,17 +102,19 @@ def test_index_rerank_over_every_kind_equals_the_exact_rerank(kind):
     _, shortlist = index.search(q, m)
     for row, col in zip(shortlist, exact[:m].T):
         assert set(row) == set(col), "the approximate shortlist must hold the exact top M"
-    scores, ids = rerank.index_rerank(index, q, top_k, m, 9, 0.15)
-    want = rerank.rerank_ranks(exact, q, db, m, 9, 0.15)[:top_k].T
+    found = query.run(q, index, _settings(m), top_k)
+    scores, ids = found.scores, found.ids
+    want = query.run(q, db, _settings(m)).ids[:, :top_k]
     np.testing.assert_array_equal(ids, want)
     assert scores.shape == (6, top_k) and np.all(np.diff(scores, axis=1) <= 1e-6)
 
 
-def test_index_rerank_with_fewer_vectors_than_m():
+def test_rerank_with_fewer_vectors_than_m():
     db, q = _unit(30, 8, 12), _unit(2, 8, 13)
     index = DescriptorIndex(8, "exact")
     index.add(db, [str(i) for i in range(30)])
-    scores, ids = rerank.index_rerank(index, q, 10, m=400)
+    found = query.run(q, index, _settings(), 10)
+    scores, ids = found.scores, found.ids
     assert ids.shape == (2, 10) and np.all(ids >= 0) and np.all(np.isfinite(scores))
 
 

@@ -144,15 +144,15 @@ def test_pq_index_through_the_commands(tmp_path):
     bad = subprocess.run(search + ["--refine=0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not an integer in the range [1, 1000]" in bad.stderr
     # --rerank: the shortlist of 100 re-ranked (refine 50 x 100 covers all 400: exact)
-    from dplg_tf.retrieval import knn, rerank
+    from dplg_tf.retrieval import query
 
     proc = subprocess.run(search + ["--refine=50", "--rerank", "--rerank_m=100", "--rerank_k=5",
                                     f"--output={out}"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = [[int(h["name"]) for h in r["results"]] for r in json.loads(out.read_text())]
-    want = rerank.rerank_ranks(knn.rank(q, db), q, db, 100, 5, 0.15)[:5].T
-    assert found == want.tolist()
+    want = query.run(q, db, query.Settings(rerank=True, rerank_params={"m": 100, "k": 5}), 5)
+    assert found == want.ids.tolist()
     bad = subprocess.run(search + ["--rerank", "--rerank_m=5", "--rerank_k=9"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Re-ranking needs 1 <= k < m" in bad.stderr

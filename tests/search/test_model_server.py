@@ -71,7 +71,8 @@ def _one_sentence(text):
 def test_a_slow_or_stopped_model_server_gives_503_and_the_search_server_recovers(tmp_path):
     from dplg_tf.retrieval.describers import Describer
     from dplg_tf.search.index import DescriptorIndex
-    from dplg_tf.search.service import Searcher, SearchServer
+    from dplg_tf.search.searcher import Searcher
+    from dplg_tf.search.service import SearchServer
 
     base = str(tmp_path / "models" / "dplg")
     export_lib.export(small_dplg(0), base)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from dplg_tf.search.index import DescriptorIndex
-from dplg_tf.search.service import Searcher, SearchServer
+from dplg_tf.search.searcher import Searcher
+from dplg_tf.search.service import SearchServer
 from dplg_tf.storage.atomic import StateFolder, write_atomic
 
 DIM = 8
@@ -269,14 +270,53 @@ def test_answers_agree_with_themselves_while_current_flips_under_load(tmp_path):
 def test_the_answer_says_what_was_done(tmp_path, default):
     folder = str(tmp_path / "idx")
     _commit(folder, _state_files(tmp_path, 5, "a"))
-    searcher = Searcher(folder, FakeDescriber(), reload_seconds=0, rerank=default,
-                        rerank_settings={"m": 4, "k": 2, "beta": 0.15})
-    base = {"descriptor": np.ones(DIM, np.float32), "top_k": 3, "qe_k": 0, "qe_alpha": 3.0,
-            "attention": False}
-    cases = [({}, default, 0), ({"rerank": True}, True, 0), ({"rerank": False}, False, 0),
-             ({"rerank": True, "qe_k": 2}, True, 2), ({"qe_k": 50}, default, 5)]
-    for extra, rerank, qe_k in cases:
+    from dplg_tf.retrieval.query import Settings
+
+    settings = Settings(qe_k=1, qe_alpha=2.0, rerank=default,
+                        rerank_params={"m": 4, "k": 2, "beta": 0.15})
+    searcher = Searcher(folder, FakeDescriber(), reload_seconds=0, settings=settings)
+    base = {"descriptor": np.ones(DIM, np.float32), "top_k": 3, "attention": False}
+    cases = [({}, default, 1, 2.0), ({"rerank": True}, True, 1, 2.0),
+             ({"rerank": False, "qe_k": 0}, False, 0, None),
+             ({"rerank": True, "qe_k": 2, "qe_alpha": 3.0}, True, 2, 3.0),
+             ({"qe_k": 50}, default, 5, 2.0)]   # clamped to the index's 5
+    fixed = {"reranker": "superglobal", "m": 4, "k": 2, "beta": 0.15, "dba_k": 0,
+             "dba_alpha": None, "dba_graph": None}
+    for extra, rerank, qe_k, qe_alpha in cases:
         answer = searcher.search(dict(base, **extra))
-        assert answer["search"] == {"rerank": rerank, "m": 4, "k": 2, "beta": 0.15,
-                                    "qe_k": qe_k, "qe_alpha": 3.0 if qe_k else None}, extra
-    assert searcher.info()["search"] == {"rerank": default, "m": 4, "k": 2, "beta": 0.15}
+        assert answer["search"] == dict(fixed, rerank=rerank, qe_k=qe_k,
+                                        qe_alpha=qe_alpha), extra
+    assert searcher.info()["search"] == dict(fixed, rerank=default, qe_k=1, qe_alpha=2.0)
+
+
+def test_a_hung_read_of_the_index_folder_is_reported_and_clears(tmp_path, monkeypatch):
+    """A check of the folder that does not return (a stuck network disk) is
+    told by problem() once it passes STUCK_SECONDS, and forgotten when it ends."""
+    folder = str(tmp_path / "idx")
+    _commit(folder, _state_files(tmp_path, 5, "a"))
+    searcher = Searcher(folder, FakeDescriber(), reload_seconds=0.05)
+    monkeypatch.setattr(searcher, "STUCK_SECONDS", 0.3)
+    release, entered = threading.Event(), threading.Event()
+    load = searcher._load
+
+    def hung_load():
+        entered.set()
+        release.wait(30)
+        return load()
+
+    monkeypatch.setattr(searcher, "_load", hung_load)
+    searcher.start()
+    try:
+        assert searcher.problem() is None
+        _commit(folder, _state_files(tmp_path, 6, "b"))
+        assert entered.wait(10)
+        assert _until(lambda: searcher.problem() is not None, 10)
+        assert "Reading the index folder has not finished" in searcher.problem()
+        assert searcher.search({"descriptor": np.ones(DIM, np.float32), "top_k": 2,
+                                "attention": False})["index"]["vectors"] == 5  # still served
+        release.set()
+        assert _until(lambda: searcher.index is not None and len(searcher.index) == 6, 10)
+        assert _until(lambda: searcher.problem() is None, 10)
+    finally:
+        release.set()
+        searcher.stop()

@@ -16,7 +16,8 @@ from dplg_tf import images
 from dplg_tf.export import export as export_lib
 from dplg_tf.retrieval.describers import Describer
 from dplg_tf.search.index import DescriptorIndex
-from dplg_tf.search.service import Searcher, SearchServer
+from dplg_tf.search.searcher import Searcher
+from dplg_tf.search.service import SearchServer
 
 LIMITS = dataclasses.replace(images.DEFAULT_LIMITS, max_request_mb=2, max_pixels=4_000_000)
 
@@ -127,12 +128,13 @@ def test_multipart_upload_with_attention_and_descriptor_queries(server, world):
 
 @pytest.mark.slow
 def test_a_search_asks_for_re_ranking(server, world):
-    from dplg_tf.retrieval.rerank import index_rerank
+    from dplg_tf.retrieval import query
 
     index = DescriptorIndex.load(world["index"])
     data = open(os.path.join(world["photos"], world["names"][5]), "rb").read()
     vector = world["describer"].describe_bytes([data])[0]
-    scores, ids = index_rerank(index, vector[None], 6)
+    found = query.run(vector[None], index, query.Settings(rerank=True), 6)
+    scores, ids = found.scores, found.ids
     status, answer = _http(server, "/v1/search", {"descriptor": vector.tolist(), "top_k": 6,
                                                   "rerank": True})
     assert status == 200, answer
@@ -141,8 +143,9 @@ def test_a_search_asks_for_re_ranking(server, world):
                                                                     abs=1e-5)
     plain = _http(server, "/v1/search", {"descriptor": vector.tolist(), "top_k": 6})[1]
     assert plain["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)   # not re-scored
-    assert answer["search"] == {"rerank": True, "m": 400, "k": 9, "beta": 0.15,   # as done
-                                "qe_k": 0, "qe_alpha": None}
+    assert answer["search"] == {"rerank": True, "reranker": "superglobal", "m": 400,
+                                "k": 9, "beta": 0.15, "qe_k": 0, "qe_alpha": None,
+                                "dba_k": 0, "dba_alpha": None, "dba_graph": None}   # as done
     assert plain["search"]["rerank"] is False
 
 

@@ -393,8 +393,9 @@ def _infos(**dtypes):
 
 
 def test_json_rows_and_columns_become_arrays_and_back():
-    from dplg_tf.serving import rest
+    from dplg_tf.serving import rest_json as rest
     from dplg_tf.serving.requests import ServingError
+    from dplg_tf.serving.rest import HTTP_CODES
 
     arrays, form = rest.arrays_from_json({"instances": [_b64(b"ab"), "cd"]},
                                          _infos(image_bytes="DT_STRING"))
@@ -418,8 +419,8 @@ def test_json_rows_and_columns_become_arrays_and_back():
         rest.outputs_to_json({"a": out["a"], "c": np.zeros(5)}, "row")
     assert rest.outputs_to_json({"x_bytes": np.array([b"hi"], dtype=object)}, "row") == {
         "predictions": [{"b64": "aGk="}]}
-    assert rest.HTTP_CODES[grpc.StatusCode.RESOURCE_EXHAUSTED] == 429
-    assert rest.HTTP_CODES[grpc.StatusCode.UNAVAILABLE] == 503
+    assert HTTP_CODES[grpc.StatusCode.RESOURCE_EXHAUSTED] == 429
+    assert HTTP_CODES[grpc.StatusCode.UNAVAILABLE] == 503
 
 
 # ------------------------------------------- TF Serving's codes, one README table

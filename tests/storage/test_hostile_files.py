@@ -406,7 +406,7 @@ class _FakeDescriber:
 
 
 def test_evaluation_cache_key_follows_model_and_scales():
-    from dplg_tf.retrieval.evaluation import cache_key
+    from dplg_tf.retrieval.cache import cache_key
 
     jobs = [("a.jpg", None), ("b.jpg", (0, 0, 5, 5))]
     key = cache_key(_FakeDescriber("m/1"), [1.0, 0.5], "database", jobs)
