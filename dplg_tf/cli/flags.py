@@ -114,7 +114,8 @@ def define_index_input_flags():
     flags.DEFINE_string("index_dir", None, "The index folder.", required=True)
     define_model_flags()
     flags.DEFINE_string("descriptors", None, "An .npz with descriptors (and names, probe), "
-                        "or a dplg-extract output folder.")
+                        "a dplg-extract output folder, an index folder, or an .npy (with "
+                        "--allow_unverified).")
     flags.DEFINE_bool("allow_unverified", False, "Accept a descriptor file without a probe "
                       "descriptor (the model that made it is then not checked).")
 

@@ -27,8 +27,9 @@ def load_distractors(path, dim, probe, scales, serving_scales=None, allow_unveri
     """Distractor descriptors (+1M), each kind checked against the model like
     every descriptor file: a dplg-extract folder (its probe, and the scales it
     used must be `scales`), a dplg-client .npz (its probe; it was described by
-    serving_default, so `scales` must be the model's `serving_scales`) or an
-    .npy (no probe: only with `allow_unverified`)."""
+    serving_default, so `scales` must be the model's `serving_scales`), an
+    index folder (its probe; it records no scales) or an .npy (no probe: only
+    with `allow_unverified`)."""
     from dplg_tf.storage.descriptors import same_probe
     from dplg_tf.storage.sources import open_descriptors
 

@@ -8,8 +8,9 @@ is in dplg_tf.cli.search).
 
 An index folder holds `index.faiss`, `names.json` (the id -> name mapping)
 and `meta.json` (dimension, kind, the model's "probe": its descriptor of
-a fixed generated image, and the image root the names are relative to). Searching with another model (whose probe differs)
-or another dimension is refused with a clear error.
+a fixed generated image, and the image root the names are relative to),
+read back and checked by storage.index_files. Searching with another model
+(whose probe differs) or another dimension is refused with a clear error.
 
 Kinds: `exact` (inner product, brute force with BLAS), `pq` (every vector
 scanned as a 4-bit product-quantised code with SIMD, the best k x `refine`
@@ -26,56 +27,14 @@ import shutil
 
 import numpy as np
 
-from dplg_tf.errors import InputNotFound, UserError
+from dplg_tf.errors import UserError
 from dplg_tf.storage.descriptors import same_probe
 from dplg_tf.retrieval.expansion import augment_for_index, normalise
+from dplg_tf.storage import index_files
 from dplg_tf.storage.atomic import StateFolder
+from dplg_tf.storage.index_files import IndexMismatch
 
 KINDS = ("exact", "pq", "hnsw", "ivfpq")
-def _sha256(path):
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class IndexMismatch(UserError):
-    """The index and the request do not fit together."""
-
-
-def _json_kind(value):
-    """How a JSON value is called in an error sentence."""
-    if isinstance(value, list):
-        return "a list" if all(isinstance(v, str) for v in value) else "a list of non-strings"
-    return {dict: "an object", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number"}.get(type(value), "null")
-
-
-# meta.json's fields and the JSON types each may hold (None: null)
-META_FIELDS = {"dim": (int,), "kind": (str,), "params": (dict,), "probe": (list, type(None)),
-               "image_root": (str, type(None)), "sha256": (dict, type(None))}
-
-
-def _check_meta(meta, state):
-    """Refuse a meta.json of the wrong shape with one sentence (IndexMismatch)."""
-    if not isinstance(meta, dict):
-        raise IndexMismatch(f"{state}/meta.json must be a JSON object, not "
-                            f"{_json_kind(meta)}; rebuild the index with dplg-index.")
-    for field, types in META_FIELDS.items():
-        value = meta.get(field)
-        if (field in ("dim", "kind", "params") and field not in meta) or not isinstance(
-                value, types) or isinstance(value, bool):
-            raise IndexMismatch(f"{state}/meta.json has a bad {field!r} ("
-                                f"{_json_kind(value)}); rebuild the index with dplg-index.")
-    if meta["dim"] < 1 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                  for v in meta["probe"] or ()):
-        raise IndexMismatch(f"{state}/meta.json has a bad dimension or probe; rebuild the "
-                            "index with dplg-index.")
-
-
 class DescriptorIndex:
     def __init__(self, dim, kind="exact", probe=None, hnsw_m=32, ef_search=128,
                  nlist=1024, pq_m=64, nprobe=32, refine=10, fs_m=None, dba_k=0,
@@ -241,7 +200,7 @@ class DescriptorIndex:
                     "params": self.params,
                     "probe": None if self.probe is None else self.probe.tolist(),
                     "image_root": self.image_root,
-                    "sha256": {n: _sha256(os.path.join(tmp, n))
+                    "sha256": {n: index_files.sha256(os.path.join(tmp, n))
                                for n in ("index.faiss", "names.json")}}
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f)
@@ -252,67 +211,23 @@ class DescriptorIndex:
 
     @staticmethod
     def exists(folder):
-        return os.path.isdir(folder) and (
-            os.path.isfile(os.path.join(folder, StateFolder.POINTER))
-            or os.path.isfile(os.path.join(folder, "meta.json")))
+        return index_files.is_index_folder(folder)
 
     @classmethod
     def load(cls, folder, state=None):
         """The committed index of `folder` (or of an older flat folder); `state`:
         the state folder to read (one StateFolder.current() gave) instead."""
-        if not os.path.isdir(folder):
-            what = "a file" if os.path.exists(folder) else "missing"
-            raise InputNotFound(f"--index_dir {folder} is {what}, not an index folder; "
-                                    "build one with dplg-index.")
-        state = state or StateFolder(folder).current() or folder
-        if not os.path.isfile(os.path.join(state, "meta.json")):
-            raise InputNotFound(f"{folder} is not an index folder (no committed "
-                                    "index); build one with dplg-index.")
+        meta, faiss_index, names = index_files.read_state(
+            state or index_files.state_folder(folder), folder)
         try:
-            return cls._load_state(state)
-        except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError,
-                IndexError) as e:
-            if isinstance(e, IndexMismatch):
-                raise
+            index = cls(meta["dim"], meta["kind"], meta["probe"], **meta["params"])
+            if meta["kind"] == "hnsw":
+                faiss_index.hnsw.efSearch = meta["params"]["ef_search"]
+        except (TypeError, KeyError, AttributeError, ValueError) as e:
             raise IndexMismatch(f"The index in {folder} is damaged ({type(e).__name__}); "
                                 "rebuild it with dplg-index.") from None
-
-    @classmethod
-    def _load_state(cls, state):
-        import faiss
-
-        with open(os.path.join(state, "meta.json")) as f:
-            meta = json.load(f)
-        _check_meta(meta, state)
-        for name, digest in (meta.get("sha256") or {}).items():   # indexes since the checksums
-            if name not in ("index.faiss", "names.json") or _sha256(
-                    os.path.join(state, name)) != digest:
-                raise IndexMismatch(f"{state}/{name} was changed after dplg-index wrote it "
-                                    "(its checksum differs); rebuild the index.")
-        index = cls(meta["dim"], meta["kind"], meta["probe"], **meta["params"])
         index.image_root = meta.get("image_root")
-        index.index = faiss.read_index(os.path.join(state, "index.faiss"))
-        if meta["kind"] == "hnsw":
-            index.index.hnsw.efSearch = meta["params"]["ef_search"]
-        with open(os.path.join(state, "names.json")) as f:
-            index.names = json.load(f)
-        if not isinstance(index.names, list) or not all(isinstance(n, str)
-                                                        for n in index.names):
-            raise IndexMismatch(f"{state}/names.json must be a JSON list of image names "
-                                f"(strings), not {_json_kind(index.names)}; rebuild the "
-                                "index with dplg-index.")
-        if meta["kind"] in ("exact", "hnsw"):   # stored as floats: a damaged one shows NaN
-            flat = index.index if meta["kind"] == "exact" else faiss.downcast_index(
-                index.index.storage)
-            n = flat.ntotal
-            stored = faiss.rev_swig_ptr(flat.get_xb(), n * index.dim) if n else np.zeros(0)
-            for start in range(0, n * index.dim, 1 << 24):
-                if not np.all(np.isfinite(stored[start:start + (1 << 24)])):
-                    raise IndexMismatch(f"{state} holds NaN or infinite vectors; rebuild "
-                                        "the index with dplg-index.")
-        if index.index.ntotal != len(index.names) or index.index.d != index.dim:
-            raise IndexMismatch(f"{state} is inconsistent: {index.index.ntotal} vectors, "
-                                f"{len(index.names)} names; rebuild it.")
+        index.index, index.names = faiss_index, names
         return index
 
 

@@ -18,7 +18,8 @@ def report(errors, command):
 
 def read_inputs(paths, descriptors=None, model=None, server=None, model_name="dplg",
                 allow_unverified=False, command="dplg-index"):
-    """(descriptors, names, probe, errors) from a descriptor file, or of image
+    """(descriptors, names, probe, errors) from a descriptor source
+    (storage.sources: .npz, .npy, an index folder, a dplg-extract folder), or of image
     `paths` described by `model` or `server`; for a dplg-extract folder the
     descriptors and names are None (stream them with extraction.iter_descriptors)."""
     paths = list(paths)

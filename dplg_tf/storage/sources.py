@@ -1,9 +1,11 @@
 """The one opener of descriptor sources: what dplg-index, dplg-search and the
 evaluation's distractors take in.
 
-`open_descriptors(path)` reads a dplg-extract output folder, a descriptor
-file (.npz, storage.descriptors) or a bare .npy array, told apart by what
-they are on disk (a folder, a .npy file's magic bytes, else a .npz), and
+`open_descriptors(path)` reads a dplg-extract output folder, an index
+folder (the descriptors it holds, storage.index_files), a descriptor file
+(.npz, storage.descriptors) or a bare .npy array, told apart by what they
+are on disk (an index's meta.json or CURRENT, a folder, a .npy file's magic
+bytes, else a .npz), and
 returns a `Descriptors`: the rows, names, the model's probe descriptor and,
 for a folder, its manifest. A source without a probe (an .npy, an .npz
 written without one) cannot be checked against a model: it is refused
@@ -16,7 +18,7 @@ import os
 import numpy as np
 
 from dplg_tf.errors import InputNotFound, UserError
-from dplg_tf.storage import extraction
+from dplg_tf.storage import extraction, index_files
 from dplg_tf.storage.descriptors import read_npz_with_errors
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -26,7 +28,7 @@ NPY_MAGIC = b"\x93NUMPY"
 class Descriptors:
     """A descriptor source: `rows` float32 [N, D] and `names` (None for a
     folder opened with rows=False), `probe` float32 [D] or None, `kind`
-    ("folder", "npz" or "npy"), a folder's `manifest`, an .npz's `errors`
+    ("folder", "index", "npz" or "npy"), a folder's `manifest`, an .npz's `errors`
     [(name, reason)]."""
 
     path: str
@@ -60,6 +62,11 @@ def open_descriptors(path, allow_unverified=False, rows=True):
     """The descriptor source at `path`, checked; with rows=False a folder's
     shards are only checked, not read (stream them with
     extraction.iter_descriptors, or call read_rows)."""
+    if index_files.is_index_folder(path):
+        array, names, probe = index_files.stored_vectors(path)
+        if probe is None and not allow_unverified:
+            refuse_unverified(path)
+        return Descriptors(path, "index", array, names, probe)
     if os.path.isdir(path):
         manifest = extraction.check_complete(path)
         probe = np.asarray(manifest["probe"], np.float32)

@@ -120,3 +120,39 @@ def test_an_unfinished_folder_and_a_missing_file_are_refused(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="not a readable descriptor file"):
         open_descriptors(str(tmp_path / "junk.npz"))
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw", "pq", "ivfpq"])
+def test_an_index_folder_gives_the_descriptors_it_holds(tmp_path, kind):
+    """Every index kind keeps its descriptors whole (pq and ivfpq in their
+    exact re-ranking stage), so an index folder is a source like the others."""
+    from dplg_tf.search.index import DescriptorIndex
+
+    rows = np.random.default_rng(3).normal(size=(300, 16)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    index = DescriptorIndex(16, kind, np.ones(16, np.float32), nlist=4, pq_m=4)
+    names = [f"im{i}.jpg" for i in range(len(rows))]
+    index.add(rows, names)
+    folder = str(tmp_path / "idx")
+    index.save(folder)
+    source = open_descriptors(folder)
+    assert source.kind == "index" and source.names == names
+    np.testing.assert_allclose(source.rows, rows, atol=1e-6)
+    np.testing.assert_array_equal(source.probe, np.ones(16, np.float32))
+
+
+def test_an_index_built_with_dba_or_without_a_probe_is_refused(tmp_path):
+    from dplg_tf.search.index import DescriptorIndex
+
+    rows = _rows(6)
+    augmented = DescriptorIndex(DIM, "exact", PROBE, dba_k=2)
+    augmented.add(rows, [str(i) for i in range(6)])
+    augmented.save(str(tmp_path / "dba"))
+    with pytest.raises(UserError, match="built with DBA .* augmented vectors"):
+        open_descriptors(str(tmp_path / "dba"))
+    bare = DescriptorIndex(DIM, "exact")
+    bare.add(rows, [str(i) for i in range(6)])
+    bare.save(str(tmp_path / "bare"))
+    with pytest.raises(UserError, match="carries no probe descriptor"):
+        open_descriptors(str(tmp_path / "bare"))
+    assert open_descriptors(str(tmp_path / "bare"), allow_unverified=True).rows.shape == (6, DIM)
