@@ -262,13 +262,15 @@ def test_an_unfinished_shard_is_not_taken_as_complete(messy_tree, tmp_path):
     out = str(tmp_path / "shards")
     items, _ = tfrecords.list_image_dir(root)
     tfrecords.build(out, items, num_shards=2, seed=0, progress=False)
-    # a crash between writing and renaming leaves only the temporary file
+    # a kill between writing and renaming leaves only atomic_path's temporary
     os.remove(os.path.join(out, "train-00000-of-00002"))
-    with open(os.path.join(out, tfrecords.STATE_DIR, "train-00000-of-00002.tmp"), "wb") as f:
+    partial = os.path.join(out, tfrecords.STATE_DIR, ".train-00000-of-00002.0123456789ab.tmp")
+    with open(partial, "wb") as f:
         f.write(b"partial")
     summary = tfrecords.build(out, items, num_shards=2, seed=0, progress=False)
     assert summary["shards_written"] == 1
     assert len(_read_shards(out + "/train-00000-of-00002")) > 0
+    assert not os.path.exists(partial)   # a killed build's temporary is cleared
 
 
 def test_a_jpeg_whose_name_is_not_utf8_is_kept_and_its_id_names_the_file(tmp_path):
