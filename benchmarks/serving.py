@@ -351,7 +351,7 @@ same batches to the server (in this process, default batching) against
 serving_default called in-process (goal >= 0.9x)."""
 
 
-def _png_bomb(side):
+def png_bomb(side):
     """A small PNG of side x side flat pixels, compressed row by row."""
     def chunk(kind, data):
         return (struct.pack(">I", len(data)) + kind + data
@@ -497,7 +497,7 @@ def hostile(args):
 
         legit = _jpeg(0, 1024, 1024)
         warm = [predict(legit) for _ in range(3)]   # the cost of a large image, paid once
-        bomb = _png_bomb(6300)
+        bomb = png_bomb(6300)
         bomb_before = _vm_rss_mb(server.pid)
         bomb_codes = [predict(bomb) for _ in range(5)]
         time.sleep(1)

@@ -287,3 +287,40 @@ def test_every_console_script_resolves_and_every_command_runs_as_a_module():
     for path in (PACKAGE / "cli").glob("*.py"):
         if path.stem not in ("__init__", "flags"):  # `python -m dplg_tf.cli.<name>` works
             assert 'if __name__ == "__main__":' in path.read_text(), path.name
+
+
+def _layout_entries():
+    """{subpackage: its text} of the README's Layout tree."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    tree = readme.split("\n## Layout", 1)[1].split("```", 2)[1]
+    entries, name = {}, None
+    for line in tree.splitlines():
+        found = re.match(r"  (\w+)/ ", line)
+        if found:
+            name = found.group(1)
+        elif not line.startswith("        "):
+            name = None
+        if name:
+            entries[name] = entries.get(name, "") + " " + line
+    return entries
+
+
+def test_the_readme_layout_and_docstrings_name_every_module():
+    """README "Layout" and each subpackage's docstring name its modules (cli/
+    is one module a command: test_every_console_script_resolves... holds it)."""
+    entries = _layout_entries()
+    assert {"storage", "nn", "search", "demo"} <= set(entries)   # the parser sees the tree
+    missing = []
+    for init in sorted(PACKAGE.glob("*/__init__.py")):
+        package = init.parent.name
+        if package == "cli":
+            continue
+        modules = sorted(p.stem for p in init.parent.glob("*.py") if p.stem != "__init__")
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        for module in modules + sorted(p.name for p in init.parent.iterdir()
+                                       if (p / "__init__.py").is_file()):
+            for where, text in (("README Layout", entries.get(package, "")),
+                                (f"{package}/__init__.py", doc)):
+                if not re.search(rf"\b{module}\b", text):
+                    missing.append(f"{where} lacks {package}.{module}")
+    assert missing == []

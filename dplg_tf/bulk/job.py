@@ -305,7 +305,7 @@ def extract(inputs, options):
     if not names:
         raise UserError("No image files found in " + ", ".join(inputs) + ".")
     limits = options.limits
-    scales = images.DEFAULT_LIMITS.check_scales(options.scales) if options.scales else None
+    scales = images.check_positive_scales(options.scales) if options.scales else None
     manifest = {"limits": {k: getattr(limits, images.LIMIT_FLAGS[k][0]) for k in images.READ_LIMITS},
                 "listing_sha256": extraction.listing_hash(names), "images": len(names),
                 "shard_size": options.shard_size, "requested_scales": scales,

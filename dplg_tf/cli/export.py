@@ -61,16 +61,16 @@ def _define_flags():
 def main(argv):
     del argv
     f = flags.FLAGS
+    limits = limits_from_flags(GRAPH_LIMITS)
+    scales = scales_from_flag(f.scales, limits=limits)   # refused before the model loads
     model = load_for_export(f.workdir, f.keras_model, f.config, f.allow_random_init)
     config = f.config if f.config is not None else run_config(f.workdir)
-    scales = scales_from_flag(f.scales) or (
-        list(config.eval.scales) if config is not None else None)
+    scales = scales or (list(config.eval.scales) if config is not None else None)
     max_side = f.max_image_side or (config.eval.max_image_side if config is not None else 1024)
     min_side = config.model.min_image_size if config is not None else 64
     refinements = _refinements(model, scales, max_side, min_side)
     path = export(model, f.output_dir, f.version, scales, max_side, min_side,
-                  limits_from_flags(GRAPH_LIMITS), f.freeze, f.whitening, refinements,
-                  f.precision)
+                  limits, f.freeze, f.whitening, refinements, f.precision)
     print(path)
 
 

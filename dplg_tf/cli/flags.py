@@ -24,9 +24,11 @@ def limits_from_flags(names=tuple(images.LIMIT_FLAGS)):
         images.LIMIT_FLAGS[n][0]: getattr(flags.FLAGS, n) for n in names})
 
 
-def scales_from_flag(values, name="scales", limits=images.DEFAULT_LIMITS):
+def scales_from_flag(values, name="scales", limits=None):
     """A list flag of scales as floats (None when not given), checked once:
-    numbers, finite, 1 to max_scales of them in (0, max_scale]."""
+    numbers, finite, above 0 and, when `limits` are given (dplg-export's own),
+    1 to max_scales of them up to max_scale. Commands that hand the scales to
+    an exported model leave the bounds to it: its export set them."""
     from dplg_tf.errors import UserError
 
     if not values:
@@ -39,7 +41,8 @@ def scales_from_flag(values, name="scales", limits=images.DEFAULT_LIMITS):
     if not all(math.isfinite(s) for s in scales):
         raise UserError(f"--{name} must be finite numbers, got {','.join(values)!r}.")
     try:
-        return limits.check_scales(scales)
+        return (limits.check_scales(scales) if limits is not None
+                else images.check_positive_scales(scales))
     except UserError as e:
         raise UserError(f"--{name}: {e}") from None
 

@@ -6,8 +6,10 @@
     dplg-search --index_dir=idx --model=models/dplg query.jpg --rerank   # retrieval.rerank
 
 Queries are described by the same model as the index (checked through the
-probe descriptor); the results are printed and, with --output, written as
-JSON. Exit codes: 0 done, 1 some query images could not be described (listed
+probe descriptor); what was done (QE, re-ranking, as capped by the index's
+size) and the results are printed and, with --output, written as JSON:
+{"search": {"qe_k": ..., "rerank": ...}, "results": [{"query", "results":
+[{"name", "score"}]}]}. Exit codes: 0 done, 1 some query images could not be described (listed
 on stderr), 2 bad usage or input.
 """
 
@@ -40,6 +42,8 @@ def search_main(argv):
     index.tune(f.refine, f.nprobe, f.ef_search)
     found = query.run(queries, index, settings, f.top_k)
     scores, ids = found.scores, found.ids
+    done = found.settings.report()
+    print("search: " + ", ".join(f"{k}={v}" for k, v in done.items() if v is not None))
     results = []
     for name, row_scores, row_ids in zip(names, scores, ids):
         hits = [{"name": index.names[i], "score": round(float(s), 5)}
@@ -49,7 +53,7 @@ def search_main(argv):
         for rank, hit in enumerate(hits, 1):
             print(f"  {rank:3d}. {hit['score']:.4f}  {hit['name']}")
     if f.output:
-        write_atomic(f.output, json.dumps(results, indent=1))
+        write_atomic(f.output, json.dumps({"search": done, "results": results}, indent=1))
     if errors:
         sys.exit(1)
 

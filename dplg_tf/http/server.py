@@ -233,6 +233,41 @@ def _protocol_class(limits):
     return BoundedH11Protocol
 
 
+def fit_open_files(limits, name="http"):
+    """`limits` with max_connections that the process's open-file limit can
+    hold beside everything else (gRPC's connections, model and index files):
+    the soft limit is raised toward the hard one as far as needed, and when
+    that is not enough the bound is lowered to half of the descriptors still
+    free, with a log line saying so."""
+    import os
+    import resource
+
+    wanted = limits.max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * wanted + 256
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raised = need if hard == resource.RLIM_INFINITY else min(hard, need)
+        if raised > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+                soft = raised
+            except (ValueError, OSError):
+                pass
+    if soft == resource.RLIM_INFINITY:
+        return limits
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 64
+    fit = max(8, (soft - in_use) // 2)
+    if fit >= wanted:
+        return limits
+    log.warning("%s: the open-file limit (ulimit -n %d) leaves room for %d connections; "
+                "serving at most %d instead of %d (raise the limit to serve more)",
+                name, soft, fit, fit, wanted)
+    return dataclasses.replace(limits, max_connections=fit)
+
+
 class HttpServer:
     """uvicorn serving `app` on host:port from a background thread, within
     `limits` (HttpLimits)."""
@@ -256,7 +291,7 @@ class HttpServer:
         self.port = self.socket.getsockname()[1]
         self.address = f"{host}:{self.port}" if ":" not in host else f"[{host}]:{self.port}"
         self.name = name
-        self.limits = limits = limits or DEFAULT_HTTP_LIMITS
+        self.limits = limits = fit_open_files(limits or DEFAULT_HTTP_LIMITS, name)
         # uvicorn's own: keep-alive timeout, and limit_concurrency (503 once requests
         # still running reach the connection bound); ours: the rest (_protocol_class)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",

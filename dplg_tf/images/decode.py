@@ -47,17 +47,23 @@ def _read_uri(uri, limits):
     return data
 
 
-def decode(data, limits=DEFAULT_LIMITS, bbx=None):
-    """uint8 [H, W, 3] RGB of checked image bytes (first frame), cropped to `bbx`."""
+def decode(data, limits=DEFAULT_LIMITS, bbx=None, max_side=None):
+    """uint8 [H, W, 3] RGB of checked image bytes (first frame), cropped to `bbx`.
+    With `max_side`, shrunk (aspect kept, bilinear) to at most that a side while
+    decoding: one full-size frame for PNG, GIF and BMP, a JPEG read at 1/2, 1/4
+    or 1/8 of its size, and no full-size copies after it."""
     from PIL import Image
 
     check_bytes(data, limits)
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
             if bbx is not None:
-                img = img.crop(bbx)
-            return np.asarray(img, np.uint8)
+                img = img.convert("RGB").crop(bbx)
+            if max_side is not None:
+                if img.mode not in ("RGB", "RGBA", "L", "LA"):   # palettes resize by nearest
+                    img = img.convert("RGB")
+                img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+            return np.asarray(img.convert("RGB"), np.uint8)
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError("undecodable", f"The image cannot be decoded: {e}.") from None
 

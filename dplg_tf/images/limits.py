@@ -27,6 +27,16 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
+
+def check_positive_scales(scales):
+    """Scales as floats, at least one, each finite and > 0: the check for a
+    command that hands them to an exported model, which applies the bounds its
+    export was given (dplg-export --max_scales, --max_scale)."""
+    scales = [float(s) for s in scales]
+    if not scales or not all(0.0 < s < float("inf") for s in scales):
+        raise UserError(f"Scales must be finite numbers above 0, got {scales}.")
+    return scales
+
 # flag name -> (Limits field, help), shared by every command that takes images
 LIMIT_FLAGS = {
     "max_images_per_request": ("max_images", "Images in one serving_default request."),

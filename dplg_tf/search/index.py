@@ -30,6 +30,7 @@ import numpy as np
 from dplg_tf.errors import UserError
 from dplg_tf.storage.descriptors import same_probe
 from dplg_tf.retrieval.expansion import augment_for_index, normalise
+from dplg_tf.retrieval.query import Settings
 from dplg_tf.storage import index_files
 from dplg_tf.storage.atomic import StateFolder
 from dplg_tf.storage.index_files import IndexMismatch
@@ -49,9 +50,7 @@ class DescriptorIndex:
             fs_m = self.dim // 2 if self.dim % 2 == 0 else self.dim
         if self.dim % fs_m:
             raise UserError(f"fs_m={fs_m} must divide the dimension {self.dim}.")
-        if not (0 <= dba_k <= 1000 and np.isfinite(dba_alpha) and dba_alpha >= 0):
-            raise UserError(f"DBA needs 0 <= k <= 1000 and a finite alpha >= 0, got {dba_k}, "
-                            f"{dba_alpha}.")
+        Settings(dba_k=dba_k, dba_alpha=dba_alpha)   # checked as every query setting is
         # DBA (dplg_tf.retrieval.expansion) of every vector added, kept with the index
         self.params = dict(hnsw_m=hnsw_m, ef_search=ef_search, nlist=nlist, pq_m=pq_m,
                            nprobe=nprobe, refine=refine, fs_m=fs_m, dba_k=int(dba_k),

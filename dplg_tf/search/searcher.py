@@ -25,7 +25,8 @@ from dplg_tf.storage.atomic import StateFolder
 
 log = logging.getLogger("dplg_tf.search")
 
-THUMBNAIL = 256
+THUMBNAIL = 256          # pixels a side of the images the page lists
+ATTENTION_SIDE = 512     # and of the query's attention picture
 
 
 def _model_info(describer):
@@ -99,6 +100,7 @@ class Searcher:
         self._stop = threading.Event()
         self._thread = None
         self._checking_since = None   # when the running check of the folder began
+        self._decoding = threading.BoundedSemaphore(2)   # host-side decodes at once
         self.reloads = self.refused = self.thread_restarts = 0
 
     @property
@@ -280,11 +282,8 @@ class Searcher:
 
         from dplg_tf.images import attention
 
-        image = images.decode(blob, self.limits)
-        scale = min(1.0, 512.0 / max(image.shape[:2]))   # what the page shows
-        if scale < 1.0:
-            size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-            image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+        with self._decoding:   # a frame of up to max_pixels each, two at a time
+            image = images.decode(blob, self.limits, max_side=ATTENTION_SIDE)
         amap = self._call_model(self.describer.multiscale, image, [1.0])["attention"]
         picture = (attention.overlay(image, np.squeeze(amap)) * 255).astype(np.uint8)
         buf = io.BytesIO()
@@ -335,15 +334,11 @@ class Searcher:
         if path is None:
             raise HttpError(404, f"{shorten(name)} is not a file under --image_root.")
         try:
-            data = images.read_bytes(path, self.limits)
-            with Image.open(io.BytesIO(data)) as img:
-                img.draft("RGB", (THUMBNAIL, THUMBNAIL))
-                img = img.convert("RGB")
-                img.thumbnail((THUMBNAIL, THUMBNAIL))
-                buf = io.BytesIO()
-                img.save(buf, "JPEG", quality=85)
+            with self._decoding:
+                pixels = images.decode(images.read_bytes(path, self.limits), self.limits,
+                                       max_side=THUMBNAIL)
         except images.ImageError as e:
             raise HttpError(404, f"{shorten(name)} cannot be shown ({e.reason}).") from None
-        except (OSError, ValueError, SyntaxError) as e:
-            raise HttpError(404, f"{shorten(name)} cannot be decoded: {e}.") from None
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=85)
         return buf.getvalue()

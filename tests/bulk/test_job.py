@@ -292,7 +292,7 @@ def test_index_and_eval_read_an_extraction_folder(model, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     with open(hits) as f:
-        found = json.load(f)
+        found = json.load(f)["results"]
     assert [h["query"] for h in found] == index.names
     assert all(h["results"][0]["name"] == h["query"] for h in found)
 

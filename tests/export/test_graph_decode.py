@@ -13,20 +13,13 @@ import numpy as np
 from conftest import image_bytes
 
 _PEAK = r"""
-import resource, struct, sys, zlib
+import resource, sys
+sys.path.insert(0, "benchmarks")
 import tensorflow as tf
+from serving import png_bomb
 from dplg_tf.export import graph_decode
 
-def chunk(kind, data):
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff))
-
-side = 6300                                   # 39.7 M pixels: within the 40 M limit
-row = b"\x00" + bytes([90, 120, 30]) * side
-packer = zlib.compressobj(9)
-body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
-bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
-        + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+bomb = png_bomb(6300)                         # 39.7 M pixels: within the 40 M limit
 
 @tf.function
 def describe_input(data):
@@ -50,7 +43,8 @@ def test_a_png_bomb_within_the_limits_costs_little_memory():
     uint16 decode, the float32 copy and both branches of the resize cost
     over 600 MB more before."""
     proc = subprocess.run([sys.executable, "-c", _PEAK], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+                          timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+                          cwd=os.path.join(os.path.dirname(__file__), "..", ".."))
     assert proc.returncode == 0, proc.stderr[-2000:]
     size, grown_mb = map(int, proc.stdout.split()[-2:])
     assert size < 200_000

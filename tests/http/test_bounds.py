@@ -270,6 +270,59 @@ def test_connections_past_the_bound_are_refused_at_once(rest, search):
         assert status == 200
 
 
+@pytest.mark.slow
+def test_idle_connections_under_an_open_file_limit_leave_grpc_serving(model_base, tmp_path):
+    """dplg-serve under `ulimit -n 256` (a hard limit it cannot raise): the
+    REST connection bound (512 by default) is lowered to fit and the log
+    says so, so 300 idle REST connections leave gRPC and REST answering.
+    Before, they took every descriptor and new gRPC connections hung."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import free_ports
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    grpc_port, rest_port = free_ports(2)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dplg_tf.cli.serve",
+                                 f"--model_base_path={model_base}", f"--port={grpc_port}",
+                                 f"--rest_api_port={rest_port}", "--http_header_timeout_s=60"],
+                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit)
+    socks = []
+    try:
+        address = f"127.0.0.1:{rest_port}"
+        deadline = time.time() + 180
+        while "REST API on" not in log.read_text() and time.time() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.3)
+        assert "open-file limit (ulimit -n 256)" in log.read_text()
+        for _ in range(300):
+            socks.append(_connect(address))
+        time.sleep(1.0)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = model_service_pb2_grpc.ModelServiceStub(channel)
+            request = get_model_status_pb2.GetModelStatusRequest()
+            request.model_spec.name = "dplg"
+            answer = stub.GetModelStatus(request, timeout=20)
+        assert answer.model_version_status[0].state == \
+            get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        for s in socks:
+            s.close()
+        socks = []
+        time.sleep(0.5)
+        assert _request(address, "GET", "/v1/models/dplg", timeout=20)[0] == 200
+    finally:
+        for s in socks:
+            s.close()
+        proc.terminate()
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
+
+
 # ---------------------------------------------------------------- metrics
 
 def test_unknown_model_names_share_one_series(rest):

@@ -169,6 +169,9 @@ def test_qe_and_dba_flags_through_the_commands(tmp_path):
                             capture_output=True, text=True, timeout=300, env=ENV)
     assert search.returncode == 0, search.stderr[-2000:]
     hits = json.load(open(tmp_path / "hits.json"))
+    assert hits["search"]["qe_k"] == 2 and hits["search"]["rerank"] is False
+    assert "search: qe_k=2, qe_alpha=3.0, dba_k=0, rerank=False" in search.stdout
+    hits = hits["results"]
     assert sum(h["results"][0]["name"] == h["query"] for h in hits) >= 28
 
 

@@ -106,7 +106,7 @@ def test_index_and_search_commands_on_descriptor_files(tmp_path):
     proc = subprocess.run(search + [f"--descriptors={tmp_path / 'q.npz'}", f"--output={out}"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    hits = json.loads(out.read_text())
+    hits = json.loads(out.read_text())["results"]
     best = np.argsort(-(q @ db.T), axis=1)[:, 0]
     assert [h["results"][0]["name"] for h in hits] == [f"d{i}" for i in best]
     bad = subprocess.run(search + [f"--descriptors={tmp_path / 'other.npz'}"],
@@ -138,7 +138,9 @@ def test_pq_index_through_the_commands(tmp_path):
     proc = subprocess.run(search + ["--refine=50", f"--output={out}"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    found = [[int(h["name"]) for h in r["results"]] for r in json.loads(out.read_text())]
+    hits = json.loads(out.read_text())
+    assert hits["search"]["rerank"] is False and hits["search"]["qe_k"] == 0
+    found = [[int(h["name"]) for h in r["results"]] for r in hits["results"]]
     # re-ranking 250 candidates of 400 finds the exact top-5
     assert found == np.argsort(-(q @ db.T), axis=1)[:, :5].tolist()
     bad = subprocess.run(search + ["--refine=0"], capture_output=True, text=True, timeout=120)
@@ -150,7 +152,9 @@ def test_pq_index_through_the_commands(tmp_path):
                                     f"--output={out}"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    found = [[int(h["name"]) for h in r["results"]] for r in json.loads(out.read_text())]
+    hits = json.loads(out.read_text())
+    assert hits["search"]["rerank"] is True and hits["search"]["m"] == 100
+    found = [[int(h["name"]) for h in r["results"]] for r in hits["results"]]
     want = query.run(q, db, query.Settings(rerank=True, rerank_params={"m": 100, "k": 5}), 5)
     assert found == want.ids.tolist()
     bad = subprocess.run(search + ["--rerank", "--rerank_m=5", "--rerank_k=9"],

@@ -127,6 +127,49 @@ def test_multipart_upload_with_attention_and_descriptor_queries(server, world):
 
 
 @pytest.mark.slow
+def test_large_queries_with_attention_are_decoded_small_two_at_a_time(world, monkeypatch):
+    """The page asks for the attention picture with every upload: the server
+    decodes the query shrunk to 512 a side, at most two at once (each may hold
+    one full-size frame of max_pixels), however many workers search."""
+    import concurrent.futures
+    import threading
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(images.facade_image(1900, 1500, 5)).save(buf, "JPEG", quality=80)
+    running, most, lock = [0], [0], threading.Lock()
+    decode = images.decode
+
+    def counted(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(1.5)   # long enough for all six to meet here without the bound
+            return decode(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(images, "decode", counted)
+    searcher = Searcher(world["index"], world["describer"], world["photos"], LIMITS,
+                        max_top_k=50)
+    srv = SearchServer(searcher, "127.0.0.1", 0, LIMITS, workers=8, max_concurrent=8).start()
+    try:
+        query = {"image": _b64(buf.getvalue()), "top_k": 3, "attention": True}
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda _: _http(srv, "/v1/search", query), range(6)))
+    finally:
+        srv.stop(5)
+    for status, answer in answers:
+        assert status == 200, answer
+        png = Image.open(io.BytesIO(base64.b64decode(answer["attention"].split(",", 1)[1])))
+        assert png.size == (404, 512)   # 1500 x 1900 shrunk to 512 high
+    assert most[0] == 2
+
+
+@pytest.mark.slow
 def test_a_search_asks_for_re_ranking(server, world):
     from dplg_tf.retrieval import query
 

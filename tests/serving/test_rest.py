@@ -471,7 +471,8 @@ REST_CODES = [
          ("POST", "/v1/models/dplg/labels/next:predict", _IMAGE)]),
     ("unknown version label", 400, [
         ("POST", "/v1/models/dplg/labels/nope:predict", _IMAGE),
-        ("GET", "/v1/models/dplg/labels/nope", None)]),
+        ("GET", "/v1/models/dplg/labels/nope", None),
+        ("GET", "/v1/models/gone/labels/nope", None)]),   # on a model with nothing loaded
     ("unknown `signature_name`", 400, [
         ("POST", "/v1/models/dplg:predict", {"signature_name": "nope", "instances": []})]),
     ("`:classify`, `:regress`", 400, [
